@@ -1,0 +1,252 @@
+"""Load a configuration file into a validated `GatewayConfig`, or fail with every problem and where it is.
+
+Errors read ``config.yaml:14: routes[3] "users": paths[0]: must start with "/"``: the file line (from
+the YAML node marks), the path through the document, and the name of the entity it belongs to, so a
+user with 10,000 routes can find the one that is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from tollway.config.schema import GatewayConfig
+from tollway.errors import ConfigError
+
+Loc = tuple[str | int, ...]
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Entity lists whose items are named in error messages, and the field holding the name.
+_ENTITY_NAME_FIELD = {
+    "services": "name",
+    "routes": "name",
+    "upstreams": "name",
+    "consumers": "username",
+    "plugins": "name",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    """One problem in a configuration: where it is and what is wrong."""
+
+    loc: Loc
+    message: str
+
+
+def load_file(path: str | Path) -> GatewayConfig:
+    """Read, parse and validate a YAML (or JSON) configuration file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror}"], str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(["the file is not UTF-8 text"], str(path)) from exc
+    return load_text(text, str(path))
+
+
+def load_text(text: str, source: str = "<config>") -> GatewayConfig:
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader) if root is not None else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{source}{where}: invalid YAML: {problem}"], source) from exc
+    lines = _line_map(root) if root is not None else {}
+    return validate(data, source=source, lines=lines)
+
+
+def validate(
+    data: Any, source: str = "<config>", lines: dict[Loc, int] | None = None
+) -> GatewayConfig:
+    """Validate an already-parsed document (a dict, as from YAML, JSON or a config store)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping of sections"], source)
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        issues = _merge_union_errors(
+            Issue(_clean_loc(data, err["loc"]), _clean_message(err)) for err in exc.errors()
+        )
+        raise ConfigError(format_issues(issues, data, source, lines or {}), source) from None
+    problems = list(check_references(config))
+    if problems:
+        raise ConfigError(format_issues(problems, data, source, lines or {}), source)
+    return config
+
+
+# -- cross-entity checks ------------------------------------------------------------------------------
+def check_references(config: GatewayConfig) -> Iterator[Issue]:
+    """What one entity's schema cannot know: unique names, and references between entities."""
+    yield from _unique("services", [s.name for s in config.services], "name")
+    yield from _unique("routes", [r.name for r in config.routes], "name")
+    yield from _unique("upstreams", [u.name for u in config.upstreams], "name")
+    yield from _unique("consumers", [c.username for c in config.consumers], "username")
+    services = {s.name for s in config.services}
+    upstreams = {u.name for u in config.upstreams}
+    routes = {r.name for r in config.routes}
+    consumers = {c.username for c in config.consumers}
+    for i, route in enumerate(config.routes):
+        if route.service not in services:
+            yield Issue(("routes", i, "service"), f"unknown service {route.service!r}")
+    for i, service in enumerate(config.services):
+        if service.upstream is not None and service.upstream not in upstreams:
+            yield Issue(("services", i, "upstream"), f"unknown upstream {service.upstream!r}")
+    for i, plugin in enumerate(config.plugins):
+        for field, known in (("route", routes), ("service", services), ("consumer", consumers)):
+            ref = getattr(plugin, field)
+            if ref is not None and ref not in known:
+                yield Issue(("plugins", i, field), f"unknown {field} {ref!r}")
+    for loc, instance, scoped in _plugin_instances(config):
+        if not scoped and (instance.route or instance.service or instance.consumer):
+            yield Issue((*loc, "route"), "route/service/consumer are only allowed on top-level plugins")
+    yield from _check_plugins(config)
+
+
+def _unique(kind: str, names: list[str], field: str) -> Iterator[Issue]:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            yield Issue((kind, i, field), f"duplicate {field} {name!r}")
+        seen.add(name)
+
+
+def _plugin_instances(config: GatewayConfig) -> Iterator[tuple[Loc, Any, bool]]:
+    """Every plugin instance with its location; the flag says whether it may name a scope."""
+    for i, plugin in enumerate(config.plugins):
+        yield ("plugins", i), plugin, True
+    for kind in ("services", "routes", "consumers"):
+        for i, entity in enumerate(getattr(config, kind)):
+            for j, plugin in enumerate(entity.plugins):
+                yield (kind, i, "plugins", j), plugin, False
+
+
+def _check_plugins(config: GatewayConfig) -> Iterator[Issue]:
+    # Imported here: the registry imports plugin modules, which import this package's schema.
+    from tollway.plugins.registry import check_config_plugins
+
+    for loc, message in check_config_plugins(config, _plugin_instances(config)):
+        yield Issue(loc, message)
+
+
+# -- formatting -------------------------------------------------------------------------------------
+def format_issues(
+    issues: Iterable[Issue], data: Any, source: str, lines: dict[Loc, int]
+) -> list[str]:
+    out = []
+    for issue in issues:
+        line = _nearest_line(lines, issue.loc)
+        where = f"{source}:{line}" if line else source
+        out.append(f"{where}: {describe_loc(data, issue.loc)}: {issue.message}")
+    return out
+
+
+def describe_loc(data: Any, loc: Loc) -> str:
+    """``("routes", 3, "paths", 0)`` → ``routes[3] "users": paths[0]``."""
+    parts: list[str] = []
+    node = data
+    for depth, key in enumerate(loc):
+        if isinstance(key, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{key}]"]
+            node = node[key] if isinstance(node, list) and key < len(node) else None
+            name = _entity_name(loc[depth - 1] if depth else None, node)
+            if name is not None:
+                parts[-1] += f" {name}:"
+        else:
+            parts.append(str(key))
+            node = node.get(key) if isinstance(node, dict) else None
+    text = ".".join(parts).replace(":.", ": ")
+    return text.rstrip(":") or "(top level)"
+
+
+def _entity_name(kind: Any, node: Any) -> str | None:
+    field = _ENTITY_NAME_FIELD.get(kind) if isinstance(kind, str) else None
+    if field and isinstance(node, dict) and isinstance(node.get(field), str):
+        return f'"{node[field]}"'
+    return None
+
+
+def _clean_loc(data: Any, loc: Iterable[str | int]) -> Loc:
+    """Keep only the parts of a pydantic location that index into the document (drop union tags)."""
+    out: list[str | int] = []
+    node = data
+    for key in loc:
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
+            node = node[key]
+        elif isinstance(node, dict) and isinstance(key, str) and not _looks_like_type_tag(key):
+            out.append(key)  # a missing required field
+            node = None
+            continue
+        else:
+            continue
+        out.append(key)
+    return tuple(out)
+
+
+def _merge_union_errors(issues: Iterable[Issue]) -> list[Issue]:
+    """A value that fits no member of a union gets one message, not one per member."""
+    merged: dict[Loc, list[str]] = {}
+    for issue in issues:
+        merged.setdefault(issue.loc, []).append(issue.message)
+    out = []
+    for loc, messages in merged.items():
+        if len(messages) > 1 and all(m.startswith("Input should be ") for m in messages):
+            alternatives = [m.removeprefix("Input should be ") for m in dict.fromkeys(messages)]
+            messages = ["Input should be " + " or ".join(alternatives)]
+        out.extend(Issue(loc, m) for m in messages)
+    return out
+
+
+def _looks_like_type_tag(key: str) -> bool:
+    return any(ch in key for ch in "[]()") or key in {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _clean_message(err: Any) -> str:
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if err["type"] == "extra_forbidden":
+        return "unknown field (check its spelling)"
+    if err["type"] == "missing":
+        return "required field is missing"
+    return msg
+
+
+# -- YAML line numbers ----------------------------------------------------------------------------------
+def _line_map(root: yaml.Node) -> dict[Loc, int]:
+    lines: dict[Loc, int] = {}
+    _walk(root, (), lines.__setitem__)
+    return lines
+
+
+def _walk(node: yaml.Node, loc: Loc, record: Callable[[Loc, int], None]) -> None:
+    record(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            record((*loc, key), key_node.start_mark.line + 1)
+            _walk(value_node, (*loc, key), record)
+            record((*loc, key), key_node.start_mark.line + 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, (*loc, i), record)
+
+
+def _nearest_line(lines: dict[Loc, int], loc: Loc) -> int | None:
+    for end in range(len(loc), -1, -1):
+        line = lines.get(loc[:end])
+        if line is not None:
+            return line
+    return None

@@ -1,0 +1,320 @@
+"""The configuration schema: one definition of every entity, used by the YAML loader, `tollway check`,
+the worker that compiles a snapshot, and (later) the config store and the admin API.
+
+Entities follow Kong's vocabulary: services (where traffic goes), routes (which requests go there),
+upstreams (named groups of targets), consumers (who is calling) and plugins (what happens on the way).
+Node settings (listeners, limits, timeouts, logs) live under ``gateway:``.
+
+These models are validated once per config load; the hot path never touches them. The worker compiles
+them into plain slotted objects (see ``tollway.proxy.snapshot``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tollway.config.types import Cidr, Duration, ListenAddress, Name, Size, parse_hostport
+
+_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
+_HOST = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.\*)?$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_PARAM = re.compile(r"\{([^{}]*)\}")
+_PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
+
+
+class Model(BaseModel):
+    """Strict, immutable base: unknown keys are errors (a typo must never be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- node settings ---------------------------------------------------------------------------------------
+class Limits(Model):
+    """Request limits. Exceeding one answers the status in brackets and closes the connection."""
+
+    max_request_line: Size = Field(8192, ge=64, description="request line length [414]")
+    max_header_size: Size = Field(32768, ge=256, description="total size of the request head [431]")
+    max_headers: int = Field(100, ge=1, le=10000, description="number of request header fields [431]")
+    max_body_size: Size = Field(
+        100 * 1024 * 1024, ge=0, description="request body size, 0 = unlimited [413]"
+    )
+    max_response_header_size: Size = Field(
+        65536, ge=256, description="size of a backend's response head; larger is a backend error [502]"
+    )
+
+
+class Timeouts(Model):
+    """Client-side timeouts. Upstream timeouts are set per service."""
+
+    client_header: Duration = Field(10.0, gt=0, description="time to receive a request head [408]")
+    client_body: Duration = Field(60.0, gt=0, description="idle time between request body reads [408]")
+    client_send: Duration = Field(60.0, gt=0, description="idle time writing to a client that stops reading")
+    keepalive: Duration = Field(60.0, ge=0, description="idle keep-alive connection lifetime; 0 = no keep-alive")
+
+
+class AccessLog(Model):
+    """One JSON line per request."""
+
+    enabled: bool = True
+    path: str = Field("-", description='file path, or "-" for standard output')
+    buffer_size: Size = Field(65536, ge=0, description="bytes buffered before a write (flushed every 0.5 s)")
+
+
+class GatewaySettings(Model):
+    """Settings of the gateway node. `listen`, `status_listen` and `workers` apply at start only."""
+
+    listen: list[ListenAddress] = Field(default_factory=lambda: ["0.0.0.0:8000"], min_length=1)
+    status_listen: ListenAddress | None = Field(
+        "127.0.0.1:8100", description="the status listener (/live, /ready, /status); null turns it off"
+    )
+    workers: int | Literal["auto"] = "auto"
+    backlog: int = Field(4096, ge=1)
+    trusted_proxies: list[Cidr] = Field(
+        default_factory=list,
+        description="clients whose X-Forwarded-For / -Proto / -Host are believed and extended",
+    )
+    drain_timeout: Duration = Field(30.0, ge=0, description="SIGTERM: time in-flight requests get to finish")
+    drain_delay: Duration = Field(
+        0.0, ge=0, description="SIGTERM: time /ready answers 503 before listeners close"
+    )
+    watch_interval: Duration = Field(1.0, ge=0, description="config file change polling; 0 = SIGHUP only")
+    server_header: str | None = Field(None, description="Server header on gateway answers; null = none")
+    limits: Limits = Field(default_factory=Limits)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    access_log: AccessLog = Field(default_factory=AccessLog)
+
+
+# -- plugins ---------------------------------------------------------------------------------------------
+class PluginInstance(Model):
+    """A plugin with its configuration. Inside a route, service or consumer it applies there; at the top
+    level it applies globally unless `route`, `service` or `consumer` narrows it."""
+
+    name: str = Field(min_length=1)
+    config: dict[str, Any] = Field(default_factory=dict)
+    enabled: bool = True
+    route: str | None = None
+    service: str | None = None
+    consumer: str | None = None
+
+
+# -- services, routes, upstreams, consumers -------------------------------------------------------------
+class Service(Model):
+    """Where traffic goes: a backend URL, or an upstream (a named group of targets) plus a base path."""
+
+    name: Name
+    url: str | None = Field(None, description="http://host:port/base-path")
+    upstream: str | None = Field(None, description="name of an upstream")
+    path: str = Field("", description="base path prepended to the forwarded path (with `upstream`)")
+    host_header: str = Field(
+        "backend",
+        description='"backend" (the target\'s host:port), "preserve" (the client\'s Host) or a literal value',
+    )
+    connect_timeout: Duration = Field(5.0, gt=0)
+    read_timeout: Duration = Field(60.0, gt=0, description="time between bytes from the backend [504]")
+    write_timeout: Duration = Field(60.0, gt=0, description="time between bytes to the backend [504]")
+    plugins: list[PluginInstance] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> Service:
+        if (self.url is None) == (self.upstream is None):
+            raise ValueError("exactly one of `url` or `upstream` is required")
+        return self
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return url
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must start with http:// or https://")
+        if not parts.hostname:
+            raise ValueError("must name a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError("has an invalid port") from exc
+        return url
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: str) -> str:
+        if path and not path.startswith("/"):
+            raise ValueError('must start with "/"')
+        return path
+
+
+def _check_host(host: str) -> str:
+    host = host.lower()
+    if ":" in host:
+        raise ValueError("must not include a port")
+    if not _HOST.match(host) or (host.startswith("*.") and host.endswith(".*")):
+        raise ValueError('must be a host name, "*.example.com" or "example.*"')
+    return host
+
+
+def _check_path_pattern(path: str) -> str:
+    if path.startswith("~"):
+        try:
+            re.compile(path[1:])
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression: {exc}") from exc
+        return path
+    plain = path[1:] if path.startswith("=") else path
+    if not plain.startswith("/"):
+        raise ValueError('must start with "/" (or "=/" for an exact path, "~" for a regular expression)')
+    _check_template(plain)
+    return path
+
+
+def _check_method(method: str) -> str:
+    method = method.upper()
+    if not _METHOD.match(method):
+        raise ValueError("not an HTTP method")
+    return method
+
+
+HostPattern = Annotated[str, AfterValidator(_check_host)]
+PathPattern = Annotated[str, AfterValidator(_check_path_pattern)]
+Method = Annotated[str, AfterValidator(_check_method)]
+
+
+class Route(Model):
+    """Which requests go to a service. Every matcher given must match; lists match any of their items.
+
+    Paths: ``/api`` matches by prefix, ``=/api`` exactly, ``/users/{id}`` is a template (each ``{name}``
+    one segment; a final ``{name*}`` the rest of the path), ``~^/v[0-9]+/`` a regular expression
+    (matched at the start of the path; named groups become parameters).
+    """
+
+    name: Name
+    service: str
+    hosts: list[HostPattern] = Field(default_factory=list)
+    paths: list[PathPattern] = Field(default_factory=list)
+    methods: list[Method] = Field(default_factory=list)
+    headers: dict[str, str | list[str]] = Field(default_factory=dict)
+    query: dict[str, str | list[str]] = Field(default_factory=dict)
+    strip_path: bool = Field(False, description="remove the matched path prefix before forwarding")
+    rewrite: str | None = Field(None, description="forwarded path template, e.g. /v2/users/{id}")
+    priority: int = Field(0, description="higher wins over every other precedence rule")
+    plugins: list[PluginInstance] = Field(default_factory=list)
+    plugin_order: list[str] | None = Field(None, description="explicit plugin order for this route")
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, headers: dict[str, Any]) -> dict[str, Any]:
+        for name, value in headers.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r}: not a valid header name")
+            _check_value_patterns(name, value)
+        return {name.lower(): value for name, value in headers.items()}
+
+    @field_validator("query")
+    @classmethod
+    def _check_query(cls, query: dict[str, Any]) -> dict[str, Any]:
+        for name, value in query.items():
+            _check_value_patterns(name, value)
+        return query
+
+    @model_validator(mode="after")
+    def _check_route(self) -> Route:
+        if not (self.hosts or self.paths or self.methods or self.headers or self.query):
+            raise ValueError("needs at least one of hosts, paths, methods, headers or query")
+        if self.rewrite is not None:
+            if not self.rewrite.startswith("/"):
+                raise ValueError('rewrite: must start with "/"')
+            known = _path_params(self.paths)
+            for name in _PARAM.findall(self.rewrite):
+                if name.rstrip("*") not in known:
+                    raise ValueError(f"rewrite: {{{name}}} is not a parameter of every path of this route")
+        return self
+
+
+def _check_template(path: str) -> None:
+    names = []
+    segments = path.split("/")
+    for pos, segment in enumerate(segments):
+        params = _PARAM.findall(segment)
+        if not params:
+            if "{" in segment or "}" in segment:
+                raise ValueError(f"unbalanced braces in {segment!r}")
+            continue
+        if segment != "{" + params[0] + "}" or len(params) != 1:
+            raise ValueError("a parameter must be a whole segment, like /users/{id}")
+        if not _PARAM_NAME.match(params[0]):
+            raise ValueError(f"{{{params[0]}}} is not a valid parameter name")
+        if params[0].endswith("*") and pos != len(segments) - 1:
+            raise ValueError(f"{{{params[0]}}} must be the last segment")
+        names.append(params[0].rstrip("*"))
+    if len(names) != len(set(names)):
+        raise ValueError("parameter names must be unique")
+
+
+def _path_params(paths: list[str]) -> set[str]:
+    """Parameters every path of a route provides (a rewrite may only use those)."""
+    sets = []
+    for path in paths:
+        if path.startswith("~"):
+            sets.append(set(re.compile(path[1:]).groupindex))
+        else:
+            sets.append({name.rstrip("*") for name in _PARAM.findall(path)})
+    return set.intersection(*sets) if sets else set()
+
+
+def _check_value_patterns(name: str, value: str | list[str]) -> None:
+    for item in value if isinstance(value, list) else [value]:
+        if item.startswith("~"):
+            try:
+                re.compile(item[1:])
+            except re.error as exc:
+                raise ValueError(f"{name!r}: invalid regular expression {item!r}: {exc}") from exc
+
+
+class Target(Model):
+    """One backend instance of an upstream."""
+
+    target: str = Field(description="host:port")
+    weight: int = Field(100, ge=0, le=65535, description="share of traffic; 0 = none")
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, target: str) -> str:
+        parse_hostport(target)
+        return target
+
+
+class Upstream(Model):
+    """A named group of targets that services send traffic to."""
+
+    name: Name
+    algorithm: Literal["round-robin"] = "round-robin"
+    targets: list[Target] = Field(min_length=1)
+
+
+class Consumer(Model):
+    """Who is calling: identified by a credential of an authentication plugin."""
+
+    username: Name
+    id: str | None = Field(None, description="sent to backends as X-Consumer-Id (default: the username)")
+    groups: list[str] = Field(default_factory=list, description="ACL groups")
+    credentials: dict[str, list[dict[str, Any]]] = Field(
+        default_factory=dict, description="per authentication plugin, e.g. key-auth: [{key: ...}]"
+    )
+    plugins: list[PluginInstance] = Field(default_factory=list)
+
+
+class GatewayConfig(Model):
+    """A whole configuration: node settings plus every entity."""
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    services: list[Service] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    upstreams: list[Upstream] = Field(default_factory=list)
+    consumers: list[Consumer] = Field(default_factory=list)
+    plugins: list[PluginInstance] = Field(default_factory=list)
