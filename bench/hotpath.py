@@ -1,0 +1,121 @@
+"""The gateway's own per-request Python cost, without sockets: a repeatable figure to optimise against.
+
+Drives a real `ClientConnection` and a pooled `UpstreamConnection` through in-memory transports: each
+iteration feeds one request head to the client side, and one backend response to the upstream side,
+exactly as the event loop would. What it measures is everything Tollway does per request in Python
+(parsing, routing, header rewriting, framing, pooling, logging), minus the kernel's share, which
+`../shared/bench/run.sh` adds back.
+
+    python bench/hotpath.py [--requests N] [--config FILE] [--path /user/1] [--header 'apikey: key-42']
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from tollway.config.loader import load_file, load_text
+from tollway.protocol.server import ClientConnection
+from tollway.runtime.worker import Worker
+from tollway.upstream.connection import UpstreamConnection
+from tollway.upstream.pool import PoolSettings
+
+DEFAULT_CONFIG = """
+gateway: {access_log: {enabled: false}}
+services: [{name: backend, url: "http://127.0.0.1:9001"}]
+routes: [{name: all, service: backend, paths: ["/"]}]
+"""
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 26 Nov 2026 18:00:00 GMT\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 23\r\nConnection: keep-alive\r\n\r\n"
+    b'{"id":1,"name":"alice"}'
+)
+
+
+class MemoryTransport:
+    """Just enough of an asyncio transport: records what is written."""
+
+    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 50000)) -> None:
+        self.peer = peer
+        self.written = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def measure(
+    config_text: str | None, config_file: Path | None, requests: int, request: bytes, warmup: int = 2000
+) -> float:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    config = load_file(config_file) if config_file else load_text(config_text or DEFAULT_CONFIG)
+    worker = Worker(loop, 0, None, [])  # type: ignore[arg-type]
+    worker.pool_settings = PoolSettings(max_requests=0)  # one warm connection for the whole run
+    worker.apply_config(1, config)
+    client = ClientConnection(worker)
+    client.connection_made(MemoryTransport())  # type: ignore[arg-type]
+    # One warm upstream connection, idle in the pool of the first target.
+    target = next(iter(worker.snapshot.services.values())).cluster.targets[0]
+    upstream = UpstreamConnection(target.pool)
+    upstream.connection_made(MemoryTransport(("127.0.0.1", 9001)))  # type: ignore[arg-type]
+    target.pool.active += 1
+    target.pool.release(upstream)
+
+    def one() -> None:
+        client.data_received(request)
+        upstream.data_received(RESPONSE)
+
+    for _ in range(warmup):
+        one()
+    start = time.perf_counter()
+    for _ in range(requests):
+        one()
+    elapsed = time.perf_counter() - start
+    assert client.transport.written > 0 and client.active is None, "the exchange did not complete"  # type: ignore[union-attr]
+    loop.close()
+    return elapsed / requests * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--path", default="/user/1")
+    parser.add_argument("--header", action="append", default=[])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2000)
+    args = parser.parse_args()
+    extra = "".join(f"{h}\r\n" for h in args.header).encode()
+    request = b"GET " + args.path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n" + extra + b"\r\n"
+    runs = [measure(None, args.config, args.requests, request, args.warmup) for _ in range(args.repeat)]
+    print(f"hot path: {min(runs):.2f} µs/request (best of {args.repeat}; runs: "
+          + ", ".join(f"{r:.2f}" for r in runs) + ")")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,626 @@
+"""One request through the gateway, from a routed request head to the last response byte.
+
+An `Exchange` is created per request by the client connection (tollway.protocol.server), which feeds
+it request parts as httptools parses them. The exchange routes the request, runs the plugin phases,
+asks the service's cluster for a target, writes the request to a pooled upstream connection, and
+relays the response back — streaming both bodies with backpressure, never buffering a whole body.
+It is also the request context plugins receive (see tollway.plugins.base).
+
+The hot path is plain method calls. A coroutine is only involved when a plugin awaits something or a
+new upstream connection must be opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from tollway.errors import (
+    BodyTooLarge,
+    ClientError,
+    NoHealthyTarget,
+    TollwayError,
+    UpstreamError,
+)
+from tollway.protocol.http1 import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_UNTIL_CLOSE,
+    LAST_CHUNK,
+    ChunkedDecoder,
+    ResponseHead,
+    chunk,
+    connection_listed_headers,
+)
+from tollway.proxy.responses import Response, error_response, serialize
+from tollway.router import MethodNotAllowed, normalize_path
+
+if TYPE_CHECKING:
+    from tollway.protocol.server import ClientConnection
+    from tollway.proxy.snapshot import CompiledRoute, CompiledService, Snapshot
+    from tollway.upstream.cluster import Target
+    from tollway.upstream.connection import UpstreamConnection
+
+# Request body framing, as the client sent it.
+REQ_NONE, REQ_LENGTH, REQ_CHUNKED = 0, 1, 2
+# How much request body is kept for a replay on a fresh connection (stale pooled connection).
+REPLAY_LIMIT = 65536
+_BUFFER_HIGH = 65536
+
+_EMPTY_PARAMS: dict[str, str] = {}
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
+_HOSTS: dict[bytes, str] = {}  # Host header -> routing host (lowercase, no port); bounded below
+
+
+def _route_host(host: bytes) -> str:
+    """``API.Example.com:8000`` → ``api.example.com``; memoised because clients repeat their Host."""
+    cached = _HOSTS.get(host)
+    if cached is not None:
+        return cached
+    text = host.decode("latin-1").lower()
+    if text.endswith("]"):  # [::1]
+        name = text
+    else:
+        name = text.rpartition(":")[0] if ":" in text else text
+    if len(_HOSTS) >= 4096:
+        _HOSTS.clear()
+    _HOSTS[host] = name
+    return name
+
+
+class Exchange:
+    __slots__ = (
+        "_body_buf",
+        "_body_buffered",
+        "_connect_task",
+        "_dechunk",
+        "_pending_head",
+        "_replay",
+        "_retried",
+        "body_done",
+        "body_kind",
+        "body_received",
+        "bytes_sent",
+        "client",
+        "connection_header",
+        "consumer",
+        "content_length",
+        "done",
+        "expect_continue",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "params",
+        "path",
+        "query",
+        "raw_path",
+        "request_id",
+        "response_head",
+        "response_started",
+        "route",
+        "service",
+        "snapshot",
+        "start_time",
+        "status",
+        "target",
+        "upgrade",
+        "upstream",
+        "upstream_path",
+        "upstream_start",
+        "upstream_time",
+        "url",
+        "vars",
+        "version",
+        "x_forwarded_for",
+        "x_forwarded_host",
+        "x_forwarded_proto",
+    )
+
+    def __init__(self, client: ClientConnection, snapshot: Snapshot) -> None:
+        self.client = client
+        self.snapshot = snapshot
+        self.start_time = time.perf_counter()
+        self.url = b""
+        self.method = b""
+        self.version = 1
+        self.headers: list[tuple[bytes, bytes]] = []  # forwarded request headers, in order
+        self.host = b""
+        self.connection_header = b""
+        self.upgrade = b""
+        self.x_forwarded_for = b""
+        self.x_forwarded_proto = b""
+        self.x_forwarded_host = b""
+        self.request_id = b""
+        self.expect_continue = False
+        self.keep_alive = True
+        self.body_kind = REQ_NONE
+        self.content_length = -1
+        self.body_received = 0
+        self.body_done = False
+        self.path = ""
+        self.raw_path = ""
+        self.query = ""
+        self.params = _EMPTY_PARAMS
+        self.upstream_path = b""
+        self.route: CompiledRoute | None = None
+        self.service: CompiledService | None = None
+        self.consumer: Any = None
+        self.vars: dict[str, Any] | None = None
+        self.target: Target | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.upstream_start = 0.0
+        self.upstream_time = -1.0
+        self.response_head: ResponseHead | None = None
+        self.response_started = False
+        self.status = 0
+        self.bytes_sent = 0
+        self.done = False
+        self._body_buf: list[bytes] = []
+        self._body_buffered = 0
+        self._replay: list[bytes] | None = []
+        self._retried = False
+        self._pending_head: bytes | None = None
+        self._dechunk: ChunkedDecoder | None = None
+        self._connect_task: asyncio.Task[UpstreamConnection] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.method.decode()} {self.url.decode('latin-1')} status={self.status}>"
+
+    # -- request head ------------------------------------------------------------------------------------
+    def begin(self) -> None:
+        """The request head is complete and it is this request's turn: route it and run the phases."""
+        try:
+            if not self._parse_target():
+                return
+            if self.request_id == b"":
+                self.request_id = self.client.worker.next_request_id()
+            if not self._route():
+                return
+        except TollwayError as exc:
+            self.fail(exc)
+            return
+        route = self.route
+        assert route is not None
+        if route.pipeline is not None:
+            route.pipeline.run_request(self)  # continues with proceed(), maybe after an await
+        else:
+            self.proceed()
+
+    def _parse_target(self) -> bool:
+        url = self.url
+        if url[:1] != b"/":
+            url = self._absolute_form(url)
+        raw_path, _, query = url.partition(b"?")
+        raw = raw_path.decode("latin-1")
+        path = normalize_path(raw)
+        if path is None:
+            raise ClientError("invalid request path")
+        if url is not self.url:
+            self.url = url  # absolute-form: forward the origin-form
+        self.raw_path = path if path == raw else raw
+        self.path = path
+        self.query = query.decode("latin-1")
+        return True
+
+    def _absolute_form(self, url: bytes) -> bytes:
+        """``GET http://host/path`` (RFC 9112 3.2.2): the URI's authority replaces Host."""
+        lower = url[:8].lower()
+        for scheme in (b"http://", b"https://"):
+            if lower.startswith(scheme):
+                rest = url[len(scheme):]
+                authority, slash, path = rest.partition(b"/")
+                if not authority:
+                    break
+                self.host = authority
+                return slash + path if slash else b"/"
+        if url == b"*" and self.method == b"OPTIONS":
+            return b"/"
+        raise ClientError("invalid request target")
+
+    def _route(self) -> bool:
+        snapshot = self.snapshot
+        found = snapshot.router.match(
+            _METHODS.get(self.method) or self.method.decode("latin-1"),
+            _route_host(self.host),
+            self.path,
+            self.query,
+            self.headers,
+        )
+        if found is None:
+            self.respond(error_response(404, "no route matched", self.request_id.decode("latin-1")))
+            return False
+        if isinstance(found, MethodNotAllowed):
+            allow = ", ".join(found.allowed).encode()
+            resp = error_response(405, "method not allowed", self.request_id.decode("latin-1"), [(b"Allow", allow)])
+            self.respond(resp)
+            return False
+        route = found.route
+        self.route = route
+        service = self.service = route.service
+        self.params = found.params
+        base = service.base_path
+        if found.path is self.raw_path and not base:
+            self.upstream_path = self.url  # forwarded exactly as received: no re-encoding
+        else:
+            path = base + found.path.encode("latin-1")
+            self.upstream_path = path + b"?" + self.query.encode("latin-1") if self.query else path
+        return True
+
+    # -- forwarding ------------------------------------------------------------------------------------
+    def proceed(self) -> None:
+        """Plugins passed the request: send it to a target of the service's cluster."""
+        if self.done:
+            return
+        service = self.service
+        assert service is not None
+        target = service.cluster.pick(self)
+        if target is None:
+            self.fail(NoHealthyTarget(f"no healthy target in upstream {service.cluster.name!r}"))
+            return
+        self.target = target
+        if self.expect_continue and not self.body_done:
+            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.upstream_start = time.perf_counter()
+        conn = None if self.upgrade else target.pool.acquire()
+        if conn is not None:
+            self._send(conn)
+        else:
+            self._open_connection(target)
+
+    def _open_connection(self, target: Target) -> None:
+        service = self.service
+        assert service is not None
+        task = asyncio.get_running_loop().create_task(target.pool.open(service.connect_timeout))
+        self._connect_task = task
+        task.add_done_callback(self._on_connected)
+
+    def _on_connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        self._connect_task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.fail(exc if isinstance(exc, TollwayError) else UpstreamError(str(exc)))
+            return
+        conn = task.result()
+        if self.done:  # the client went away while we connected: keep the fresh connection warm
+            conn.pool.release(conn)
+            return
+        self._send(conn)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        service = self.service
+        target = self.target
+        assert service is not None and target is not None
+        self.upstream = conn
+        conn.start(self, self.method, service.read_timeout)
+        head = self._build_request_head(service, target)
+        body = self._body_buf
+        if body:
+            self._body_buf = []
+            self._body_buffered = 0
+            conn.write(b"".join([head, *body]))
+            self.client.resume_reading_for(self)
+        else:
+            conn.write(head)
+        if self.body_done:
+            if self.body_kind == REQ_CHUNKED:
+                conn.write(LAST_CHUNK)
+        elif self.body_kind != REQ_NONE:
+            conn.deadline.arm(service.write_timeout, "write")  # read timeout starts after the body
+
+    def _build_request_head(self, service: CompiledService, target: Target) -> bytes:
+        host_mode = service.host_mode
+        if host_mode == 0:
+            host = target.host_header
+        elif host_mode == 1:
+            host = self.host or target.host_header
+        else:
+            host = service.host_value
+        parts = [self.method, b" ", self.upstream_path, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+        headers = self.headers
+        if self.connection_header:
+            listed = connection_listed_headers(self.connection_header)
+            headers = [(n, v) for n, v in headers if n.lower() not in listed]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        client = self.client
+        if client.trusted:
+            xff = self.x_forwarded_for + b", " + client.peer_ip if self.x_forwarded_for else client.peer_ip
+            proto = self.x_forwarded_proto or client.scheme
+            fwd_host = self.x_forwarded_host or self.host
+        else:
+            xff, proto, fwd_host = client.peer_ip, client.scheme, self.host
+        parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
+        if fwd_host:
+            parts += (b"X-Forwarded-Host: ", fwd_host, b"\r\n")
+        parts += (b"X-Request-Id: ", self.request_id, b"\r\n")
+        if self.upgrade:
+            parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")
+        kind = self.body_kind
+        if kind == REQ_LENGTH:
+            parts.append(b"Content-Length: %d\r\n\r\n" % self.content_length)
+        elif kind == REQ_CHUNKED:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        return b"".join(parts)
+
+    # -- request body (called by the client connection as httptools parses it) -----------------------
+    def request_body(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.body_received += len(data)
+        limit = self.client.settings.limits.max_body_size
+        if limit and self.body_received > limit:
+            self.fail(BodyTooLarge(f"request body exceeds {limit} bytes"))
+            return
+        framed = chunk(data) if self.body_kind == REQ_CHUNKED else data
+        replay = self._replay
+        if replay is not None:
+            if self.body_received <= REPLAY_LIMIT:
+                replay.append(framed)
+            else:
+                self._replay = None
+        conn = self.upstream
+        if conn is not None:
+            conn.write(framed)
+        else:
+            self._body_buf.append(framed)
+            self._body_buffered += len(framed)
+            if self._body_buffered > _BUFFER_HIGH:
+                self.client.pause_reading_for(self)
+
+    def request_done(self) -> None:
+        self.body_done = True
+        conn = self.upstream
+        if conn is not None and not self.done:
+            if self.body_kind == REQ_CHUNKED:
+                conn.write(LAST_CHUNK)
+            if self.body_kind != REQ_NONE and conn.sink is self:
+                conn.deadline.arm(conn.read_timeout, "read")
+
+    # -- response (the upstream connection's sink interface) ---------------------------------------
+    def upstream_head(self, head: ResponseHead, raw: bytes) -> None:
+        if head.status < 200:
+            # 100 is ours to send (we answered Expect ourselves); others (103) pass on to HTTP/1.1 clients.
+            if head.status != 100 and self.version == 1:
+                self.client.write(raw)
+            return
+        self.upstream_time = time.perf_counter() - self.upstream_start
+        self.response_head = head
+        self.status = head.status
+        route = self.route
+        if route is not None and route.pipeline is not None and route.pipeline.response:
+            route.pipeline.run_response(self)
+        self._pending_head = self._build_response_head(head, raw)
+
+    def _build_response_head(self, head: ResponseHead, raw: bytes) -> bytes:
+        kind = head.body_kind
+        extra = b""
+        if kind == BODY_CHUNKED or kind == BODY_UNTIL_CLOSE:
+            if self.version == 1:
+                extra = b"Transfer-Encoding: chunked\r\n"  # chunks pass through, or we frame them
+            else:
+                self.keep_alive = False  # an HTTP/1.0 client learns the end from the close
+                if kind == BODY_CHUNKED:
+                    self._dechunk = ChunkedDecoder(collect=True)
+        if self.client.draining:
+            self.keep_alive = False
+        if not self.keep_alive:
+            extra += b"Connection: close\r\n"
+        elif self.version == 0:
+            extra += b"Connection: keep-alive\r\n"
+        return head.to_client(extra)
+
+    def upstream_body(self, data: bytes) -> None:
+        if self.done:
+            return
+        head = self.response_head
+        if head is not None and head.body_kind == BODY_UNTIL_CLOSE and self.version == 1:
+            data = chunk(data)
+        elif self._dechunk is not None:
+            decoder = self._dechunk
+            decoder.feed(data)
+            data = b"".join(decoder.payload)
+            decoder.payload.clear()
+        pending = self._pending_head
+        if pending is not None:
+            self._pending_head = None
+            self.response_started = True
+            data = pending + data
+        self.bytes_sent += len(data)
+        self.client.write(data)
+
+    def upstream_flush(self) -> None:
+        pending = self._pending_head
+        if pending is not None:
+            self._pending_head = None
+            self.response_started = True
+            self.bytes_sent += len(pending)
+            self.client.write(pending)
+
+    def upstream_complete(self) -> None:
+        conn = self.upstream
+        head = self.response_head
+        tail = LAST_CHUNK if head is not None and head.body_kind == BODY_UNTIL_CLOSE and self.version == 1 else b""
+        pending = self._pending_head
+        if pending is not None:
+            self._pending_head = None
+            self.response_started = True
+            tail = pending + tail
+        if tail:
+            self.bytes_sent += len(tail)
+            self.client.write(tail)
+        if conn is not None:
+            self.upstream = None
+            if not self.body_done:
+                conn.keep_alive = False  # the request body was not all sent: the connection is unusable
+            conn.pool.release(conn)
+        if not self.body_done:
+            self.keep_alive = False  # unread request body on the client connection
+        self._finish()
+
+    def upstream_failed(self, error: UpstreamError, replayable: bool) -> None:
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            conn.pool.active -= 1
+        if replayable and not self._retried and not self.response_started and self._can_replay():
+            self._retried = True  # a stale pooled connection: once more, on a fresh one
+            self._body_buf = list(self._replay or ())
+            target = self.target
+            assert target is not None
+            self._open_connection(target)
+            return
+        self.fail(error)
+
+    def upstream_upgraded(self, head: ResponseHead, raw: bytes, rest: bytes) -> None:
+        if not self.upgrade:
+            self.fail(UpstreamError("upstream switched protocols without being asked"))
+            return
+        self.status = 101
+        self.upstream_time = time.perf_counter() - self.upstream_start
+        self.response_head = head
+        self.response_started = True
+        conn = self.upstream
+        assert conn is not None
+        self.client.start_tunnel(self, conn, raw + rest)
+
+    def upstream_pause_writing(self) -> None:
+        self.client.pause_reading_for(self)
+
+    def upstream_resume_writing(self) -> None:
+        self.client.resume_reading_for(self)
+
+    def _can_replay(self) -> bool:
+        if self.body_kind == REQ_NONE:
+            return True
+        return self.body_done and self._replay is not None
+
+    # -- endings ------------------------------------------------------------------------------------
+    def respond(self, response: Response) -> None:
+        """Answer from the gateway itself (an error, a 404, a plugin's short-circuit)."""
+        if self.done:
+            return
+        if self.response_started:
+            self.client.abort()  # too late for a clean answer: the client sees a cut response
+            self._finish()
+            return
+        if not self.body_done and self.body_kind != REQ_NONE:
+            self.keep_alive = False  # we will not read the rest of this request's body
+        if self.client.draining:
+            self.keep_alive = False
+        self.status = response.status
+        self.response_started = True
+        data = serialize(response, self.keep_alive, self.method == b"HEAD", self.client.server_header)
+        self.bytes_sent += len(data)
+        self.client.write(data)
+        self._release_upstream_on_error()
+        self._finish()
+
+    def fail(self, error: BaseException) -> None:
+        if self.done:
+            return
+        if isinstance(error, TollwayError):
+            status, message = error.status, error.message
+        else:  # a bug or a plugin's exception: logged with its traceback, answered 500
+            self.client.worker.log_exception("request failed", error, self)
+            status, message = 500, "internal gateway error"
+        if isinstance(error, ClientError):
+            self.keep_alive = False
+        if isinstance(error, UpstreamError):
+            self.client.worker.upstream_error(self, error)
+        rid = self.request_id.decode("latin-1") if self.request_id else self.client.worker.next_request_id().decode()
+        if not self.request_id:
+            self.request_id = rid.encode()
+        self.respond(error_response(status, message, rid))
+
+    def abort(self) -> None:
+        """The client went away: stop everything, keep nothing half-used."""
+        if self.done:
+            return
+        if self.status == 0:
+            self.status = 499  # nginx's "client closed request"
+        self._release_upstream_on_error()
+        if self._connect_task is not None:
+            pass  # _on_connected sees `done` and returns the fresh connection to the pool
+        self._finish()
+
+    def _release_upstream_on_error(self) -> None:
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.pool.discard(conn)
+
+    def _finish(self) -> None:
+        self.done = True
+        route = self.route
+        if route is not None and route.pipeline is not None and route.pipeline.log:
+            route.pipeline.run_log(self)
+        target = self.target
+        if target is not None and self.service is not None:
+            self.service.cluster.release(target, self)
+        self.client.exchange_finished(self)
+
+    # -- conveniences for plugins and logs ----------------------------------------------------------------
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start_time
+
+    def get_header(self, name: str) -> str | None:
+        """The first value of a request header (case-insensitive), as sent by the client."""
+        key = name.lower().encode("latin-1")
+        special = _SPECIAL_GETTERS.get(key)
+        if special is not None:
+            value = getattr(self, special)
+            return value.decode("latin-1") if value else None
+        for hname, hvalue in self.headers:
+            if hname.lower() == key:
+                return hvalue.decode("latin-1")
+        return None
+
+    def set_header(self, name: str, value: str) -> None:
+        """Replace (or add) a request header forwarded to the backend."""
+        self.remove_header(name)
+        self.headers.append((name.encode("latin-1"), value.encode("latin-1")))
+
+    def add_header(self, name: str, value: str) -> None:
+        self.headers.append((name.encode("latin-1"), value.encode("latin-1")))
+
+    def remove_header(self, name: str) -> None:
+        key = name.lower().encode("latin-1")
+        self.headers = [(n, v) for n, v in self.headers if n.lower() != key]
+
+    @property
+    def client_ip(self) -> str:
+        return self.client.peer_ip.decode("latin-1")
+
+
+# Response headers never passed to the client: hop-by-hop, plus the framing we set ourselves.
+_RESPONSE_SKIP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+_SPECIAL_GETTERS = {
+    b"host": "host",
+    b"x-request-id": "request_id",
+    b"x-forwarded-for": "x_forwarded_for",
+    b"x-forwarded-proto": "x_forwarded_proto",
+    b"x-forwarded-host": "x_forwarded_host",
+    b"upgrade": "upgrade",
+    b"connection": "connection_header",
+}
+
+__all__ = ["BODY_LENGTH", "Exchange"]

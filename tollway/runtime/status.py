@@ -1,0 +1,100 @@
+"""The status listener: a small HTTP server on its own port, run by the supervisor.
+
+``/live`` answers 200 while the supervisor runs; ``/ready`` answers 200 while every worker serves the
+current config and 503 from the moment draining starts, so an external load balancer stops sending
+traffic before listeners close. Handlers are plain callables returning (status, JSON-able body) or
+(status, bytes, content type); they never touch request traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import httptools
+import orjson
+
+from tollway.proxy.responses import reason
+
+# A handler returns (status, body) where body is JSON-able, or (status, bytes, content-type).
+Handler = Callable[[], "Awaitable[tuple[Any, ...]] | tuple[Any, ...]"]
+
+
+class StatusProtocol(asyncio.Protocol):
+    """HTTP/1.1 with keep-alive, GET and HEAD only, one request at a time."""
+
+    def __init__(self, routes: dict[str, Handler]) -> None:
+        self.routes = routes
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.busy = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._write(400, orjson.dumps({"message": "bad request"}), b"application/json", False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_message_complete(self) -> None:
+        url, self.url = self.url, b""
+        method = self.parser.get_method()
+        keep_alive = self.parser.should_keep_alive()
+        if self.busy:  # pipelining is not worth supporting here
+            keep_alive = False
+        self.busy = True
+        asyncio.get_running_loop().create_task(self._answer(method, url, keep_alive))
+
+    async def _answer(self, method: bytes, url: bytes, keep_alive: bool) -> None:
+        path = url.partition(b"?")[0].decode("latin-1")
+        handler = self.routes.get(path)
+        if method not in (b"GET", b"HEAD"):
+            status, body, ctype = 405, orjson.dumps({"message": "method not allowed"}), b"application/json"
+        elif handler is None:
+            status, body, ctype = 404, orjson.dumps({"message": "not found"}), b"application/json"
+        else:
+            status, body, ctype = await _call(handler)
+        self._write(status, b"" if method == b"HEAD" else body, ctype, keep_alive, len(body))
+        self.busy = False
+
+    def _write(
+        self, status: int, body: bytes, ctype: bytes, keep_alive: bool, length: int | None = None
+    ) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nCache-Control: no-store\r\n" % (
+            status,
+            reason(status),
+            ctype,
+            len(body) if length is None else length,
+        )
+        self.transport.write(head + (b"\r\n" if keep_alive else b"Connection: close\r\n\r\n") + body)
+        if not keep_alive:
+            self.transport.close()
+
+
+async def _call(handler: Handler) -> tuple[int, bytes, bytes]:
+    try:
+        result = handler()
+        if isinstance(result, Awaitable):
+            result = await result
+    except Exception as exc:  # a status page must answer even when something behind it fails
+        return 500, orjson.dumps({"message": f"status handler failed: {exc}"}), b"application/json"
+    if len(result) == 3:
+        return result[0], result[1], result[2]
+    return result[0], orjson.dumps(result[1], option=orjson.OPT_INDENT_2), b"application/json"
+
+
+async def start_status_server(host: str, port: int, routes: dict[str, Handler]) -> asyncio.AbstractServer:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: StatusProtocol(routes), host, port, reuse_address=True)

@@ -1,0 +1,394 @@
+"""The supervisor: owns the config, the listening sockets and the worker processes; never touches
+request bytes.
+
+- It creates one SO_REUSEPORT listening socket per worker and listen address and keeps its own copy
+  open, so a worker that crashes and restarts loses no queued connection (the kernel spreads new
+  connections over the sockets; a restarted worker takes its socket back).
+- It validates config files, sends whole snapshots to workers, and reloads on SIGHUP or when the file
+  changes. A bad file keeps the running config and logs exactly why.
+- It restarts a worker that dies (backing off if one keeps dying), and on SIGTERM drains: /ready turns
+  503, listeners close after `drain_delay`, in-flight requests get `drain_timeout` to finish.
+- It serves the status listener (/live, /ready, /status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tollway import __version__
+from tollway.config.loader import load_file
+from tollway.config.schema import GatewayConfig
+from tollway.config.types import parse_hostport
+from tollway.errors import ConfigError
+from tollway.runtime.channel import ChannelProtocol, Message, open_channel
+from tollway.runtime.status import start_status_server
+from tollway.runtime.worker import ENV_FDS
+
+log = logging.getLogger("tollway.supervisor")
+_RESTART_BACKOFF_MAX = 5.0
+_STARTUP_TIMEOUT = 60.0
+
+
+@dataclass
+class WorkerHandle:
+    slot: int
+    process: subprocess.Popen[bytes]
+    channel: ChannelProtocol | None = None
+    started: float = field(default_factory=time.monotonic)
+    ready_version: int = 0
+    restarts: int = 0
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config_path: str | Path | None,
+        config: GatewayConfig,
+        workers: int | None = None,
+        listen: list[str] | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.overrides = {"listen": listen} if listen else {}
+        self.config = self._with_overrides(config)
+        self.version = 1
+        self.nworkers = workers or _default_workers(self.config)
+        self.sockets: list[list[socket.socket]] = []
+        self.listening: list[str] = []
+        self.status_address: str | None = None
+        self.workers: dict[int, WorkerHandle] = {}
+        self.draining = False
+        self.started = time.time()
+        self.last_reload: dict[str, Any] = {"time": self.started, "result": "initial", "version": 1}
+        self.on_event = on_event or (lambda kind, data: None)
+        self._stopping = False
+        self._done: asyncio.Event | None = None
+        self._status_server: asyncio.AbstractServer | None = None
+        self._watch_stat: tuple[int, int, int] | None = None
+        self._failed_restarts: dict[int, int] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def run(self) -> int:
+        """Start everything, serve until drained; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        try:
+            self._bind_all()
+        except OSError as exc:
+            addresses = ", ".join(self.config.gateway.listen)
+            log.error("cannot listen on %s: %s", addresses, exc.strerror or exc)
+            self.on_event("error", {"message": f"cannot listen on {addresses}: {exc.strerror or exc}"})
+            return 1
+        await self._start_status_listener()
+        for slot in range(self.nworkers):
+            await self._spawn(slot)
+        if not await self._wait_ready():
+            await self.shutdown(fast=True)
+            return 1
+        for sig, handler in (
+            (signal.SIGTERM, self._on_stop_signal),
+            (signal.SIGINT, self._on_stop_signal),
+            (signal.SIGHUP, lambda: self.reload("SIGHUP")),
+        ):
+            loop.add_signal_handler(sig, handler)
+        self.on_event("started", self.describe())
+        watcher = loop.create_task(self._watch_file())
+        await self._done.wait()
+        watcher.cancel()
+        return 0
+
+    def describe(self) -> dict[str, Any]:
+        gateway = self.config.gateway
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "listen": self.listening,
+            "status_listen": self.status_address,
+            "workers": self.nworkers,
+            "config_version": self.version,
+            "config_path": str(self.config_path) if self.config_path else None,
+            "routes": len(self.config.routes),
+            "services": len(self.config.services),
+        }
+
+    async def shutdown(self, fast: bool = False) -> None:
+        if self._stopping:
+            if not fast:
+                return
+        self._stopping = True
+        self.draining = True
+        gateway = self.config.gateway
+        self.on_event("draining", {"timeout": gateway.drain_timeout})
+        if not fast and gateway.drain_delay:
+            await asyncio.sleep(gateway.drain_delay)  # /ready says 503 while the balancer notices
+        self._close_sockets()
+        timeout = 0.0 if fast else gateway.drain_timeout
+        for handle in self.workers.values():
+            if handle.channel is not None:
+                handle.channel.send(("drain", timeout))
+        await self._wait_workers_exit(timeout + 5.0)
+        if self._status_server is not None:
+            self._status_server.close()
+        if self._done is not None:
+            self._done.set()
+
+    def _on_stop_signal(self) -> None:
+        if self._stopping:
+            log.warning("second stop signal: stopping now")
+            for handle in self.workers.values():
+                _kill(handle.process)
+            if self._done is not None:
+                self._done.set()
+            return
+        asyncio.get_running_loop().create_task(self.shutdown())
+
+    # -- config ---------------------------------------------------------------------------------------
+    def reload(self, reason: str) -> bool:
+        """Load the config file again; apply it if valid, otherwise keep the running one."""
+        if self.config_path is None or self._stopping:
+            return False
+        try:
+            config = self._with_overrides(load_file(self.config_path))
+        except ConfigError as exc:
+            self.last_reload = {"time": time.time(), "result": "failed", "version": self.version}
+            log.error(
+                "config reload (%s) failed; still serving version %d:\n  %s",
+                reason,
+                self.version,
+                "\n  ".join(exc.issues),
+            )
+            self.on_event("reload_failed", {"reason": reason, "issues": exc.issues})
+            return False
+        self._warn_restart_only(config)
+        self.config = config
+        self.version += 1
+        self.last_reload = {"time": time.time(), "result": "ok", "version": self.version}
+        for handle in self.workers.values():
+            if handle.channel is not None:
+                handle.channel.send(("config", self.version, config))
+        log.info("config version %d applied (%s)", self.version, reason)
+        self.on_event("reloaded", {"reason": reason, "version": self.version})
+        return True
+
+    def _with_overrides(self, config: GatewayConfig) -> GatewayConfig:
+        if not self.overrides:
+            return config
+        gateway = config.gateway.model_copy(update=self.overrides)
+        return config.model_copy(update={"gateway": gateway})
+
+    def _warn_restart_only(self, new: GatewayConfig) -> None:
+        old = self.config.gateway
+        for name in ("listen", "status_listen", "workers", "backlog"):
+            if getattr(new.gateway, name) != getattr(old, name):
+                log.warning("gateway.%s changed: it applies at the next restart only", name)
+
+    async def _watch_file(self) -> None:
+        if self.config_path is None:
+            return
+        interval = self.config.gateway.watch_interval
+        if not interval:
+            return
+        self._watch_stat = _stat(self.config_path)
+        while True:
+            await asyncio.sleep(interval)
+            current = _stat(self.config_path)
+            if current is None or current == self._watch_stat:
+                continue
+            await asyncio.sleep(0.2)  # let an editor finish writing
+            self._watch_stat = _stat(self.config_path)
+            self.reload("file changed")
+
+    # -- workers ----------------------------------------------------------------------------------------
+    def _bind_all(self) -> None:
+        """One socket per worker and address. Port 0 picks a free port once; the other workers'
+        sockets join the same port."""
+        gateway = self.config.gateway
+        self.sockets = [[] for _ in range(self.nworkers)]
+        bound = []
+        for address in gateway.listen:
+            host, port = parse_hostport(address)
+            for slot in range(self.nworkers):
+                sock = _listen_socket(host, port, gateway.backlog)
+                port = sock.getsockname()[1]
+                self.sockets[slot].append(sock)
+            bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        self.listening = bound
+
+    def _close_sockets(self) -> None:
+        for socks in self.sockets:
+            for sock in socks:
+                sock.close()
+        self.sockets = []
+
+    async def _spawn(self, slot: int) -> None:
+        parent, child = socket.socketpair()
+        fds = [child.fileno(), *(s.fileno() for s in self.sockets[slot])]
+        env = dict(os.environ)
+        env[ENV_FDS] = ",".join(str(x) for x in (slot, *fds))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tollway.runtime.worker"], pass_fds=fds, env=env, close_fds=True
+        )
+        child.close()
+        handle = WorkerHandle(slot, process, restarts=self._failed_restarts.get(slot, 0))
+        self.workers[slot] = handle
+        handle.channel = await open_channel(
+            parent,
+            lambda message: self._on_worker_message(handle, message),
+            lambda: asyncio.get_running_loop().create_task(self._on_worker_gone(handle)),
+        )
+        handle.channel.send(("config", self.version, self.config))
+        log.debug("worker %d started (pid %d)", slot, process.pid)
+
+    def _on_worker_message(self, handle: WorkerHandle, message: Message) -> None:
+        kind = message[0]
+        if kind == "ready":
+            handle.ready_version = message[1]
+        elif kind == "config_failed":
+            log.error("worker %d could not apply config version %d: %s", handle.slot, message[1], message[2])
+        else:
+            handler = getattr(self, f"on_worker_{kind}", None)
+            if handler is not None:
+                handler(handle, *message[1:])
+
+    async def _on_worker_gone(self, handle: WorkerHandle) -> None:
+        code = await _reap(handle.process)
+        if self.workers.get(handle.slot) is not handle:
+            return
+        handle.channel = None
+        if self._stopping:
+            return
+        lived = time.monotonic() - handle.started
+        log.error("worker %d (pid %d) exited with %s; restarting", handle.slot, handle.process.pid, code)
+        self.on_event("worker_exited", {"slot": handle.slot, "pid": handle.process.pid, "code": code})
+        # Back off when a worker keeps dying young, so a crash loop does not spin the CPU.
+        restarts = handle.restarts + 1 if lived < 10 else 0
+        self._failed_restarts[handle.slot] = restarts
+        if restarts:
+            await asyncio.sleep(min(_RESTART_BACKOFF_MAX, 0.1 * 2**restarts))
+        if not self._stopping:
+            await self._spawn(handle.slot)
+
+    async def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + _STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if all(h.ready_version for h in self.workers.values()):
+                return True
+            dead = [h for h in self.workers.values() if h.process.poll() is not None]
+            if dead:
+                message = f"worker {dead[0].slot} exited during startup (code {dead[0].process.returncode})"
+                log.error(message)
+                self.on_event("error", {"message": message})
+                return False
+            await asyncio.sleep(0.02)
+        self.on_event("error", {"message": "workers did not become ready in time"})
+        return False
+
+    async def _wait_workers_exit(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for handle in list(self.workers.values()):
+            while handle.process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if handle.process.poll() is None:
+                log.warning("worker %d did not stop in time; killing it", handle.slot)
+                _kill(handle.process)
+                await _reap(handle.process)
+
+    def ready(self) -> bool:
+        return (
+            not self.draining
+            and bool(self.workers)
+            and all(h.ready_version == self.version and h.channel is not None for h in self.workers.values())
+        )
+
+    # -- status listener ----------------------------------------------------------------------------------
+    async def _start_status_listener(self) -> None:
+        address = self.config.gateway.status_listen
+        if address is None:
+            return
+        host, port = parse_hostport(address)
+        self._status_server = await start_status_server(host, port, self.status_routes())
+        bound_port = self._status_server.sockets[0].getsockname()[1]
+        self.status_address = f"[{host}]:{bound_port}" if ":" in host else f"{host}:{bound_port}"
+
+    def status_routes(self) -> dict[str, Any]:
+        return {
+            "/live": lambda: (200, {"status": "live"}),
+            "/ready": lambda: (200, {"status": "ready"}) if self.ready() else (503, self._not_ready()),
+            "/status": lambda: (200, self.status()),
+        }
+
+    def _not_ready(self) -> dict[str, Any]:
+        return {"status": "draining" if self.draining else "starting", "config_version": self.version}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "draining": self.draining,
+            "config": {
+                "version": self.version,
+                "path": str(self.config_path) if self.config_path else None,
+                "last_reload": self.last_reload,
+            },
+            "workers": [
+                {
+                    "slot": h.slot,
+                    "pid": h.process.pid,
+                    "alive": h.channel is not None,
+                    "config_version": h.ready_version,
+                    "uptime_seconds": round(time.monotonic() - h.started, 3),
+                }
+                for h in sorted(self.workers.values(), key=lambda h: h.slot)
+            ],
+        }
+
+
+def _listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def _default_workers(config: GatewayConfig) -> int:
+    workers = config.gateway.workers
+    return os.cpu_count() or 1 if workers == "auto" else int(workers)
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+async def _reap(process: subprocess.Popen[bytes]) -> int | None:
+    for _ in range(200):
+        code = process.poll()
+        if code is not None:
+            return code
+        await asyncio.sleep(0.01)
+    return process.poll()
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()

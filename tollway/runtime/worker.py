@@ -1,0 +1,224 @@
+"""A worker process: one full data plane on uvloop, serving the listening sockets it was handed.
+
+The supervisor starts workers as fresh interpreters (``python -m tollway.runtime.worker``), passing a
+channel socket and one SO_REUSEPORT listening socket per listen address. The listening sockets are
+created — and kept open — by the supervisor, so connections that arrive while a worker restarts wait
+in the socket's backlog instead of being refused. Config arrives over the channel; a new snapshot
+replaces the old with one assignment, and requests in flight finish on the snapshot they started on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from typing import TYPE_CHECKING
+
+from tollway.config.schema import GatewayConfig
+from tollway.observability.access_log import AccessLog
+from tollway.protocol.server import ClientConnection
+from tollway.proxy.snapshot import Snapshot, build_snapshot
+from tollway.runtime.channel import ChannelProtocol, Message, open_channel
+from tollway.upstream.pool import Pool, PoolSettings
+
+if TYPE_CHECKING:
+    from tollway.errors import TollwayError, UpstreamError
+    from tollway.proxy.exchange import Exchange
+
+log = logging.getLogger("tollway.worker")
+ENV_FDS = "TOLLWAY_WORKER_FDS"
+
+
+class Worker:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        index: int,
+        channel_sock: socket.socket,
+        listen_socks: list[socket.socket],
+    ) -> None:
+        self.loop = loop
+        self.index = index
+        self.channel_sock = channel_sock
+        self.listen_socks = listen_socks
+        self.channel: ChannelProtocol | None = None
+        self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by the first config
+        self.draining = False
+        self.connections: set[ClientConnection] = set()
+        self.pools: dict[tuple[str, int, str | None], Pool] = {}
+        self.pool_settings = PoolSettings()
+        self.access_log: AccessLog | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self._id_prefix = os.urandom(8).hex().encode()
+        self._id_counter = 0
+        self._configured = asyncio.Event()
+        self._stopped = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.channel = await open_channel(self.channel_sock, self.on_message, self._supervisor_gone)
+        await self._configured.wait()
+        if self.draining:
+            return
+        for sock in self.listen_socks:
+            server = await self.loop.create_server(
+                lambda: ClientConnection(self), sock=sock, backlog=self.snapshot.settings.backlog
+            )
+            self.servers.append(server)
+        self.channel.send(("ready", self.snapshot.version))
+        await self._stopped.wait()
+
+    def on_message(self, message: Message) -> None:
+        kind = message[0]
+        if kind == "config":
+            self.apply_config(message[1], message[2])
+        elif kind == "drain":
+            self.loop.create_task(self.drain(message[1]))
+        else:
+            handler = getattr(self, f"on_{kind}", None)
+            if handler is not None:
+                handler(*message[1:])
+
+    def apply_config(self, version: int, config: GatewayConfig) -> None:
+        try:
+            snapshot = build_snapshot(config, version, self.pool_for)
+        except Exception as exc:  # the supervisor validated it; a failure here is a bug worth a trace
+            log.exception("worker %d could not apply config version %d", self.index, version)
+            if self.channel is not None:
+                self.channel.send(("config_failed", version, f"{type(exc).__name__}: {exc}"))
+            return
+        first = self.snapshot is None
+        self.snapshot = snapshot
+        self._reopen_access_log(config)
+        self._close_unused_pools(snapshot)
+        if first:
+            self._configured.set()
+        elif self.channel is not None:
+            self.channel.send(("ready", version))
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let in-flight requests finish within `timeout`, then close everything."""
+        if self.draining:
+            return
+        self.draining = True
+        self._configured.set()
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.drain()
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        for pool in self.pools.values():
+            pool.close()
+        if self.access_log is not None:
+            self.access_log.close()
+        self._stopped.set()
+
+    def _supervisor_gone(self) -> None:
+        if not self.draining:
+            log.warning("worker %d lost its supervisor; draining", self.index)
+            timeout = self.snapshot.settings.drain_timeout if self.snapshot is not None else 0.0
+            self.loop.create_task(self.drain(timeout))
+
+    # -- used by connections and exchanges --------------------------------------------------------------
+    def pool_for(
+        self, host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str | None
+    ) -> Pool:
+        key = (host, port, server_hostname if tls is not None else None)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = Pool(self.loop, host, port, self.pool_settings, tls, server_hostname)
+            self.pools[key] = pool
+        return pool
+
+    def next_request_id(self) -> bytes:
+        self._id_counter += 1
+        return b"%s%016x" % (self._id_prefix, self._id_counter)
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+
+    def request_finished(self, ex: Exchange) -> None:
+        if self.access_log is not None:
+            self.access_log.log(ex)
+
+    def upstream_error(self, ex: Exchange, error: UpstreamError) -> None:
+        target = ex.target
+        log.warning(
+            "request %s: %s (upstream %s)",
+            ex.request_id.decode("latin-1"),
+            error.message,
+            target.label if target is not None else "-",
+        )
+
+    def bad_request(self, conn: ClientConnection, error: TollwayError) -> None:
+        log.info("rejected a request from %s: %s", conn.peer_ip.decode(), error.message)
+
+    def log_exception(self, message: str, error: BaseException, ex: Exchange) -> None:
+        log.error(
+            "%s (request %s)", message, ex.request_id.decode("latin-1") or "-", exc_info=error
+        )
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _reopen_access_log(self, config: GatewayConfig) -> None:
+        settings = config.gateway.access_log
+        current = self.access_log
+        if current is not None and settings.enabled and current.path == settings.path:
+            current.buffer_size = settings.buffer_size
+            return
+        if current is not None:
+            current.close()
+        self.access_log = AccessLog(self.loop, settings) if settings.enabled else None
+
+    def _close_unused_pools(self, snapshot: Snapshot) -> None:
+        used = {id(t.pool) for s in snapshot.services.values() for t in s.cluster.targets}
+        for key, pool in list(self.pools.items()):
+            if id(pool) not in used:
+                pool.close()
+                del self.pools[key]
+
+
+def main() -> int:
+    """Entry point of a worker process started by the supervisor."""
+    index_text, channel_fd, *listen_fds = os.environ.pop(ENV_FDS).split(",")
+    logging.basicConfig(
+        level=os.environ.get("TOLLWAY_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+    # The supervisor coordinates shutdown and reloads; a terminal's Ctrl-C reaches the whole process
+    # group, so workers leave SIGINT and SIGHUP to it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    channel = socket.socket(fileno=int(channel_fd))
+    listeners = [socket.socket(fileno=int(fd)) for fd in listen_fds]
+    worker = Worker(loop, int(index_text), channel, listeners)
+    loop.add_signal_handler(signal.SIGTERM, _drain_on_signal, worker)
+    try:
+        loop.run_until_complete(worker.run())
+    finally:
+        loop.close()
+    return 0
+
+
+def _drain_on_signal(worker: Worker) -> None:
+    timeout = worker.snapshot.settings.drain_timeout if worker.snapshot is not None else 0.0
+    worker.loop.create_task(worker.drain(timeout))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

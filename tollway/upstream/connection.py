@@ -1,0 +1,257 @@
+"""One keep-alive connection to a backend: writes a request, frames the response, hands bytes on.
+
+The response head is parsed here (`tollway.protocol.http1`); the body is passed through as the
+`data_received` buffers arrive, never re-buffered, with its end found by counting Content-Length
+bytes or following chunk boundaries. The exchange that owns the request decides what the client sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol, cast
+
+from tollway.errors import (
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamResetError,
+    UpstreamTimeout,
+)
+from tollway.protocol.deadline import Deadline
+from tollway.protocol.http1 import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    BODY_UNTIL_CLOSE,
+    ChunkedDecoder,
+    ResponseHead,
+    find_head_end,
+    parse_response_head,
+)
+
+if TYPE_CHECKING:
+    from tollway.upstream.pool import Pool
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to (the exchange, or a health checker)."""
+
+    def upstream_head(self, head: ResponseHead, raw: bytes) -> None: ...
+    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_complete(self) -> None: ...
+    def upstream_failed(self, error: UpstreamError, replayable: bool) -> None: ...
+    def upstream_upgraded(self, head: ResponseHead, raw: bytes, rest: bytes) -> None: ...
+    def upstream_flush(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_buf",
+        "_decoder",
+        "_remaining",
+        "body_kind",
+        "deadline",
+        "head",
+        "keep_alive",
+        "method",
+        "pool",
+        "read_timeout",
+        "received",
+        "requests",
+        "sink",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.method = b"GET"
+        self.head: ResponseHead | None = None
+        self.body_kind = BODY_NONE
+        self.keep_alive = True
+        self.requests = 0
+        self.received = 0  # response bytes received for the current request
+        self.read_timeout = 60.0
+        self.tunnel = False
+        self._buf = b""
+        self._remaining = 0
+        self._decoder: ChunkedDecoder | None = None
+        self.deadline = Deadline(pool.loop, self._timed_out)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.transport is None or self.transport.is_closing() else (
+            "active" if self.sink is not None else "idle"
+        )
+        return f"<UpstreamConnection {self.pool.label} {state} requests={self.requests}>"
+
+    # -- asyncio callbacks ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.transport.set_write_buffer_limits(high=65536)
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            # A backend talking out of turn on an idle connection: it cannot be trusted any more.
+            self.close()
+            return
+        self.received += len(data)
+        self.deadline.arm(self.read_timeout, "read")
+        try:
+            if self.tunnel:
+                sink.upstream_body(data)
+            elif self.head is None:
+                self._on_head_data(sink, data)
+            else:
+                self._on_body_data(sink, data)
+        except UpstreamError as exc:
+            self._fail(exc, replayable=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.deadline.cancel()
+        self.pool.forget(self)
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if self.tunnel or (self.head is not None and self.body_kind == BODY_UNTIL_CLOSE):
+            sink.upstream_complete()
+        else:
+            # Nothing received on a reused connection: the backend closed it as we sent the request.
+            replayable = self.received == 0 and self.requests > 1
+            error = UpstreamResetError(
+                "upstream closed the connection before responding"
+                if self.head is None
+                else "upstream closed the connection mid-response"
+            )
+            sink.upstream_failed(error, replayable)
+
+    def pause_writing(self) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink_pause = getattr(sink, "upstream_pause_writing", None)
+            if sink_pause is not None:
+                sink_pause()
+
+    def resume_writing(self) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink_resume = getattr(sink, "upstream_resume_writing", None)
+            if sink_resume is not None:
+                sink_resume()
+
+    # -- request side --------------------------------------------------------------------------------
+    def start(self, sink: ResponseSink, method: bytes, read_timeout: float) -> None:
+        """Bind this connection to a request about to be written."""
+        self.sink = sink
+        self.method = method
+        self.head = None
+        self.received = 0
+        self.read_timeout = read_timeout
+        self.keep_alive = True
+        self.requests += 1
+        self.deadline.arm(read_timeout, "read")
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.keep_alive = False
+        self.sink = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- response side -------------------------------------------------------------------------------
+    def _on_head_data(self, sink: ResponseSink, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        while True:
+            end = find_head_end(buf, len(self._buf))
+            if end < 0:
+                if len(buf) > self.pool.max_head_size:
+                    raise UpstreamProtocolError("upstream response head is too large")
+                self._buf = buf
+                return
+            self._buf = b""
+            raw = buf[:end]
+            head = parse_response_head(raw, self.method)
+            rest = buf[end:]
+            if head.status == 101:
+                self.tunnel = True
+                self.keep_alive = False
+                sink.upstream_upgraded(head, raw, rest)
+                return
+            if head.status >= 200:
+                break
+            sink.upstream_head(head, raw)  # 1xx interim response: passed on, then the real one
+            buf = rest
+            if not buf:
+                return
+        self.head = head
+        self.keep_alive = head.keep_alive
+        self.body_kind = kind = head.body_kind
+        sink.upstream_head(head, raw)
+        if kind == BODY_LENGTH:
+            self._remaining = head.content_length
+        elif kind == BODY_CHUNKED:
+            self._decoder = ChunkedDecoder()
+        elif kind == BODY_NONE:
+            if rest:
+                self.keep_alive = False  # bytes after a body-less response: not reusable
+            self._complete(sink)
+            return
+        if rest:
+            self._on_body_data(sink, rest)
+        elif self.sink is not None:
+            sink.upstream_flush()
+
+    def _on_body_data(self, sink: ResponseSink, data: bytes) -> None:
+        kind = self.body_kind
+        if kind == BODY_LENGTH:
+            remaining = self._remaining - len(data)
+            if remaining > 0:
+                self._remaining = remaining
+                sink.upstream_body(data)
+                return
+            if remaining < 0:
+                self.keep_alive = False  # the backend sent more than it announced
+                data = data[: self._remaining]
+            self._remaining = 0
+            sink.upstream_body(data)
+            self._complete(sink)
+        elif kind == BODY_CHUNKED:
+            decoder = self._decoder
+            assert decoder is not None
+            used = decoder.feed(data)
+            if used < len(data):
+                self.keep_alive = False
+                data = data[:used]
+            sink.upstream_body(data)
+            if decoder.done:
+                self._complete(sink)
+        else:
+            sink.upstream_body(data)
+
+    def _complete(self, sink: ResponseSink) -> None:
+        self.deadline.disarm()
+        self.sink = None
+        self._decoder = None
+        sink.upstream_complete()
+
+    def _timed_out(self, reason: str) -> None:
+        if self.sink is None:
+            return
+        self._fail(UpstreamTimeout(f"upstream {reason} timed out"), replayable=False)
+
+    def _fail(self, error: UpstreamError, replayable: bool) -> None:
+        sink, self.sink = self.sink, None
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.abort()
+        if sink is not None:
+            sink.upstream_failed(error, replayable)

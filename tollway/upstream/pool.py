@@ -1,0 +1,149 @@
+"""Keep-alive connection pools, one per backend address, shared by every request of a worker.
+
+Pools are keyed by (host, port, TLS name) and live in the worker, not in a config snapshot, so a
+reload keeps its warm connections. Bookkeeping is plain method calls with no awaits (httpcore's
+habit); only opening a connection is a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+
+from tollway.errors import UpstreamConnectError, UpstreamTimeout
+from tollway.upstream.connection import UpstreamConnection
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    max_idle: int = 256  # idle connections kept per backend address
+    idle_timeout: float = 60.0  # an idle connection older than this is closed
+    max_requests: int = 10000  # requests per connection before it is retired (0 = unlimited)
+    max_head_size: int = 65536  # largest response head accepted
+
+
+class Pool:
+    __slots__ = (
+        "_sweeper",
+        "active",
+        "host",
+        "idle",
+        "label",
+        "loop",
+        "max_head_size",
+        "opened",
+        "port",
+        "server_hostname",
+        "settings",
+        "ssl",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        settings: PoolSettings,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.loop = loop
+        self.host = host
+        self.port = port
+        self.ssl = tls
+        self.server_hostname = server_hostname
+        self.settings = settings
+        self.max_head_size = settings.max_head_size
+        self.label = f"{host}:{port}"
+        self.idle: list[tuple[float, UpstreamConnection]] = []  # LIFO: the warmest connection first
+        self.active = 0
+        self.opened = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.label} [active={self.active} idle={len(self.idle)} opened={self.opened}]>"
+
+    def acquire(self) -> UpstreamConnection | None:
+        """An idle connection ready for a request, or None (then `open` one)."""
+        idle = self.idle
+        while idle:
+            _, conn = idle.pop()
+            transport = conn.transport
+            if transport is not None and not transport.is_closing():
+                self.active += 1
+                return conn
+        return None
+
+    async def open(self, timeout: float) -> UpstreamConnection:
+        """A new connection (counted active), or UpstreamConnectError / UpstreamTimeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.server_hostname if self.ssl else None,
+                )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"connecting to {self.label} timed out") from exc
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+            raise UpstreamConnectError(f"connecting to {self.label} failed: {reason}") from exc
+        self.opened += 1
+        self.active += 1
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Give a connection back after a complete exchange; it is kept if it can carry another."""
+        self.active -= 1
+        settings = self.settings
+        transport = conn.transport
+        if (
+            not conn.keep_alive
+            or transport is None
+            or transport.is_closing()
+            or (settings.max_requests and conn.requests >= settings.max_requests)
+            or len(self.idle) >= settings.max_idle
+        ):
+            conn.close()
+            return
+        self.idle.append((self.loop.time(), conn))
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(settings.idle_timeout, self._sweep)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """An active connection that failed or can't be reused."""
+        self.active -= 1
+        conn.abort()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """Called when a connection closes: drop it from the idle list if it is there."""
+        for i, (_, idle) in enumerate(self.idle):
+            if idle is conn:
+                del self.idle[i]
+                return
+
+    def close(self) -> None:
+        for _, conn in self.idle:
+            conn.close()
+        self.idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _sweep(self) -> None:
+        """Close connections idle longer than idle_timeout (the oldest sit at the front)."""
+        self._sweeper = None
+        cutoff = self.loop.time() - self.settings.idle_timeout
+        idle = self.idle
+        expired = 0
+        while expired < len(idle) and idle[expired][0] <= cutoff:
+            expired += 1
+        for _, conn in idle[:expired]:
+            conn.close()
+        del idle[:expired]
+        if idle:
+            delay = idle[0][0] + self.settings.idle_timeout - self.loop.time()
+            self._sweeper = self.loop.call_later(max(delay, 0.05), self._sweep)
