@@ -75,6 +75,26 @@ def test_prefix_ending_inside_a_segment(path: str, hit: bool) -> None:
     assert (winner(router(route("a", paths=["/api/v1/us"])), path) == "a") is hit
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", "/api/x", "slash"),
+        ("POST", "/api/x", "short"),  # the segment "api" is a whole tail: "ap" comes with it
+        ("POST", "/api", "short"),
+        ("GET", "/apiz", "long"),  # "apiz" is not a tail: tails are probed by length
+        ("POST", "/apiz/x", "short"),
+        ("GET", "/a", None),
+    ],
+)
+def test_every_matching_prefix_is_a_candidate(method: str, path: str, expected: str | None) -> None:
+    table = router(
+        route("short", paths=["/ap"]),
+        route("long", paths=["/api"], methods=["GET"]),
+        route("slash", paths=["/api/"], methods=["GET"]),
+    )
+    assert winner(table, path, method=method) == expected
+
+
 def test_root_prefix_matches_everything() -> None:
     table = router(route("root", paths=["/"]))
     assert [winner(table, path) for path in ("/", "/a", "/a/b/")] == ["root", "root", "root"]

@@ -157,7 +157,7 @@ def describe_loc(data: Any, loc: Loc) -> str:
     for depth, key in enumerate(loc):
         if isinstance(key, int):
             parts[-1:] = [f"{parts[-1] if parts else ''}[{key}]"]
-            node = node[key] if isinstance(node, list) and key < len(node) else None
+            node = node[key] if isinstance(node, list) and 0 <= int(key) < len(node) else None
             name = _entity_name(loc[depth - 1] if depth else None, node)
             if name is not None:
                 parts[-1] += f" {name}:"
@@ -197,7 +197,7 @@ def _merge_union_errors(issues: Iterable[Issue]) -> list[Issue]:
     merged: dict[Loc, list[str]] = {}
     for issue in issues:
         merged.setdefault(issue.loc, []).append(issue.message)
-    out = []
+    out: list[Issue] = []
     for loc, messages in merged.items():
         if len(messages) > 1 and all(m.startswith("Input should be ") for m in messages):
             alternatives = [m.removeprefix("Input should be ") for m in dict.fromkeys(messages)]

@@ -99,6 +99,17 @@ class ResponseHead:
     def __repr__(self) -> str:
         return f"<ResponseHead {self.status} body_kind={self.body_kind} length={self.content_length}>"
 
+    def copy(self) -> ResponseHead:
+        """A fresh head with the same parse results (header edits by plugins stay private to it)."""
+        other = ResponseHead(self.raw, self.version, self.status)
+        other.body_kind = self.body_kind
+        other.content_length = self.content_length
+        other.keep_alive = self.keep_alive
+        other.connection = self.connection
+        other.lists_headers = self.lists_headers
+        other._strip = self._strip  # never mutated after parsing
+        return other
+
     @property
     def reason(self) -> bytes:
         return self.raw[13 : self.raw.find(b"\r\n")]
@@ -157,13 +168,34 @@ def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
     return -1 if end < 0 else end + 4
 
 
+# Parse results of recent response heads, by their exact bytes. A backend repeats its heads (the
+# same fields, a Date that changes once a second, the same Content-Length for same-size bodies), and
+# parsing is a pure function of the bytes, so a repeated head costs a dict lookup instead of a
+# validation pass. Bounded: cleared when full, so varied heads cannot grow it.
+_HEAD_MEMO: dict[bytes, ResponseHead] = {}
+_HEAD_MEMO_SIZE: Final = 512
+
+
 def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     """Validate a complete response head (status line through the empty line); decide its framing.
 
     Raises UpstreamProtocolError for anything malformed: the client gets a 502, never the bytes.
-    The common head (at most one Content-Length and one Connection, no other framing or hop-by-hop
-    field) takes a straight-line path; anything else takes `_parse_general`.
     """
+    if request_method == b"HEAD":  # framing depends on the method: HEAD answers are not memoised
+        return _parse(head, request_method)
+    known = _HEAD_MEMO.get(head)
+    if known is not None:
+        return known.copy()
+    resp = _parse(head, request_method)
+    if len(_HEAD_MEMO) >= _HEAD_MEMO_SIZE:
+        _HEAD_MEMO.clear()
+    _HEAD_MEMO[head] = resp.copy()
+    return resp
+
+
+def _parse(head: bytes, request_method: bytes) -> ResponseHead:
+    """The common head (at most one Content-Length and one Connection, no other framing or
+    hop-by-hop field) takes a straight-line path; anything else takes `_parse_general`."""
     if _RESPONSE_HEAD.fullmatch(head) is None:
         if _RESPONSE_HEAD.match(head[: head.find(b"\r\n") + 2] + b"\r\n") is None:
             raise UpstreamProtocolError("upstream sent an invalid status line")
@@ -298,7 +330,10 @@ class ChunkedDecoder:
 
     __slots__ = ("_line", "_remaining", "_state", "collect", "done", "payload")
 
-    _SIZE, _DATA, _DATA_END, _TRAILER = 0, 1, 2, 3
+    _SIZE = 0
+    _DATA = 1
+    _DATA_END = 2
+    _TRAILER = 3
 
     def __init__(self, collect: bool = False) -> None:
         self._state = self._SIZE

@@ -1,16 +1,20 @@
-"""The client side of the gateway: one asyncio Protocol per client connection.
+"""The client side of the gateway: one protocol object per client connection.
 
 httptools (llhttp, strict) parses requests and calls back into this object; each request becomes an
 `Exchange`. Pipelined requests queue behind the active one and are answered in order. Reading pauses
 when a queue or a buffer would otherwise grow (several reasons can hold it paused at once), and a
 single lazy `Deadline` covers the header-read, body-read, send and keep-alive timeouts.
+
+This module is compiled with mypyc (see setup.py), so its classes are plain classes that implement the
+asyncio protocol methods rather than subclasses of `asyncio.Protocol`: uvloop only needs the methods.
+Limits and timeouts are copied from the config when a connection opens (a reload applies to new
+connections), so the per-request checks read plain fields.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -24,19 +28,32 @@ from tollway.errors import (
 )
 from tollway.protocol.deadline import Deadline
 from tollway.protocol.http1 import check_request_version, check_transfer_encoding
-from tollway.proxy.exchange import REQ_CHUNKED, REQ_LENGTH, Exchange
+from tollway.proxy.exchange import REQ_CHUNKED, REQ_LENGTH, Exchange, RequestIds
 
 if TYPE_CHECKING:
-    from tollway.config.schema import GatewaySettings
+    import asyncio
+
     from tollway.runtime.worker import Worker
     from tollway.upstream.connection import UpstreamConnection
 
-_MAX_PIPELINED = 32
+_MAX_PIPELINED: Final = 32
 # Why reading is paused (bits): several can hold at once; reading resumes when none is left.
-_PAUSE_QUEUE, _PAUSE_BODY, _PAUSE_TUNNEL = 1, 2, 4
+_PAUSE_QUEUE: Final = 1
+_PAUSE_BODY: Final = 2
+_PAUSE_TUNNEL: Final = 4
 # Request headers handled by the gateway instead of being forwarded as they are.
-_HOST, _CONNECTION, _CL, _TE, _EXPECT, _UPGRADE, _XFF, _XFP, _XFH, _RID, _DROP = range(11)
-_SPECIAL = {
+_HOST: Final = 0
+_CONNECTION: Final = 1
+_CL: Final = 2
+_TE: Final = 3
+_EXPECT: Final = 4
+_UPGRADE: Final = 5
+_XFF: Final = 6
+_XFP: Final = 7
+_XFH: Final = 8
+_RID: Final = 9
+_DROP: Final = 10
+_SPECIAL: Final = {
     b"host": _HOST,
     b"connection": _CONNECTION,
     b"content-length": _CL,
@@ -56,22 +73,30 @@ _SPECIAL = {
 }
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
     __slots__ = (
         "_head_size",
         "_paused",
         "_tunnel",
         "_tunnel_pending",
         "active",
+        "body_timeout",
         "current",
         "deadline",
         "draining",
+        "header_timeout",
+        "ids",
+        "keepalive_timeout",
+        "max_body_size",
+        "max_header_size",
+        "max_headers",
+        "max_request_line",
         "parser",
         "peer_ip",
         "queue",
         "scheme",
+        "send_timeout",
         "server_header",
-        "settings",
         "transport",
         "trusted",
         "worker",
@@ -79,8 +104,18 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self.settings: GatewaySettings = worker.snapshot.settings
-        self.server_header = worker.snapshot.server_header
+        settings = worker.snapshot.settings
+        limits, timeouts = settings.limits, settings.timeouts
+        self.max_request_line: int = limits.max_request_line
+        self.max_header_size: int = limits.max_header_size
+        self.max_headers: int = limits.max_headers
+        self.max_body_size: int = limits.max_body_size
+        self.header_timeout: float = timeouts.client_header
+        self.body_timeout: float = timeouts.client_body
+        self.send_timeout: float = timeouts.client_send
+        self.keepalive_timeout: float = timeouts.keepalive
+        self.server_header: bytes | None = worker.snapshot.server_header
+        self.ids: RequestIds = worker.request_ids
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.current: Exchange | None = None  # the request being parsed
@@ -89,7 +124,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip = b""
         self.scheme = b"http"
         self.trusted = False
-        self.draining = worker.draining
+        self.draining: bool = worker.draining
         self._paused = 0
         self._head_size = 0
         self._tunnel: UpstreamConnection | None = None
@@ -99,31 +134,35 @@ class ClientConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         return f"<ClientConnection {self.peer_ip.decode()} active={self.active!r} queued={len(self.queue)}>"
 
-    # -- asyncio callbacks -------------------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+    # -- asyncio protocol ---------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         ip = peer[0] if peer else ""
         self.peer_ip = ip.encode()
         self.trusted = self.worker.snapshot.is_trusted_proxy(ip)
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = b"https"
-        self.transport.set_write_buffer_limits(high=65536)
+        transport.set_write_buffer_limits(65536)
         self.worker.connection_opened(self)
-        self.deadline.arm(self.settings.timeouts.client_header, "header")
+        self.deadline.arm(self.header_timeout, "header")
 
     def data_received(self, data: bytes) -> None:
-        if self._tunnel is not None:
-            self._tunnel.write(data)
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.write(data)
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self._on_upgrade(data[exc.args[0]:])
+            self._on_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
-            self._reject(_client_error(exc))
+            self._reject(self._parse_error(exc))
         except TollwayError as exc:
             self._reject(exc)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too (half-open client connections are not kept)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.deadline.cancel()
@@ -139,33 +178,40 @@ class ClientConnection(asyncio.Protocol):
         self.transport = None
 
     def pause_writing(self) -> None:
-        ex = self.active
-        conn = self._tunnel or (ex.upstream if ex is not None else None)
+        """The client reads slower than the backend writes: stop reading from the backend."""
+        conn = self._source()
         if conn is not None and conn.transport is not None:
             conn.transport.pause_reading()
-        self.deadline.arm(self.settings.timeouts.client_send, "send")
+        self.deadline.arm(self.send_timeout, "send")
 
     def resume_writing(self) -> None:
-        ex = self.active
-        conn = self._tunnel or (ex.upstream if ex is not None else None)
+        conn = self._source()
         if conn is not None and conn.transport is not None:
             conn.transport.resume_reading()
-        self.deadline.disarm()
+        ex = self.active
         if ex is not None and not ex.body_done:
-            self.deadline.arm(self.settings.timeouts.client_body, "body")
+            self.deadline.arm(self.body_timeout, "body")
+        else:
+            self.deadline.disarm()
 
-    # -- httptools callbacks -------------------------------------------------------------------------------
+    def _source(self) -> UpstreamConnection | None:
+        if self._tunnel is not None:
+            return self._tunnel
+        ex = self.active
+        return ex.upstream if ex is not None else None
+
+    # -- httptools callbacks ------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.current = Exchange(self, self.worker.snapshot)
         self._head_size = 0
         if self.active is None:
-            self.deadline.arm(self.settings.timeouts.client_header, "header")
+            self.deadline.arm(self.header_timeout, "header")
 
     def on_url(self, url: bytes) -> None:
         ex = self.current
         assert ex is not None
         ex.url = ex.url + url if ex.url else url
-        if len(ex.url) > self.settings.limits.max_request_line:
+        if len(ex.url) > self.max_request_line:
             raise RequestLineTooLong()
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -173,8 +219,7 @@ class ClientConnection(asyncio.Protocol):
         assert ex is not None
         size = self._head_size + len(name) + len(value) + 4
         self._head_size = size
-        limits = self.settings.limits
-        if size > limits.max_header_size or len(ex.headers) >= limits.max_headers:
+        if size > self.max_header_size or len(ex.headers) >= self.max_headers:
             raise HeadersTooLarge()
         kind = _SPECIAL.get(name.lower())
         if kind is None:
@@ -188,21 +233,22 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         ex.method = method = parser.get_method()
         version = parser.get_http_version()
-        major, _, minor = version.partition(".")
-        check_request_version(int(major), int(minor or 0))
-        ex.version = int(minor)
-        ex.keep_alive = parser.should_keep_alive() and self.settings.timeouts.keepalive > 0
+        if version == "1.1":
+            ex.version = 1
+        elif version == "1.0":
+            ex.version = 0
+        else:
+            major, _, minor = version.partition(".")
+            check_request_version(int(major), int(minor or "0"))
+        ex.keep_alive = self.keepalive_timeout > 0 and parser.should_keep_alive()
         if method == b"CONNECT":
             raise ClientError("CONNECT is not supported")
         if not ex.host and ex.version == 1 and ex.url[:1] == b"/":
             raise ClientError("missing Host header")
-        if not parser.should_upgrade():
+        if ex.upgrade and not parser.should_upgrade():
             ex.upgrade = b""
-        if ex.body_kind == REQ_CHUNKED and ex.version == 0:
-            raise ClientError("Transfer-Encoding is not allowed in HTTP/1.0 requests")
-        limit = self.settings.limits.max_body_size
-        if ex.body_kind == REQ_LENGTH and limit and ex.content_length > limit:
-            raise BodyTooLarge(f"request body exceeds {limit} bytes")
+        if ex.body_kind:
+            self._check_body_framing(ex)
         if self.active is not None:
             self.queue.append(ex)
             self._pause(_PAUSE_QUEUE)
@@ -211,17 +257,24 @@ class ClientConnection(asyncio.Protocol):
             return
         self.active = ex
         if ex.body_kind:
-            self.deadline.arm(self.settings.timeouts.client_body, "body")
+            self.deadline.arm(self.body_timeout, "body")
         else:
             self.deadline.disarm()
         self._begin(ex)
+
+    def _check_body_framing(self, ex: Exchange) -> None:
+        if ex.body_kind == REQ_CHUNKED and ex.version == 0:
+            raise ClientError("Transfer-Encoding is not allowed in HTTP/1.0 requests")
+        limit = self.max_body_size
+        if ex.body_kind == REQ_LENGTH and limit and ex.content_length > limit:
+            raise BodyTooLarge(f"request body exceeds {limit} bytes")
 
     def on_body(self, body: bytes) -> None:
         ex = self.current
         if ex is None:
             return
         if ex is self.active:
-            self.deadline.arm(self.settings.timeouts.client_body, "body")
+            self.deadline.arm(self.body_timeout, "body")
         ex.request_body(body)  # a queued request buffers it until its turn
 
     def on_message_complete(self) -> None:
@@ -230,10 +283,10 @@ class ClientConnection(asyncio.Protocol):
         if ex is None:
             return
         ex.request_done()
-        if ex is self.active and not ex.done:
+        if ex is self.active and not ex.done and ex.body_kind:
             self.deadline.disarm()
 
-    # -- used by exchanges -------------------------------------------------------------------------------
+    # -- used by exchanges ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
@@ -269,11 +322,12 @@ class ClientConnection(asyncio.Protocol):
             self.active = nxt
             self._begin(nxt)
             return
-        self._resume(_PAUSE_BODY)
+        if self._paused:
+            self._resume(_PAUSE_BODY)
         if self.current is None:
-            self.deadline.arm(self.settings.timeouts.keepalive, "keepalive")
+            self.deadline.arm(self.keepalive_timeout, "keepalive")
         else:  # the next request's head is arriving: its header timeout starts now
-            self.deadline.arm(self.settings.timeouts.client_header, "header")
+            self.deadline.arm(self.header_timeout, "header")
 
     def drain(self) -> None:
         """Shutting down: idle connections close now, busy ones after their current response."""
@@ -281,22 +335,25 @@ class ClientConnection(asyncio.Protocol):
         if self.active is None and self.current is None and self.transport is not None:
             self.transport.close()
 
-    # -- tunnels (WebSocket and any other Upgrade) -------------------------------------------------------
+    # -- tunnels (WebSocket and any other Upgrade) ----------------------------------------------------------
     def _on_upgrade(self, rest: bytes) -> None:
         """httptools stopped at an Upgrade request; bytes after its head belong to the tunnel."""
         self._tunnel_pending = rest
         self._pause(_PAUSE_TUNNEL)  # nothing more is parsed on this connection
 
     def start_tunnel(self, ex: Exchange, conn: UpstreamConnection, response: bytes) -> None:
+        """The backend agreed to switch protocols: from now on bytes flow both ways untouched."""
         self._tunnel = conn
-        conn.sink = _TunnelSink(self)
+        conn.sink = None
+        conn.tunnel_sink = TunnelSink(self)
+        conn.tunnel = True
         self.write(response)
         ex.bytes_sent += len(response)
         if self._tunnel_pending:
             conn.write(self._tunnel_pending)
             self._tunnel_pending = b""
-        self.worker.request_finished(ex)
         ex.done = True
+        self.worker.request_finished(ex)
         self.active = None
         self._resume(_PAUSE_TUNNEL)
         self.deadline.disarm()
@@ -318,6 +375,17 @@ class ClientConnection(asyncio.Protocol):
             ex.begin()
         except Exception as exc:  # a bug must cost one request a 500, never the worker
             ex.fail(exc)
+
+    def _parse_error(self, exc: httptools.HttpParserError) -> TollwayError:
+        """httptools wraps exceptions raised in our callbacks; a bug there is logged, not blamed on
+        the client."""
+        cause = exc.__context__
+        if isinstance(cause, TollwayError):
+            return cause
+        if isinstance(exc, httptools.HttpParserCallbackError) and cause is not None:
+            self.worker.log_exception("request parsing failed", cause, self.current)
+            return TollwayError()
+        return ClientError(f"malformed request: {exc}")
 
     def _reject(self, error: TollwayError) -> None:
         """Bad input: answer (if no response is under way) and close; nothing is forwarded."""
@@ -349,7 +417,7 @@ class ClientConnection(asyncio.Protocol):
             transport.abort()
 
 
-class _TunnelSink:
+class TunnelSink:
     """After a 101, the upstream connection hands bytes straight to the client."""
 
     __slots__ = ("client",)
@@ -367,8 +435,11 @@ class _TunnelSink:
     def upstream_failed(self, error: Exception, replayable: bool) -> None:
         self.client.abort()
 
-    def upstream_flush(self) -> None:
-        pass
+    def upstream_pause_writing(self) -> None:
+        self.client._pause(_PAUSE_TUNNEL)
+
+    def upstream_resume_writing(self) -> None:
+        self.client._resume(_PAUSE_TUNNEL)
 
 
 def _special_header(ex: Exchange, kind: int, value: bytes) -> None:
@@ -399,11 +470,3 @@ def _special_header(ex: Exchange, kind: int, value: bytes) -> None:
     elif kind == _RID:
         if 0 < len(value) <= 200:
             ex.request_id = value
-
-
-def _client_error(exc: httptools.HttpParserError) -> TollwayError:
-    """httptools raises HttpParserCallbackError wrapping our own errors raised in callbacks."""
-    cause = exc.__context__
-    if isinstance(cause, TollwayError):
-        return cause
-    return ClientError(f"malformed request: {exc}")

@@ -69,6 +69,21 @@ def _route_host(host: bytes) -> str:
     return name
 
 
+class RequestIds:
+    """Request ids unique across workers and restarts: a random per-process prefix and a counter
+    (32 hex digits, like nginx's $request_id), without the cost of a UUID per request."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self, prefix: bytes) -> None:
+        self._prefix = prefix
+        self._counter = 0
+
+    def next(self) -> bytes:
+        self._counter += 1
+        return b"%s%016x" % (self._prefix, self._counter)
+
+
 class Exchange:
     __slots__ = (
         "_body_buf",
@@ -175,7 +190,7 @@ class Exchange:
             if not self._parse_target():
                 return
             if self.request_id == b"":
-                self.request_id = self.client.worker.next_request_id()
+                self.request_id = self.client.ids.next()
             if not self._route():
                 return
         except TollwayError as exc:
@@ -353,7 +368,7 @@ class Exchange:
         if self.done:
             return
         self.body_received += len(data)
-        limit = self.client.settings.limits.max_body_size
+        limit = self.client.max_body_size
         if limit and self.body_received > limit:
             self.fail(BodyTooLarge(f"request body exceeds {limit} bytes"))
             return
@@ -393,8 +408,12 @@ class Exchange:
         self.response_head = head
         self.status = head.status
         route = self.route
-        if route is not None and route.pipeline is not None and route.pipeline.response:
-            route.pipeline.run_response(self)
+        if route is not None and route.pipeline is not None and route.pipeline.has_response:
+            error = route.pipeline.run_response(self)
+            if error is not None:
+                self._release_upstream_on_error()
+                self.fail(error)
+                return
         self._pending_head = self._build_response_head(head, raw)
 
     def _build_response_head(self, head: ResponseHead, raw: bytes) -> bytes:
@@ -487,6 +506,8 @@ class Exchange:
         self.response_started = True
         conn = self.upstream
         assert conn is not None
+        self.upstream = None  # the connection now belongs to the tunnel
+        conn.pool.active -= 1
         self.client.start_tunnel(self, conn, raw + rest)
 
     def upstream_pause_writing(self) -> None:
@@ -533,7 +554,7 @@ class Exchange:
             self.keep_alive = False
         if isinstance(error, UpstreamError):
             self.client.worker.upstream_error(self, error)
-        rid = self.request_id.decode("latin-1") if self.request_id else self.client.worker.next_request_id().decode()
+        rid = self.request_id.decode("latin-1") if self.request_id else self.client.ids.next().decode()
         if not self.request_id:
             self.request_id = rid.encode()
         self.respond(error_response(status, message, rid))
@@ -558,7 +579,7 @@ class Exchange:
     def _finish(self) -> None:
         self.done = True
         route = self.route
-        if route is not None and route.pipeline is not None and route.pipeline.log:
+        if route is not None and route.pipeline is not None and route.pipeline.has_log:
             route.pipeline.run_log(self)
         target = self.target
         if target is not None and self.service is not None:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from tollway.config.schema import GatewayConfig, GatewaySettings, Service
 from tollway.config.types import parse_hostport
+from tollway.proxy.pipeline import Pipeline
 from tollway.router import Router
 from tollway.upstream.cluster import Cluster, Target
 from tollway.upstream.pool import Pool
@@ -54,10 +55,10 @@ class CompiledService:
 class CompiledRoute:
     __slots__ = ("name", "pipeline", "service")
 
-    def __init__(self, name: str, service: CompiledService, pipeline: object | None = None) -> None:
+    def __init__(self, name: str, service: CompiledService, pipeline: Pipeline | None = None) -> None:
         self.name = name
         self.service = service
-        self.pipeline: object | None = pipeline
+        self.pipeline = pipeline
 
     def __repr__(self) -> str:
         return f"<CompiledRoute {self.name} -> {self.service.name}>"

@@ -125,12 +125,16 @@ class Router(Generic[T]):
         # Split the path into segments once per request, and only if some trie will walk them.
         self._split = any(group.needs_segments for group in groups)
         # The groups of a request without host routes, and of every host no host route matches.
-        self._default: tuple[PathIndex, ...] = (self._any_host,) if self._any_host is not None else ()
+        # (Read through a method: mypy would narrow the attribute to None here, and mypyc enforces it.)
+        self._default: tuple[PathIndex, ...] = self._default_groups()
         # Host -> its groups. Few distinct hosts reach a gateway, so this turns up to 2 probes per label
         # into one dict lookup; it is cleared when full, so random Host headers cannot grow it.
         self._host_cache: dict[str, tuple[PathIndex, ...]] | None = (
             {} if self._exact_hosts or self._lead_hosts or self._trail_hosts else None
         )
+
+    def _default_groups(self) -> tuple[PathIndex, ...]:
+        return (self._any_host,) if self._any_host is not None else ()
 
     def __repr__(self) -> str:
         hosts = len(self._exact_hosts) + len(self._lead_hosts) + len(self._trail_hosts)

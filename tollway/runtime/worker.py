@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from tollway.config.schema import GatewayConfig
 from tollway.observability.access_log import AccessLog
 from tollway.protocol.server import ClientConnection
+from tollway.proxy.exchange import RequestIds
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.upstream.pool import Pool, PoolSettings
@@ -53,8 +54,7 @@ class Worker:
         self.pool_settings = PoolSettings()
         self.access_log: AccessLog | None = None
         self.servers: list[asyncio.AbstractServer] = []
-        self._id_prefix = os.urandom(8).hex().encode()
-        self._id_counter = 0
+        self.request_ids = RequestIds(os.urandom(8).hex().encode())
         self._configured = asyncio.Event()
         self._stopped = asyncio.Event()
 
@@ -66,7 +66,9 @@ class Worker:
             return
         for sock in self.listen_socks:
             server = await self.loop.create_server(
-                lambda: ClientConnection(self), sock=sock, backlog=self.snapshot.settings.backlog
+                lambda: ClientConnection(self),  # type: ignore[arg-type,return-value]
+                sock=sock,
+                backlog=self.snapshot.settings.backlog,
             )
             self.servers.append(server)
         self.channel.send(("ready", self.snapshot.version))
@@ -139,8 +141,7 @@ class Worker:
         return pool
 
     def next_request_id(self) -> bytes:
-        self._id_counter += 1
-        return b"%s%016x" % (self._id_prefix, self._id_counter)
+        return self.request_ids.next()
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
@@ -164,10 +165,9 @@ class Worker:
     def bad_request(self, conn: ClientConnection, error: TollwayError) -> None:
         log.info("rejected a request from %s: %s", conn.peer_ip.decode(), error.message)
 
-    def log_exception(self, message: str, error: BaseException, ex: Exchange) -> None:
-        log.error(
-            "%s (request %s)", message, ex.request_id.decode("latin-1") or "-", exc_info=error
-        )
+    def log_exception(self, message: str, error: BaseException, ex: Exchange | None) -> None:
+        request_id = ex.request_id.decode("latin-1") if ex is not None and ex.request_id else "-"
+        log.error("%s (request %s)", message, request_id, exc_info=error)
 
     # -- internals ------------------------------------------------------------------------------------
     def _reopen_access_log(self, config: GatewayConfig) -> None:

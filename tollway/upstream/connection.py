@@ -2,13 +2,15 @@
 
 The response head is parsed here (`tollway.protocol.http1`); the body is passed through as the
 `data_received` buffers arrive, never re-buffered, with its end found by counting Content-Length
-bytes or following chunk boundaries. The exchange that owns the request decides what the client sees.
+bytes or following chunk boundaries. The exchange that owns the request (the "sink") decides what
+the client sees. After a 101 the connection becomes one half of a byte tunnel.
+
+Compiled with mypyc (see setup.py): a plain class implementing the asyncio protocol methods.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING
 
 from tollway.errors import (
     UpstreamError,
@@ -29,21 +31,14 @@ from tollway.protocol.http1 import (
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
+    from tollway.protocol.server import TunnelSink
+    from tollway.proxy.exchange import Exchange
     from tollway.upstream.pool import Pool
 
 
-class ResponseSink(Protocol):
-    """What an upstream connection reports to (the exchange, or a health checker)."""
-
-    def upstream_head(self, head: ResponseHead, raw: bytes) -> None: ...
-    def upstream_body(self, data: bytes) -> None: ...
-    def upstream_complete(self) -> None: ...
-    def upstream_failed(self, error: UpstreamError, replayable: bool) -> None: ...
-    def upstream_upgraded(self, head: ResponseHead, raw: bytes, rest: bytes) -> None: ...
-    def upstream_flush(self) -> None: ...
-
-
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     __slots__ = (
         "_buf",
         "_decoder",
@@ -60,12 +55,15 @@ class UpstreamConnection(asyncio.Protocol):
         "sink",
         "transport",
         "tunnel",
+        "tunnel_sink",
     )
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.sink: ResponseSink | None = None
+        self.sink: Exchange | None = None  # the exchange this connection currently serves
+        self.tunnel_sink: TunnelSink | None = None
+        self.tunnel = False
         self.method = b"GET"
         self.head: ResponseHead | None = None
         self.body_kind = BODY_NONE
@@ -73,75 +71,85 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests = 0
         self.received = 0  # response bytes received for the current request
         self.read_timeout = 60.0
-        self.tunnel = False
         self._buf = b""
         self._remaining = 0
         self._decoder: ChunkedDecoder | None = None
         self.deadline = Deadline(pool.loop, self._timed_out)
 
     def __repr__(self) -> str:
-        state = "closed" if self.transport is None or self.transport.is_closing() else (
-            "active" if self.sink is not None else "idle"
-        )
+        if self.transport is None or self.transport.is_closing():
+            state = "closed"
+        else:
+            state = "tunnel" if self.tunnel else "active" if self.sink is not None else "idle"
         return f"<UpstreamConnection {self.pool.label} {state} requests={self.requests}>"
 
-    # -- asyncio callbacks ---------------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        self.transport.set_write_buffer_limits(high=65536)
+    # -- asyncio protocol ---------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(65536)
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            if self.tunnel_sink is not None:
+                self.tunnel_sink.upstream_body(data)
+            return
         sink = self.sink
         if sink is None:
             # A backend talking out of turn on an idle connection: it cannot be trusted any more.
             self.close()
             return
         self.received += len(data)
-        self.deadline.arm(self.read_timeout, "read")
         try:
-            if self.tunnel:
-                sink.upstream_body(data)
-            elif self.head is None:
+            if self.head is None:
                 self._on_head_data(sink, data)
             else:
                 self._on_body_data(sink, data)
         except UpstreamError as exc:
-            self._fail(exc, replayable=False)
+            self._fail(exc, False)
+            return
+        if self.sink is not None:  # more to come: the read timeout restarts
+            self.deadline.arm(self.read_timeout, "read")
+
+    def eof_received(self) -> bool | None:
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.deadline.cancel()
         self.pool.forget(self)
+        if self.tunnel:
+            tunnel_sink, self.tunnel_sink = self.tunnel_sink, None
+            if tunnel_sink is not None:
+                tunnel_sink.upstream_complete()
+            return
         sink, self.sink = self.sink, None
         if sink is None:
             return
-        if self.tunnel or (self.head is not None and self.body_kind == BODY_UNTIL_CLOSE):
+        if self.head is not None and self.body_kind == BODY_UNTIL_CLOSE:
             sink.upstream_complete()
+            return
+        # Nothing received on a reused connection: the backend closed it as we sent the request.
+        replayable = self.received == 0 and self.requests > 1
+        if self.head is None:
+            error = UpstreamResetError("upstream closed the connection before responding")
         else:
-            # Nothing received on a reused connection: the backend closed it as we sent the request.
-            replayable = self.received == 0 and self.requests > 1
-            error = UpstreamResetError(
-                "upstream closed the connection before responding"
-                if self.head is None
-                else "upstream closed the connection mid-response"
-            )
-            sink.upstream_failed(error, replayable)
+            error = UpstreamResetError("upstream closed the connection mid-response")
+        sink.upstream_failed(error, replayable)
 
     def pause_writing(self) -> None:
-        sink = self.sink
-        if sink is not None:
-            sink_pause = getattr(sink, "upstream_pause_writing", None)
-            if sink_pause is not None:
-                sink_pause()
+        """The backend reads slower than the client sends: stop reading from the client."""
+        if self.tunnel_sink is not None:
+            self.tunnel_sink.upstream_pause_writing()
+        elif self.sink is not None:
+            self.sink.upstream_pause_writing()
 
     def resume_writing(self) -> None:
-        sink = self.sink
-        if sink is not None:
-            sink_resume = getattr(sink, "upstream_resume_writing", None)
-            if sink_resume is not None:
-                sink_resume()
+        if self.tunnel_sink is not None:
+            self.tunnel_sink.upstream_resume_writing()
+        elif self.sink is not None:
+            self.sink.upstream_resume_writing()
 
-    # -- request side --------------------------------------------------------------------------------
-    def start(self, sink: ResponseSink, method: bytes, read_timeout: float) -> None:
+    # -- request side -------------------------------------------------------------------------------------
+    def start(self, sink: Exchange, method: bytes, read_timeout: float) -> None:
         """Bind this connection to a request about to be written."""
         self.sink = sink
         self.method = method
@@ -153,8 +161,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline.arm(read_timeout, "read")
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
 
     def close(self) -> None:
         self.keep_alive = False
@@ -164,11 +173,12 @@ class UpstreamConnection(asyncio.Protocol):
     def abort(self) -> None:
         self.keep_alive = False
         self.sink = None
+        self.tunnel_sink = None
         if self.transport is not None:
             self.transport.abort()
 
-    # -- response side -------------------------------------------------------------------------------
-    def _on_head_data(self, sink: ResponseSink, data: bytes) -> None:
+    # -- response side -------------------------------------------------------------------------------------
+    def _on_head_data(self, sink: Exchange, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
         while True:
             end = find_head_end(buf, len(self._buf))
@@ -178,28 +188,28 @@ class UpstreamConnection(asyncio.Protocol):
                 self._buf = buf
                 return
             self._buf = b""
-            raw = buf[:end]
+            raw = buf[:end] if end < len(buf) else buf
             head = parse_response_head(raw, self.method)
             rest = buf[end:]
             if head.status == 101:
-                self.tunnel = True
                 self.keep_alive = False
-                sink.upstream_upgraded(head, raw, rest)
+                self.deadline.disarm()
+                sink.upstream_upgraded(head, raw, rest)  # the client side calls `start_tunnel`
                 return
             if head.status >= 200:
                 break
-            sink.upstream_head(head, raw)  # 1xx interim response: passed on, then the real one
+            sink.upstream_head(head, raw)  # a 1xx interim response, then the real one
             buf = rest
             if not buf:
                 return
         self.head = head
         self.keep_alive = head.keep_alive
-        self.body_kind = kind = head.body_kind
+        kind = self.body_kind = head.body_kind
         sink.upstream_head(head, raw)
         if kind == BODY_LENGTH:
             self._remaining = head.content_length
         elif kind == BODY_CHUNKED:
-            self._decoder = ChunkedDecoder()
+            self._decoder = ChunkedDecoder(False)
         elif kind == BODY_NONE:
             if rest:
                 self.keep_alive = False  # bytes after a body-less response: not reusable
@@ -210,7 +220,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif self.sink is not None:
             sink.upstream_flush()
 
-    def _on_body_data(self, sink: ResponseSink, data: bytes) -> None:
+    def _on_body_data(self, sink: Exchange, data: bytes) -> None:
         kind = self.body_kind
         if kind == BODY_LENGTH:
             remaining = self._remaining - len(data)
@@ -237,7 +247,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             sink.upstream_body(data)
 
-    def _complete(self, sink: ResponseSink) -> None:
+    def _complete(self, sink: Exchange) -> None:
         self.deadline.disarm()
         self.sink = None
         self._decoder = None
@@ -246,7 +256,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _timed_out(self, reason: str) -> None:
         if self.sink is None:
             return
-        self._fail(UpstreamTimeout(f"upstream {reason} timed out"), replayable=False)
+        self._fail(UpstreamTimeout(f"upstream {reason} timed out"), False)
 
     def _fail(self, error: UpstreamError, replayable: bool) -> None:
         sink, self.sink = self.sink, None

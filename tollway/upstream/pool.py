@@ -79,7 +79,7 @@ class Pool:
         """A new connection (counted active), or UpstreamConnectError / UpstreamTimeout."""
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await self.loop.create_connection(
+                _, conn = await self.loop.create_connection(  # type: ignore[type-var]
                     lambda: UpstreamConnection(self),
                     self.host,
                     self.port,
