@@ -64,6 +64,7 @@ def run(
     from tollway.errors import ConfigError
 
     _setup_logging(log_level)
+    _warn_if_stale()
     for address in listen or []:
         try:
             check_listen(address)
@@ -148,6 +149,18 @@ def _print_event(kind: str, data: dict[str, Any]) -> None:
         out.print(f"draining (up to {data['timeout']:g}s for in-flight requests)")
     elif kind == "error":
         err.print(f"[red]{data['message']}[/red]")
+
+
+def _warn_if_stale() -> None:
+    from tollway._build import stale_modules
+
+    stale = stale_modules()
+    if stale:
+        err.print(
+            "[yellow]warning: compiled modules are older than their source, so the old code runs: "
+            + ", ".join(stale)
+            + ". Rebuild with: pip install -e .[/yellow]"
+        )
 
 
 def _setup_logging(level: str) -> None:
