@@ -6,9 +6,14 @@ compiling (for example on a machine without a C compiler). After editing a compi
 editable install, rebuild with `pip install -e .` (tollway warns at start-up when a build is stale).
 """
 
+import hashlib
+import json
 import os
+import tempfile
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
 # Modules on the per-request path. They are compiled together so calls between them are native.
 HOT_MODULES = [
@@ -29,12 +34,44 @@ HOT_MODULES = [
 ]
 
 
+MANIFEST = Path("tollway/_compiled.json")  # source hashes, so tollway can tell a stale build
+
+
 def ext_modules() -> list:
     if os.environ.get("TOLLWAY_PURE_PYTHON"):
+        _remove_compiled()
         return []
     from mypyc.build import mypycify
 
+    # A fresh type-check cache: one left by a developer's own mypy run (with every runtime dependency
+    # installed) would type the build differently from a clean build environment.
+    os.environ["MYPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="tollway-mypyc-")
+    MANIFEST.unlink(missing_ok=True)  # written again only once the build succeeds
     return mypycify(HOT_MODULES, opt_level="3", debug_level="0")
 
 
-setup(ext_modules=ext_modules())
+class BuildAndRecord(build_ext):
+    """Builds the extensions, then records the hash of each compiled source."""
+
+    def run(self) -> None:
+        super().run()
+        if not self.extensions:
+            return
+        hashes = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in HOT_MODULES}
+        text = json.dumps(hashes, indent=1, sort_keys=True) + "\n"
+        MANIFEST.write_text(text)
+        if not self.inplace:  # a wheel: the manifest travels with the compiled modules
+            (Path(self.build_lib) / MANIFEST).write_text(text)
+
+
+def _remove_compiled() -> None:
+    """A pure-Python install must not leave old compiled modules shadowing the sources."""
+    MANIFEST.unlink(missing_ok=True)
+    for path in HOT_MODULES:
+        for ext in Path(path).parent.glob(Path(path).stem + ".cpython-*.so"):
+            ext.unlink()
+    for ext in Path(".").glob("*__mypyc.cpython-*.so"):
+        ext.unlink()
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildAndRecord})

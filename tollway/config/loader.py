@@ -180,7 +180,9 @@ def _clean_loc(data: Any, loc: Iterable[str | int]) -> Loc:
     out: list[str | int] = []
     node = data
     for key in loc:
-        if (isinstance(node, dict) and key in node) or (isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node)):
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):  # noqa: SIM114 - typed apart
             node = node[key]
         elif isinstance(node, dict) and isinstance(key, str) and not _looks_like_type_tag(key):
             out.append(key)  # a missing required field

@@ -30,12 +30,15 @@ class Response:
         headers: list[tuple[bytes, bytes]] | dict[str, str] | None = None,
     ) -> None:
         self.status = status
+        data: bytes
         if isinstance(body, dict | list):
-            body = orjson.dumps(body)
+            data = orjson.dumps(body)
             headers = _with_content_type(headers, b"application/json")
         elif isinstance(body, str):
-            body = body.encode()
-        self.body: bytes = body
+            data = body.encode()
+        else:
+            data = body
+        self.body = data
         if isinstance(headers, dict):
             headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self.headers: list[tuple[bytes, bytes]] = headers or []
