@@ -53,7 +53,8 @@ class Gateway:
     def start(self, timeout: float = 30.0) -> Gateway:
         env = dict(os.environ, **(self.env or {}))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        cmd = [sys.executable, "-m", "tollway", "run", "-c", str(self.config_path), "--workers", str(self.workers)]
+        cmd = [sys.executable, "-m", "tollway", "run", "-c", str(self.config_path)]
+        cmd += ["--workers", str(self.workers)]
         self.process = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
         )
