@@ -277,7 +277,10 @@ async def read_chunked(reader: asyncio.StreamReader) -> bytes:
 def response(status: int = 200, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> bytes:
     lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Status'}"]
     hdrs = list(headers or [])
-    if not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in hdrs) and status not in (204, 304):
+    if not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in hdrs) and status not in (
+        204,
+        304,
+    ):
         hdrs.append(("Content-Length", str(len(body))))
     lines += [f"{k}: {v}" for k, v in hdrs]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
@@ -401,8 +404,13 @@ class RawClient:
         self.sock.close()
 
 
-def request(port: int, method: str = "GET", path: str = "/", headers: dict[str, str] | None = None,
-            body: bytes | None = None) -> RawResponse:
+def request(
+    port: int,
+    method: str = "GET",
+    path: str = "/",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> RawResponse:
     """One request on a fresh connection."""
     client = RawClient(port)
     try:

@@ -45,14 +45,22 @@ def main_options(
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.", show_default=False)],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="YAML configuration file.", show_default=False)
+    ],
     workers: Annotated[
-        int | None, typer.Option("--workers", "-w", min=1, help="Worker processes (default: gateway.workers, or one per core).")
+        int | None,
+        typer.Option(
+            "--workers", "-w", min=1, help="Worker processes (default: gateway.workers, or one per core)."
+        ),
     ] = None,
     listen: Annotated[
-        list[str] | None, typer.Option("--listen", "-l", help="HOST:PORT to listen on (repeatable); replaces gateway.listen.")
+        list[str] | None,
+        typer.Option("--listen", "-l", help="HOST:PORT to listen on (repeatable); replaces gateway.listen."),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="Diagnostic log level: DEBUG, INFO, WARNING, ERROR.")] = "INFO",
+    log_level: Annotated[
+        str, typer.Option(help="Diagnostic log level: DEBUG, INFO, WARNING, ERROR.")
+    ] = "INFO",
 ) -> None:
     """Run the gateway with CONFIG until SIGTERM or Ctrl-C (both drain in-flight requests first).
 
@@ -112,7 +120,9 @@ def check(
 @app.command()
 def demo(
     port: Annotated[int, typer.Option(help="Gateway port (0 = any free port).")] = 8000,
-    requests: Annotated[int, typer.Option(help="Requests the demo sends itself before waiting for yours.")] = 20,
+    requests: Annotated[
+        int, typer.Option(help="Requests the demo sends itself before waiting for yours.")
+    ] = 20,
     exit_after: Annotated[
         bool, typer.Option("--exit/--stay", help="Exit after the scripted requests instead of serving on.")
     ] = False,

@@ -1,6 +1,4 @@
-"""Configuration: the entity schema, and loading it from files."""
+"""Configuration: the entity schema (`schema`), loading it from files (`loader`).
 
-from tollway.config.loader import load_file, load_text, validate
-from tollway.config.schema import GatewayConfig
-
-__all__ = ["GatewayConfig", "load_file", "load_text", "validate"]
+Nothing is imported eagerly: worker processes need the schema classes but not the YAML loader.
+"""

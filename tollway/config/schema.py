@@ -29,7 +29,7 @@ _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
 class Model(BaseModel):
     """Strict, immutable base: unknown keys are errors (a typo must never be silently ignored)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 # -- node settings ---------------------------------------------------------------------------------------
@@ -83,9 +83,9 @@ class GatewaySettings(Model):
     )
     watch_interval: Duration = Field(1.0, ge=0, description="config file change polling; 0 = SIGHUP only")
     server_header: str | None = Field(None, description="Server header on gateway answers; null = none")
-    limits: Limits = Limits()
-    timeouts: Timeouts = Timeouts()
-    access_log: AccessLog = AccessLog()
+    limits: Limits = Field(default_factory=Limits)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    access_log: AccessLog = Field(default_factory=AccessLog)
 
 
 # -- plugins ---------------------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ class Consumer(Model):
 class GatewayConfig(Model):
     """A whole configuration: node settings plus every entity."""
 
-    gateway: GatewaySettings = GatewaySettings()
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     services: list[Service] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
     upstreams: list[Upstream] = Field(default_factory=list)

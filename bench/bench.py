@@ -1,0 +1,268 @@
+"""Runs Tollway's benchmark scenarios through ../shared/bench/run.sh and records the figures.
+
+Scenarios (each a gateway config; the harness's backend is nginx on 127.0.0.1:9001):
+  passthrough  one route, one backend                   beside nginx, haproxy, caddy, aiohttp
+  routes       10 vs 10,000 prefix routes (/svcN/)       the router's cost must not grow with routes
+  idle-rss     resident memory of an idle worker
+
+    python bench/bench.py [--seconds 8] [--connections 64] [--rounds 3] [--scenario passthrough ...]
+                          [--record bench/RESULTS.md]
+
+Each figure is the median over rounds; ratios compare figures from the same round. Wall-clock figures
+move with machine load: record ratios, not absolutes. Needs ../shared/bench/setup.sh run once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+HARNESS = Path(os.environ.get("TOLLWAY_BENCH_HARNESS", ROOT.parent / "shared" / "bench" / "run.sh"))
+TOLLWAY = [sys.executable, "-m", "tollway"]
+_LINE = re.compile(r"^(\S+)\s+status=(\d+)\s+rps=(\S+)\s+cpu_us/req=(\S+)\s+p50=(\S+)\s+p99=(\S+)\s*(.*)$")
+
+
+def run_harness(
+    targets: list[str],
+    seconds: int,
+    conns: int,
+    config: Path | None = None,
+    path: str = "/user/1",
+    header: str = "",
+) -> dict[str, dict[str, str]]:
+    env = dict(os.environ, BENCH_PATH=path, BENCH_HEADER=header)
+    if config is not None:
+        env["GW_CMD"] = " ".join([*TOLLWAY, "run", "-c", str(config), "--workers", "1"])
+        env["GW_PORT"] = "8000"
+    out = subprocess.run(
+        ["bash", str(HARNESS), str(seconds), str(conns), *targets],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds * len(targets) * 4 + 120,
+        check=False,
+    ).stdout
+    results = {}
+    for line in out.splitlines():
+        m = _LINE.match(line.strip())
+        if m:
+            results[m.group(1)] = {
+                "status": m.group(2),
+                "rps": m.group(3),
+                "cpu_us": m.group(4),
+                "p50": m.group(5),
+                "p99": m.group(6),
+                "errors": m.group(7).strip(),
+            }
+    return results
+
+
+def routes_config(count: int, directory: Path) -> Path:
+    """`count` prefix routes /svc0/ … to the backend, plus a catch-all, one worker, no access log."""
+    config = {
+        "gateway": {
+            "listen": ["127.0.0.1:8000"],
+            "status_listen": None,
+            "workers": 1,
+            "access_log": {"enabled": False},
+        },
+        "services": [{"name": "backend", "url": "http://127.0.0.1:9001"}],
+        "routes": [{"name": f"svc{i}", "service": "backend", "paths": [f"/svc{i}/"]} for i in range(count)]
+        + [{"name": "catch-all", "service": "backend", "paths": ["/"]}],
+    }
+    path = directory / f"routes{count}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _ms(text: str) -> float:
+    value = float(re.sub(r"[a-z]+$", "", text))
+    return (
+        value / 1000
+        if text.endswith("us")
+        else value * 1000
+        if text.endswith("s") and not text.endswith("ms")
+        else value
+    )
+
+
+def passthrough(args: argparse.Namespace) -> list[str]:
+    rounds = [
+        run_harness(
+            ["nginx", "haproxy", "caddy", "aiohttp", "gateway"],
+            args.seconds,
+            args.connections,
+            HERE / "passthrough.yaml",
+        )
+        for _ in range(args.rounds)
+    ]
+    lines = [
+        "### Pass-through (one route, one backend; one worker each)",
+        "",
+        "| target | req/s | CPU µs/req | p50 | p99 | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for target in ("nginx", "haproxy", "caddy", "aiohttp", "gateway"):
+        cpu = _median(rounds, target, "cpu_us")
+        rps = _median(rounds, target, "rps")
+        p50 = _median(rounds, target, "p50", _ms)
+        p99 = _median(rounds, target, "p99", _ms)
+        errors = (
+            "; ".join(r[target]["errors"] for r in rounds if target in r and r[target]["errors"]) or "none"
+        )
+        name = "tollway" if target == "gateway" else target
+        lines.append(f"| {name} | {rps:,.0f} | {cpu:.1f} | {p50:.2f} ms | {p99:.2f} ms | {errors} |")
+    ratios = [
+        (
+            float(r["gateway"]["cpu_us"]) / float(r["nginx"]["cpu_us"]),
+            float(r["gateway"]["cpu_us"]) / float(r["aiohttp"]["cpu_us"]),
+            _ms(r["gateway"]["p99"]) / _ms(r["nginx"]["p99"]),
+        )
+        for r in rounds
+        if "gateway" in r and "nginx" in r and "aiohttp" in r
+    ]
+    if ratios:
+        lines += [
+            "",
+            "Per-round ratios (tollway ÷ reference, same round): CPU vs nginx "
+            + ", ".join(f"{a:.2f}" for a, _, _ in ratios)
+            + "; CPU vs aiohttp "
+            + ", ".join(f"{b:.2f}" for _, b, _ in ratios)
+            + "; p99 vs nginx "
+            + ", ".join(f"{c:.2f}" for _, _, c in ratios)
+            + ".",
+            f"Bar: CPU ≤ 1.5× nginx (median {statistics.median(a for a, _, _ in ratios):.2f}), "
+            f"≤ 0.25× aiohttp (median {statistics.median(b for _, b, _ in ratios):.2f}), "
+            f"p99 ≤ 2× nginx (median {statistics.median(c for _, _, c in ratios):.2f}).",
+        ]
+    return lines
+
+
+def routes(args: argparse.Namespace) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        small, large = routes_config(10, Path(tmp)), routes_config(10_000, Path(tmp))
+        pairs = []
+        for _ in range(args.rounds):  # alternate, so drift hits both alike
+            a = run_harness(["gateway"], args.seconds, args.connections, small, path="/svc5/user/1")
+            b = run_harness(["gateway"], args.seconds, args.connections, large, path="/svc5000/user/1")
+            if "gateway" in a and "gateway" in b:
+                pairs.append((float(a["gateway"]["cpu_us"]), float(b["gateway"]["cpu_us"])))
+    lines = [
+        "### Routes: 10 vs 10,000 prefix routes (request hits /svc5/ or /svc5000/)",
+        "",
+        "| round | 10 routes CPU µs/req | 10,000 routes CPU µs/req | ratio |",
+        "|---|---|---|---|",
+    ]
+    for i, (a, b) in enumerate(pairs, 1):
+        lines.append(f"| {i} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
+    if pairs:
+        lines += [
+            "",
+            f"Bar: 10,000 routes ≤ 1.1× the CPU of 10 routes (median ratio "
+            f"{statistics.median(b / a for a, b in pairs):.2f}).",
+        ]
+    return lines
+
+
+def idle_rss(args: argparse.Namespace) -> list[str]:
+    proc = subprocess.Popen(
+        [*TOLLWAY, "run", "-c", str(HERE / "passthrough.yaml"), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(4)
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        rss = [_rss_mb(int(pid)) for pid in children]
+        supervisor = _rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    worker = max(rss) if rss else float("nan")
+    return [
+        "### Memory",
+        "",
+        f"Idle worker RSS: {worker:.1f} MB (bar: under 40 MB); supervisor: {supervisor:.1f} MB.",
+    ]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _median(rounds: list[dict[str, dict[str, str]]], target: str, key: str, conv=float) -> float:  # type: ignore[no-untyped-def]
+    values = [conv(r[target][key]) for r in rounds if target in r and r[target][key] not in ("-", "")]
+    return statistics.median(values) if values else float("nan")
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
+        f"tollway compiled modules: {_compiled()}"
+    )
+
+
+def _compiled() -> str:
+    from tollway._build import compiled_modules
+
+    return str(len(compiled_modules()))
+
+
+SCENARIOS = {"passthrough": passthrough, "routes": routes, "idle-rss": idle_rss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Tollway benchmark scenarios")
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--record", type=Path, help="append the results to this markdown file")
+    args = parser.parse_args()
+    if not HARNESS.exists():
+        sys.exit(f"benchmark harness not found at {HARNESS} (set TOLLWAY_BENCH_HARNESS)")
+    when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines = [
+        f"## {when} — `python bench/bench.py --seconds {args.seconds} --connections {args.connections} "
+        f"--rounds {args.rounds}`",
+        "",
+        f"Machine: {machine()}.",
+        "",
+    ]
+    for name in args.scenario or list(SCENARIOS):
+        lines += [*SCENARIOS[name](args), ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.record:
+        with args.record.open("a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

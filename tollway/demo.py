@@ -1,0 +1,246 @@
+"""`tollway demo`: the gateway in front of two instances of the example user service, working.
+
+It starts two user-service processes (examples/user_service.py) on one SQLite file, writes a config
+with an upstream over both, starts `tollway run` with it, sends a few requests itself and shows which
+instance answered each — then leaves everything running for you to curl until Ctrl-C.
+Everything runs on 127.0.0.1 and needs no external service.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+_LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+_STATUS = re.compile(r"status http://([\d.]+):(\d+)")
+INSTANCES = ("users-a", "users-b")
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[str]
+    port: int
+
+
+def run_demo(port: int, scripted_requests: int, exit_after: bool, console: Console) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="tollway-demo-"))
+    processes: list[Process] = []
+    try:
+        services = [_start_service(name, workdir) for name in INSTANCES]
+        processes += services
+        gateway_port = port if port == 0 or _port_free(port) else 0
+        if gateway_port != port:
+            console.print(f"[yellow]port {port} is busy; using a free port instead[/yellow]")
+        config_path = workdir / "demo.yaml"
+        config_path.write_text(yaml.safe_dump(demo_config(services, gateway_port), sort_keys=False))
+        gateway, status_port = _start_gateway(config_path, workdir)
+        processes.append(gateway)
+        _print_setup(console, services, gateway, status_port, config_path, workdir)
+        _scripted_traffic(console, gateway.port, scripted_requests)
+        _print_try_it(console, gateway.port, status_port)
+        if not exit_after:
+            _wait_for_interrupt(console, processes)
+        return 0
+    except DemoError as exc:
+        console.print(f"[red]demo failed: {exc}[/red]")
+        return 1
+    finally:
+        _stop_all(processes)
+
+
+def demo_config(services: list[Process], gateway_port: int) -> dict[str, Any]:
+    """The demo's gateway config: one upstream over both instances, one route to it."""
+    return {
+        "gateway": {
+            "listen": [f"127.0.0.1:{gateway_port}"],
+            "status_listen": "127.0.0.1:0",
+            "workers": 2,
+            "access_log": {"enabled": False},
+        },
+        "upstreams": [
+            {
+                "name": "users",
+                "targets": [{"target": f"127.0.0.1:{s.port}"} for s in services],
+            }
+        ],
+        "services": [{"name": "users", "upstream": "users", "read_timeout": "10s"}],
+        "routes": [{"name": "users", "service": "users", "paths": ["/users"]}],
+    }
+
+
+class DemoError(Exception):
+    pass
+
+
+# -- processes -----------------------------------------------------------------------------------------
+def _start_service(name: str, workdir: Path) -> Process:
+    cmd = [
+        sys.executable,
+        "-m",
+        "tollway.examples.user_service",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--db",
+        str(workdir / "users.db"),
+        "--name",
+        name,
+    ]
+    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = _read_line(popen, _LISTENING, 15.0)
+    if line is None:
+        raise DemoError(f"user service {name} did not start")
+    return Process(name, popen, int(line.group(2)))
+
+
+def _start_gateway(config_path: Path, workdir: Path) -> tuple[Process, int]:
+    log = open(workdir / "gateway.log", "w")  # noqa: SIM115 - handed to the child process
+    cmd = [sys.executable, "-m", "tollway", "run", "-c", str(config_path)]
+    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    line = _read_line(popen, _LISTENING, 30.0)
+    if line is None:
+        raise DemoError(f"the gateway did not start; see {workdir / 'gateway.log'}")
+    status = _STATUS.search(line.string)
+    return Process("gateway", popen, int(line.group(2))), int(status.group(2)) if status else 0
+
+
+def _read_line(
+    popen: subprocess.Popen[str], pattern: re.Pattern[str], timeout: float
+) -> re.Match[str] | None:
+    """The first stdout line matching `pattern`, read in a thread so a silent child cannot hang us."""
+    found: list[re.Match[str]] = []
+
+    def read() -> None:
+        assert popen.stdout is not None
+        for text in popen.stdout:
+            match = pattern.search(text)
+            if match:
+                found.append(match)
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return found[0] if found else None
+
+
+def _stop_all(processes: list[Process]) -> None:
+    for proc in reversed(processes):
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGTERM)
+    for proc in reversed(processes):
+        try:
+            proc.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+
+
+def _wait_for_interrupt(console: Console, processes: list[Process]) -> None:
+    console.print("[dim]Press Ctrl-C to stop.[/dim]")
+    try:
+        while all(p.popen.poll() is None for p in processes):
+            time.sleep(0.5)
+        console.print("[red]a demo process exited[/red]")
+    except KeyboardInterrupt:
+        console.print("\nstopping…")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+# -- traffic ---------------------------------------------------------------------------------------------
+def _scripted_traffic(console: Console, port: int, count: int) -> None:
+    plan = _request_plan(count)
+    table = Table(title="Requests through the gateway", show_edge=False, pad_edge=False)
+    for column in ("#", "request", "status", "served by", "ms"):
+        table.add_column(column, justify="right" if column in ("#", "ms") else "left")
+    served: Counter[str] = Counter()
+    for number, (method, path, body) in enumerate(plan, 1):
+        status, instance, elapsed = _send(port, method, path, body)
+        served[instance] += 1
+        table.add_row(str(number), f"{method} {path}", str(status), instance, f"{elapsed * 1000:.1f}")
+    console.print(table)
+    spread = " · ".join(f"{name} {served[name]}" for name in INSTANCES)
+    console.print(f"Round-robin spread over both instances: [bold]{spread}[/bold]\n")
+
+
+def _request_plan(count: int) -> list[tuple[str, str, bytes | None]]:
+    """Reads of the seeded users, one write, then reads that include the new user."""
+    plan: list[tuple[str, str, bytes | None]] = []
+    carol = json.dumps({"name": "carol", "email": "carol@example.com"}).encode()
+    for i in range(count):
+        if i == 2:
+            plan.append(("PUT", "/users/3", carol))
+        else:
+            plan.append(("GET", f"/users/{(i % 3) + 1 if i > 2 else (i % 2) + 1}", None))
+    return plan
+
+
+def _send(port: int, method: str, path: str, body: bytes | None) -> tuple[int, str, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Content-Type": "application/json"} if body else {}
+    start = time.perf_counter()
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.getheader("X-Instance", "gateway"), time.perf_counter() - start
+    except OSError as exc:
+        raise DemoError(f"{method} {path} failed: {exc}") from exc
+    finally:
+        conn.close()
+
+
+# -- output ----------------------------------------------------------------------------------------------
+def _print_setup(
+    console: Console, services: list[Process], gateway: Process, status_port: int, config: Path, workdir: Path
+) -> None:
+    console.print("[bold]Tollway demo[/bold]")
+    for service in services:
+        console.print(f"  user service [cyan]{service.name}[/cyan] on http://127.0.0.1:{service.port}")
+    console.print(f"  both on one SQLite database: {workdir / 'users.db'}")
+    console.print(
+        f"  gateway on [bold]http://127.0.0.1:{gateway.port}[/bold] (2 workers) → upstream "
+        f'"users", round-robin over both instances'
+    )
+    console.print(f"  config: {config}   status: http://127.0.0.1:{status_port}/status\n")
+
+
+def _print_try_it(console: Console, port: int, status_port: int) -> None:
+    base = f"http://127.0.0.1:{port}"
+    console.print("[bold]Try it yourself[/bold] (the X-Instance header says which instance answered):")
+    console.print(f"  curl -i {base}/users/1", markup=False)
+    console.print(
+        f"  curl -X PUT {base}/users/4 -H 'Content-Type: application/json' "
+        '-d \'{"name": "dave", "email": "dave@example.com"}\'',
+        markup=False,
+    )
+    console.print(
+        f"  curl -i {base}/nothing-here        # 404 from the gateway, JSON with a request id", markup=False
+    )
+    console.print(f"  curl http://127.0.0.1:{status_port}/status", markup=False)
