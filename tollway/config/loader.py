@@ -180,9 +180,10 @@ def _clean_loc(data: Any, loc: Iterable[str | int]) -> Loc:
     out: list[str | int] = []
     node = data
     for key in loc:
-        if isinstance(node, dict) and key in node:
+        # (Two branches, not one `or`: mypy types the index separately in each.)
+        if isinstance(node, dict) and key in node:  # noqa: SIM114
             node = node[key]
-        elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):  # noqa: SIM114 - typed apart
+        elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
             node = node[key]
         elif isinstance(node, dict) and isinstance(key, str) and not _looks_like_type_tag(key):
             out.append(key)  # a missing required field
