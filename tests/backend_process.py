@@ -45,7 +45,8 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, nam
                 payload = {"instance": name, "path": target, "method": method, "body_length": len(body)}
             data = json.dumps(payload).encode()
             writer.write(
-                b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nX-Instance: %s\r\nContent-Length: %d\r\n\r\n"
+                b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                b"X-Instance: %s\r\nContent-Length: %d\r\n\r\n"
                 % (code, name.encode(), len(data))
                 + data
             )

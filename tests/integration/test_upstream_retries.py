@@ -21,7 +21,11 @@ pytestmark = pytest.mark.integration
 def upstream_config(targets: list[str], routes: list[dict[str, Any]] | None = None, **upstream: Any) -> dict:
     upstream.setdefault("healthchecks", {"passive": {"enabled": False}})
     return {
-        "gateway": {"listen": ["127.0.0.1:0"], "status_listen": "127.0.0.1:0", "access_log": {"enabled": False}},
+        "gateway": {
+            "listen": ["127.0.0.1:0"],
+            "status_listen": "127.0.0.1:0",
+            "access_log": {"enabled": False},
+        },
         "upstreams": [{"name": "u", "targets": [{"target": t} for t in targets], **upstream}],
         "services": [{"name": "s", "upstream": "u", "connect_timeout": "1s", "read_timeout": "5s"}],
         "routes": routes or [{"name": "r", "service": "s", "paths": ["/"]}],
@@ -111,22 +115,33 @@ def test_statuses_are_not_retried_unless_configured(gateway, backend):
 
 
 def test_the_retry_budget_stops_retries(gateway, backend):
-    good = backend()
+    bad, good = backend(broken), backend()
     budget = {"ratio": 0, "min_per_second": 0.1, "window": 10}  # one retry per 10 s
-    gw = gateway(upstream_config([closed_port(), f"127.0.0.1:{good.port}"], retries={"budget": budget}))
+    targets = [f"127.0.0.1:{bad.port}", f"127.0.0.1:{good.port}"]
+    gw = gateway(upstream_config(targets, retries={"budget": budget}))
     statuses = [request(gw.port, "GET", "/x").status for _ in range(4)]
     assert statuses == [200, 200, 502, 200]  # the second failure finds the budget spent
     retries = upstream_status(gw.status_port, "u")["retries"]
     assert retries["retried"] == 1 and retries["refused_by_budget"] == 1
 
 
+def test_retrying_a_refused_connection_costs_no_budget(gateway, backend):
+    """Nothing reached a backend, so nothing is multiplied: the budget is for requests that did."""
+    good = backend()
+    budget = {"ratio": 0, "min_per_second": 0, "window": 10}  # no retry allowed at all
+    gw = gateway(upstream_config([closed_port(), f"127.0.0.1:{good.port}"], retries={"budget": budget}))
+    assert [request(gw.port, "GET", "/x").status for _ in range(4)] == [200] * 4
+    assert upstream_status(gw.status_port, "u")["retries"]["retried"] == 2
+
+
 def test_attempts_bound_the_retries(gateway, backend):
     good = backend()
     dead = [closed_port() for _ in range(3)]
-    gw = gateway(upstream_config([*dead, f"127.0.0.1:{good.port}"], algorithm="random", retries={"attempts": 1}))
+    targets = [*dead, f"127.0.0.1:{good.port}"]
+    gw = gateway(upstream_config(targets, algorithm="random", retries={"attempts": 1}))
     statuses = [request(gw.port, "GET", "/x").status for _ in range(30)]
     assert set(statuses) == {200, 502}  # one retry is not always enough to find the one live target
-    gw2 = gateway(upstream_config([*dead, f"127.0.0.1:{good.port}"], algorithm="random"))
+    gw2 = gateway(upstream_config(targets, algorithm="random"))
     assert [request(gw2.port, "GET", "/x").status for _ in range(20)] == [200] * 20  # three are
 
 
@@ -198,7 +213,8 @@ def blackhole() -> Iterator[str]:
 
 
 def test_max_pending_requests_answers_503_at_once_with_the_reason(gateway, blackhole):
-    gw = gateway(upstream_config([blackhole], circuit_breaker={"max_pending_requests": 1}, retries={"attempts": 0}))
+    limits = {"max_pending_requests": 1}
+    gw = gateway(upstream_config([blackhole], circuit_breaker=limits, retries={"attempts": 0}))
     thread, first = in_thread(lambda: request(gw.port, "GET", "/hangs"))
     assert wait_until(lambda: upstream_status(gw.status_port, "u")["connections"]["pending_requests"] == 1, 5)
     resp = request(gw.port, "GET", "/x")

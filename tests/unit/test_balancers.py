@@ -65,7 +65,8 @@ def make_targets(loop: asyncio.AbstractEventLoop, weights: list[int], backups: i
 
 def make_cluster(loop: asyncio.AbstractEventLoop, algorithm: str, weights: list[int], **kw: Any) -> Cluster:
     targets = make_targets(loop, weights, kw.pop("backups", 0))
-    return Cluster("u", targets, UpstreamState("u"), make_balancer(algorithm, **kw), make_balancer(algorithm, **kw))
+    balancers = make_balancer(algorithm, **kw), make_balancer(algorithm, **kw)
+    return Cluster("u", targets, UpstreamState("u"), *balancers)
 
 
 def shares(counts: Counter[str], cluster: Cluster) -> list[float]:
@@ -282,7 +283,8 @@ def test_in_flight_counts_survive_a_config_rebuild(loop):
     old = _build(registry, loop, CONFIG)
     busy = old.pick(Ctx())
     assert busy is not None and busy.state.inflight == 1
-    new = _build(registry, loop, CONFIG.replace("least-connections", "least-connections\n    retries: {attempts: 1}"))
+    changed = CONFIG.replace("least-connections", "least-connections\n    retries: {attempts: 1}")
+    new = _build(registry, loop, changed)
     assert new is not old
     same = next(t for t in new.targets if t.label == busy.label)
     assert same.state is busy.state and same.state.inflight == 1

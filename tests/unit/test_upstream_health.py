@@ -11,6 +11,7 @@ import pytest
 from tollway.config.schema import ActiveHealthcheck
 from tollway.upstream.balancers import LeastConnections, seed
 from tollway.upstream.cluster import Breaker, Cluster, UpstreamState
+from tollway.upstream.connection import UpstreamConnection
 from tollway.upstream.health import CheckResult, CheckState, parse_status_line
 from tollway.upstream.manager import UpstreamManager
 from tollway.upstream.outlier import Outlier
@@ -56,14 +57,17 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def cluster_of(loop: asyncio.AbstractEventLoop, registry: UpstreamRegistry, n: int, **outlier: Any) -> Cluster:
+def cluster_of(
+    loop: asyncio.AbstractEventLoop, registry: UpstreamRegistry, n: int, **outlier: Any
+) -> Cluster:
     state = registry.upstream_state("u")
     targets = [
         Target("127.0.0.1", 9000 + i, 100, Pool(loop, "127.0.0.1", 9000 + i, PoolSettings()),
                state=state.target_state(f"t{i}", f"127.0.0.1:{9000 + i}"), key=f"t{i}")
         for i in range(n)
     ]
-    return Cluster("u", targets, state, LeastConnections(), LeastConnections(), RetryPolicy(), Outlier(**outlier))
+    balancers = LeastConnections(), LeastConnections()
+    return Cluster("u", targets, state, *balancers, RetryPolicy(), Outlier(**outlier))
 
 
 def fail(cluster: Cluster, target: Target, times: int) -> None:
@@ -98,6 +102,7 @@ def test_only_unhealthy_targets_are_probed_faster():
     state.healthy = False
     assert state.next_interval(settings) == 0.5
     assert CheckState(healthy=False).next_interval(ActiveHealthcheck(interval=5)) == 5
+    assert CheckState().next_interval(settings, ejected=True) == 0.5
 
 
 def test_status_line_parsing():
@@ -156,7 +161,9 @@ def test_consecutive_failures_eject_and_tell_the_supervisor(loop):
     fail(cluster, bad, 1)
     assert bad.state.ejected and not bad.state.available
     assert bad.state.ejected_until == clock.now + 10
-    assert registry.sent == [("upstream_ejected", "u", "t0", "127.0.0.1:9000", 10, 1, "3 consecutive failures")]
+    assert registry.sent == [
+        ("upstream_ejected", "u", "t0", "127.0.0.1:9000", 10, 1, "3 consecutive failures")
+    ]
     assert all(cluster.pick(Ctx()) is not bad for _ in range(20))
 
 
@@ -247,7 +254,7 @@ def test_backoff_is_jittered_exponential_and_capped():
     policy = RetryPolicy(backoff_base=0.025, backoff_max=0.25)
     for retry, cap in ((1, 0.025), (2, 0.05), (3, 0.1), (4, 0.2), (5, 0.25), (30, 0.25)):
         delays = [policy.backoff(retry) for _ in range(200)]
-        assert 0 <= min(delays) and max(delays) <= cap
+        assert min(delays) >= 0 and max(delays) <= cap
         assert max(delays) > cap / 2  # spread over the range, not a constant
     assert RetryPolicy(backoff_base=0, backoff_max=0).backoff(3) == 0
 
@@ -258,14 +265,19 @@ def test_retry_statuses():
     assert not RetryPolicy().retries_status(503)
 
 
-# -- circuit breaker ------------------------------------------------------------------------------------------
-class FakeConn:
+# -- circuit breaker -----------------------------------------------------------------------------------------
+class FakeTransport:
     def __init__(self) -> None:
         self.closed = False
-        self.transport = None
 
     def close(self) -> None:
         self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
 
 
 def test_breaker_limits_and_makes_room_by_closing_idle_connections(loop):
@@ -277,10 +289,12 @@ def test_breaker_limits_and_makes_room_by_closing_idle_connections(loop):
     assert breaker.admit([a, b], a) == "max-pending-requests"
     breaker.pending = 0
     a.active = 1
-    idle = FakeConn()
-    b.idle.append((0.0, idle))  # type: ignore[arg-type]
+    idle = UpstreamConnection(b)
+    transport = FakeTransport()
+    idle.connection_made(transport)  # type: ignore[arg-type]
+    b.idle.append((0.0, idle))
     assert breaker.admit([a, b], a) == ""  # at the limit, but an idle connection to b makes room
-    assert idle.closed and not b.idle
+    assert transport.closed and not b.idle
     a.active = 2
     assert breaker.admit([a, b], a) == "max-connections"
     assert (breaker.overflow_connections, breaker.overflow_pending) == (1, 1)

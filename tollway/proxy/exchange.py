@@ -22,6 +22,7 @@ from tollway.errors import (
     ClientError,
     NoHealthyTarget,
     TollwayError,
+    UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -559,7 +560,9 @@ class Exchange:
             return False
         if sent and not self._idempotent():
             return False
-        return self._can_replay() and self._retry_elsewhere(FAILED)
+        # A refused connection put no load on any backend: retrying it costs the budget nothing.
+        free = not sent and isinstance(error, UpstreamConnectError)
+        return self._can_replay() and self._retry_elsewhere(FAILED, free)
 
     def _retry_status(self) -> bool:
         """The response head carries a status the policy retries; it has not reached the client."""
@@ -571,14 +574,15 @@ class Exchange:
         if conn is None:
             return False
         self.upstream = None
-        if not self._retry_elsewhere(self._outcome):
+        if not self._retry_elsewhere(self._outcome, False):
             self.upstream = conn  # no retry after all: this response goes to the client
             return False
         conn.pool.discard(conn)  # the rest of that response is not wanted
         return True
 
-    def _retry_elsewhere(self, outcome: int) -> bool:
-        """Release the target that failed and start the next try on another one, after a backoff."""
+    def _retry_elsewhere(self, outcome: int, free: bool) -> bool:
+        """Release the target that failed and start the next try on another one, after a backoff.
+        Unless `free`, the retry budget must allow it."""
         service = self.service
         failed = self.target
         assert service is not None and failed is not None
@@ -593,7 +597,7 @@ class Exchange:
         target = cluster.pick_retry(self, tried)
         if target is None:
             return False
-        if not upstream.budget.withdraw():
+        if not free and not upstream.budget.withdraw():
             upstream.retries_refused += 1
             cluster.release(target, self, NEUTRAL, -1.0)
             return False

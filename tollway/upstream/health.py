@@ -74,8 +74,9 @@ class CheckState:
                 return False
         return None
 
-    def next_interval(self, settings: ActiveHealthcheck) -> float:
-        if not self.healthy and settings.unhealthy_interval is not None:
+    def next_interval(self, settings: ActiveHealthcheck, ejected: bool = False) -> float:
+        """An unhealthy (or passively ejected) target is probed at `unhealthy_interval`, if set."""
+        if (ejected or not self.healthy) and settings.unhealthy_interval is not None:
             return settings.unhealthy_interval
         return settings.interval
 

@@ -171,7 +171,7 @@ class UpstreamManager:
         while True:
             result = await probe(host, port, settings, default_host)
             self.record_check(key, state, result, settings)
-            await asyncio.sleep(state.next_interval(settings))
+            await asyncio.sleep(state.next_interval(settings, self.ejection(key) is not None))
 
     def record_check(
         self, key: TargetKey, state: CheckState, result: CheckResult, settings: ActiveHealthcheck
