@@ -222,3 +222,56 @@ def test_max_pending_requests_answers_503_at_once_with_the_reason(gateway, black
     assert resp.header("x-tollway-circuit-breaker") == "max-pending-requests"
     thread.join(10)
     assert first[0].status == 504  # the first one waited for its connect timeout
+
+
+# -- pools ---------------------------------------------------------------------------------------------------
+async def closes_reused_connections(seen: Seen, writer: asyncio.StreamWriter) -> bool:
+    """Answers the first request of each connection; on a reused one it hangs up without a byte, as a
+    backend closing an idle connection just as the gateway reuses it."""
+    if seen.connection in closes_reused_connections.used:  # type: ignore[attr-defined]
+        return False
+    closes_reused_connections.used.add(seen.connection)  # type: ignore[attr-defined]
+    writer.write(response(200, b'{"fresh": true}'))
+    return True
+
+
+def test_a_pooled_connection_closed_by_the_backend_is_never_a_client_error(gateway, backend):
+    closes_reused_connections.used = set()  # type: ignore[attr-defined]
+    be = backend(closes_reused_connections)
+    gw = gateway(upstream_config([f"127.0.0.1:{be.port}"]))
+    for i in range(5):
+        method, body = ("POST", b"data") if i % 2 else ("GET", None)
+        resp = request(gw.port, method, "/x", body=body)
+        assert resp.status == 200, resp.body
+    assert be.connections == 5  # every reuse failed and was replayed once on a fresh connection
+    posts = [s.body for s in be.seen if s.method == "POST"]
+    assert posts == [b"data"] * 4  # each POST reached it twice: on the closing connection, then answered
+    assert upstream_status(gw.status_port, "u")["retries"]["retried"] == 0  # same target: not a retry
+
+
+def test_pool_options_apply_per_upstream(gateway, backend):
+    be = backend()
+    gw = gateway(upstream_config([f"127.0.0.1:{be.port}"], pool={"max_requests": 2}))
+    for _ in range(6):
+        assert request(gw.port, "GET", "/x").status == 200
+    assert be.connections == 3  # a connection is retired after two requests
+    assert [s.connection for s in be.seen] == [1, 1, 2, 2, 3, 3]
+
+
+# -- active checks -------------------------------------------------------------------------------------------
+def test_active_checks_run_once_per_node_with_the_configured_request(gateway, backend):
+    be = backend()
+    active = {"http_path": "/healthz", "host": "health.internal", "interval": 0.2, "healthy_threshold": 1}
+    gw = gateway(upstream_config([f"127.0.0.1:{be.port}"], healthchecks={"active": active}), workers=2)
+    def probes() -> list[Seen]:
+        return [s for s in be.seen if s.target == "/healthz"]
+
+    assert wait_until(lambda: len(probes()) >= 2, 10)
+    before, started = len(probes()), time.monotonic()
+    time.sleep(1.0)
+    count, elapsed = len(probes()) - before, time.monotonic() - started
+    assert 1 <= count <= elapsed / 0.2 + 1  # one prober, not one per worker (that would be twice as many)
+    assert {s.header("host") for s in probes()} == {"health.internal"}
+    assert {s.header("user-agent") for s in probes()} == {"tollway-healthcheck"}
+    target = upstream_status(gw.status_port, "u")["targets"][0]
+    assert target["health"]["healthy"] and target["health"]["last_check"]["status"] == 200

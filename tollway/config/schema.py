@@ -508,7 +508,7 @@ class Retries(Model):
     `retry_non_idempotent`."""
 
     attempts: int = Field(3, ge=0, le=100, description="retries after the first try; 0 = none")
-    on: list[RetryOn] = Field(
+    retry_on: list[RetryOn] = Field(
         default_factory=lambda: _retry_on("error", "timeout"),
         description="error: connect failure, reset or bad response before its head; timeout: connect or read",
     )

@@ -648,6 +648,7 @@ class Exchange:
         assert conn is not None
         self.upstream = None  # the connection now belongs to the tunnel
         conn.pool.active -= 1
+        self._release_target(OK)  # the request is done; the tunnel is not a request in flight
         self.client.start_tunnel(self, conn, raw + rest)
 
     def upstream_pause_writing(self) -> None:

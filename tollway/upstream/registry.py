@@ -75,7 +75,8 @@ def target_records(spec: TargetSpec, resolved: list[Record] | None) -> list[Reco
 
 def retry_policy(spec: Upstream) -> RetryPolicy:
     retries = spec.retries
-    on = (ON_ERROR if "error" in retries.on else 0) | (ON_TIMEOUT if "timeout" in retries.on else 0)
+    conditions = retries.retry_on
+    on = (ON_ERROR if "error" in conditions else 0) | (ON_TIMEOUT if "timeout" in conditions else 0)
     return RetryPolicy(
         attempts=retries.attempts,
         on=on,
