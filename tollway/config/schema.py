@@ -127,7 +127,7 @@ class GatewaySettings(Model):
     limits: Limits = Field(default_factory=Limits)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     access_log: AccessLog = Field(default_factory=AccessLog)
-    dns: DnsSettings = Field(default_factory=DnsSettings)
+    dns: DnsSettings = Field(default_factory=DnsSettings, description="resolver of upstreams' hostnames")
 
 
 # -- plugins ---------------------------------------------------------------------------------------------
@@ -449,7 +449,7 @@ class ActiveHealthcheck(Model):
 class PassiveHealthcheck(Model):
     """Outlier detection on live traffic, per worker; an ejection is shared with every worker."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="count failures on live traffic and eject failing targets")
     consecutive_failures: int = Field(
         5, ge=1, le=10000, description="connect failures, timeouts or `statuses` in a row that eject a target"
     )
@@ -476,8 +476,10 @@ class PassiveHealthcheck(Model):
 
 
 class Healthchecks(Model):
+    """Active probes (from the supervisor) and passive outlier detection (on live traffic)."""
+
     active: ActiveHealthcheck | None = Field(None, description="active probes; null (default) = none")
-    passive: PassiveHealthcheck = PassiveHealthcheck()
+    passive: PassiveHealthcheck = Field(default_factory=PassiveHealthcheck)
 
 
 class RetryBudget(Model):
@@ -492,8 +494,8 @@ class RetryBudget(Model):
 class Backoff(Model):
     """Delay before retry n: a random time up to min(max, base * 2^(n-1)) ("full jitter")."""
 
-    base: Duration = Field(0.025, ge=0)
-    max: Duration = Field(0.25, ge=0)
+    base: Duration = Field(0.025, ge=0, description="the delay cap of the first retry")
+    max: Duration = Field(0.25, ge=0, description="the largest delay cap")
 
     @model_validator(mode="after")
     def _check_max(self) -> Backoff:
@@ -516,8 +518,8 @@ class Retries(Model):
         default_factory=list,
         description="backend statuses that are retried, e.g. [502, 503]",
     )
-    budget: RetryBudget = RetryBudget()
-    backoff: Backoff = Backoff()
+    budget: RetryBudget = Field(default_factory=RetryBudget)
+    backoff: Backoff = Field(default_factory=Backoff)
     replay_limit: Size = Field(
         65536, ge=0, description="largest request body kept to be sent again; a larger one is never retried"
     )
@@ -586,12 +588,12 @@ class Upstream(Model):
         None,
         description="the header or cookie name when hash_on is header or cookie",
     )
-    targets: list[Target] = Field(min_length=1)
-    healthchecks: Healthchecks = Healthchecks()
-    retries: Retries = Retries()
-    circuit_breaker: CircuitBreaker = CircuitBreaker()
-    pool: PoolOptions = PoolOptions()
-    dns: UpstreamDns = UpstreamDns()
+    targets: list[Target] = Field(min_length=1, description="the backend instances (at least one)")
+    healthchecks: Healthchecks = Field(default_factory=Healthchecks, description="active and passive checks")
+    retries: Retries = Field(default_factory=Retries, description="which failed tries are tried again")
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, description="per-worker limits")
+    pool: PoolOptions = Field(default_factory=PoolOptions, description="keep-alive connections to targets")
+    dns: UpstreamDns = Field(default_factory=UpstreamDns, description="how hostname targets are resolved")
 
     @model_validator(mode="after")
     def _check_upstream(self) -> Upstream:
