@@ -28,9 +28,18 @@ HOT_MODULES = [
     "tollway/router/matchers.py",
     "tollway/router/paths.py",
     "tollway/router/table.py",
+    "tollway/upstream/balancers/base.py",
+    "tollway/upstream/balancers/chash.py",
+    "tollway/upstream/balancers/ewma_p2c.py",
+    "tollway/upstream/balancers/least_conn.py",
+    "tollway/upstream/balancers/round_robin.py",
+    "tollway/upstream/balancers/weighted_random.py",
     "tollway/upstream/cluster.py",
     "tollway/upstream/connection.py",
+    "tollway/upstream/outlier.py",
     "tollway/upstream/pool.py",
+    "tollway/upstream/retry.py",
+    "tollway/upstream/target.py",
 ]
 
 

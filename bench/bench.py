@@ -3,6 +3,8 @@
 Scenarios (each a gateway config; the harness's backend is nginx on 127.0.0.1:9001):
   passthrough  one route, one backend                   beside nginx, haproxy, caddy, aiohttp
   routes       10 vs 10,000 prefix routes (/svcN/)       the router's cost must not grow with routes
+  leastconn4   least-connections over four targets with   vs one-target pass-through (upstream layer)
+               active health checks (bench/leastconn4.yaml)
   idle-rss     resident memory of an idle worker
 
     python bench/bench.py [--seconds 8] [--connections 64] [--rounds 3] [--scenario passthrough ...]
@@ -177,6 +179,30 @@ def routes(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def leastconn4(args: argparse.Namespace) -> list[str]:
+    pairs = []
+    for _ in range(args.rounds):  # alternate, so drift hits both alike
+        a = run_harness(["gateway"], args.seconds, args.connections, HERE / "passthrough.yaml")
+        b = run_harness(["gateway"], args.seconds, args.connections, HERE / "leastconn4.yaml")
+        if "gateway" in a and "gateway" in b:
+            pairs.append((float(a["gateway"]["cpu_us"]), float(b["gateway"]["cpu_us"])))
+    lines = [
+        "### Upstreams: least-connections over four targets with health checks vs one-target pass-through",
+        "",
+        "| round | pass-through CPU µs/req | least-connections ×4 CPU µs/req | ratio |",
+        "|---|---|---|---|",
+    ]
+    for i, (a, b) in enumerate(pairs, 1):
+        lines.append(f"| {i} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
+    if pairs:
+        lines += [
+            "",
+            f"Bar: ≤ 1.1× the CPU of the pass-through (median ratio "
+            f"{statistics.median(b / a for a, b in pairs):.2f}).",
+        ]
+    return lines
+
+
 def idle_rss(args: argparse.Namespace) -> list[str]:
     proc = subprocess.Popen(
         [*TOLLWAY, "run", "-c", str(HERE / "passthrough.yaml"), "--workers", "1"],
@@ -234,7 +260,7 @@ def _compiled() -> str:
     return str(len(compiled_modules()))
 
 
-SCENARIOS = {"passthrough": passthrough, "routes": routes, "idle-rss": idle_rss}
+SCENARIOS = {"passthrough": passthrough, "routes": routes, "leastconn4": leastconn4, "idle-rss": idle_rss}
 
 
 def main() -> None:

@@ -79,16 +79,26 @@ def measure(
     worker.apply_config(1, config)
     client = ClientConnection(worker)
     client.connection_made(MemoryTransport())  # type: ignore[arg-type]
-    # One warm upstream connection, idle in the pool of the first target.
-    target = next(iter(worker.snapshot.services.values())).cluster.targets[0]
-    upstream = UpstreamConnection(target.pool)
-    upstream.connection_made(MemoryTransport(("127.0.0.1", 9001)))  # type: ignore[arg-type]
-    target.pool.active += 1
-    target.pool.release(upstream)
+    # One warm upstream connection idle in each pool of the first service's cluster (one pool when every
+    # target has the same address); each request is answered on the connection its exchange took.
+    cluster = next(iter(worker.snapshot.services.values())).cluster
+    for pool in cluster.pools:
+        pool.settings = worker.pool_settings  # an upstream's own pools too: one connection for the run
+        upstream = UpstreamConnection(pool)
+        upstream.connection_made(MemoryTransport((pool.host, pool.port)))  # type: ignore[arg-type]
+        pool.active += 1
+        pool.release(upstream)
+    if len(cluster.pools) == 1:
+        only = upstream
 
-    def one() -> None:
-        client.data_received(request)
-        upstream.data_received(RESPONSE)
+        def one() -> None:
+            client.data_received(request)
+            only.data_received(RESPONSE)
+    else:
+
+        def one() -> None:
+            client.data_received(request)
+            client.active.upstream.data_received(RESPONSE)  # type: ignore[union-attr]
 
     for _ in range(warmup):
         one()

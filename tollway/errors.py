@@ -13,6 +13,7 @@ class TollwayError(Exception):
 
     status: int = 500
     message: str = "internal gateway error"
+    headers: list[tuple[bytes, bytes]] | None = None  # extra response headers (e.g. why a 503)
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or self.message)
@@ -77,6 +78,18 @@ class UpstreamTimeout(UpstreamError):
 class NoHealthyTarget(UpstreamError):
     status = 503
     message = "no healthy upstream target"
+
+
+class CircuitBreakerOpen(UpstreamError):
+    """An upstream's connection or pending-request limit is reached: answered at once, never queued."""
+
+    status = 503
+    message = "upstream circuit breaker open"
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit  # "max-connections" or "max-pending-requests"
+        self.headers = [(b"X-Tollway-Circuit-Breaker", limit.encode("ascii"))]
 
 
 # -- configuration -------------------------------------------------------------------------------------

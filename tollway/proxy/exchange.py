@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from tollway.errors import (
     BodyTooLarge,
+    CircuitBreakerOpen,
     ClientError,
     NoHealthyTarget,
     TollwayError,
+    UpstreamConnectError,
     UpstreamError,
+    UpstreamTimeout,
 )
 from tollway.protocol.http1 import (
     BODY_CHUNKED,
@@ -35,17 +38,21 @@ from tollway.protocol.http1 import (
 )
 from tollway.proxy.responses import Response, error_response, serialize
 from tollway.router import MethodNotAllowed, normalize_path
+from tollway.upstream.retry import ON_ERROR, ON_TIMEOUT
+from tollway.upstream.target import FAILED, NEUTRAL, OK
 
 if TYPE_CHECKING:
     from tollway.protocol.server import ClientConnection
     from tollway.proxy.snapshot import CompiledRoute, CompiledService, Snapshot
-    from tollway.upstream.cluster import Target
     from tollway.upstream.connection import UpstreamConnection
+    from tollway.upstream.target import Target
 
 # Request body framing, as the client sent it.
 REQ_NONE, REQ_LENGTH, REQ_CHUNKED = 0, 1, 2
-# How much request body is kept for a replay on a fresh connection (stale pooled connection).
+# How much request body is kept for a replay when no upstream says (a request not yet routed).
 REPLAY_LIMIT = 65536
+# Methods retried after the request was sent (RFC 9110 9.2.2); others only if the route allows.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _BUFFER_HIGH = 65536
 
 _EMPTY_PARAMS: dict[str, str] = {}
@@ -90,9 +97,13 @@ class Exchange:
         "_body_buffered",
         "_connect_task",
         "_dechunk",
+        "_held",
+        "_outcome",
         "_pending_head",
         "_replay",
         "_retried",
+        "_retry_timer",
+        "_tried",
         "body_done",
         "body_kind",
         "body_received",
@@ -114,6 +125,7 @@ class Exchange:
         "request_id",
         "response_head",
         "response_started",
+        "retries",
         "route",
         "service",
         "snapshot",
@@ -175,7 +187,12 @@ class Exchange:
         self._body_buf: list[bytes] = []
         self._body_buffered = 0
         self._replay: list[bytes] | None = []
-        self._retried = False
+        self._retried = False  # the one replay after a stale pooled connection is used
+        self.retries = 0  # retries on other targets (upstream retry policy)
+        self._tried: list[Target] | None = None  # targets of earlier tries, once there is a retry
+        self._held = False  # `target` was picked and not yet released to its cluster
+        self._outcome = NEUTRAL  # how the current try is going, for passive health (upstream.target)
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._pending_head: bytes | None = None
         self._dechunk: ChunkedDecoder | None = None
         self._connect_task: asyncio.Task[UpstreamConnection] | None = None
@@ -275,9 +292,15 @@ class Exchange:
             self.fail(NoHealthyTarget(f"no healthy target in upstream {service.cluster.name!r}"))
             return
         self.target = target
+        self._held = True
         if self.expect_continue and not self.body_done:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._connect(target)
+
+    def _connect(self, target: Target) -> None:
+        """Start a try on `target`: a pooled connection if one is idle, else a new one."""
         self.upstream_start = time.perf_counter()
+        self._outcome = NEUTRAL
         conn = None if self.upgrade else target.pool.acquire()
         if conn is not None:
             self._send(conn)
@@ -287,17 +310,27 @@ class Exchange:
     def _open_connection(self, target: Target) -> None:
         service = self.service
         assert service is not None
+        breaker = service.cluster.breaker
+        if breaker is not None:
+            limit = breaker.admit(service.cluster.pools, target.pool)
+            if limit:
+                self.fail(CircuitBreakerOpen(_breaker_message(service.cluster.name, limit), limit))
+                return
+            breaker.pending += 1
         task = asyncio.get_running_loop().create_task(target.pool.open(service.connect_timeout))
         self._connect_task = task
         task.add_done_callback(self._on_connected)
 
     def _on_connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
         self._connect_task = None
+        service = self.service
+        if service is not None and service.cluster.breaker is not None:
+            service.cluster.breaker.pending -= 1
         if task.cancelled():
             return
         exc = task.exception()
         if exc is not None:
-            self.fail(exc if isinstance(exc, TollwayError) else UpstreamError(str(exc)))
+            self._try_failed(exc if isinstance(exc, UpstreamError) else UpstreamError(str(exc)), False)
             return
         conn = task.result()
         if self.done:  # the client went away while we connected: keep the fresh connection warm
@@ -375,7 +408,9 @@ class Exchange:
         framed = chunk(data) if self.body_kind == REQ_CHUNKED else data
         replay = self._replay
         if replay is not None:
-            if self.body_received <= REPLAY_LIMIT:
+            service = self.service
+            limit = service.cluster.retry.replay_limit if service is not None else REPLAY_LIMIT
+            if self.body_received <= limit:
                 replay.append(framed)
             else:
                 self._replay = None
@@ -405,6 +440,13 @@ class Exchange:
                 self.client.write(raw)
             return
         self.upstream_time = time.perf_counter() - self.upstream_start
+        service = self.service
+        if service is not None:
+            cluster = service.cluster
+            status = head.status
+            self._outcome = FAILED if cluster.failure_status(status) else OK
+            if cluster.retry.retries_status(status) and self._retry_status():
+                return
         self.response_head = head
         self.status = head.status
         route = self.route
@@ -488,13 +530,111 @@ class Exchange:
         if conn is not None:
             conn.pool.active -= 1
         if replayable and not self._retried and not self.response_started and self._can_replay():
-            self._retried = True  # a stale pooled connection: once more, on a fresh one
+            # A stale pooled connection (closed by the backend as we reused it): nothing reached the
+            # backend, so once more on a fresh connection to the same target, whatever the method.
+            self._retried = True
             self._body_buf = list(self._replay or ())
             target = self.target
             assert target is not None
             self._open_connection(target)
             return
-        self.fail(error)
+        self._try_failed(error, True)
+
+    # -- retries (the upstream's retry policy; docs/upstreams.md) ---------------------------------------
+    def _try_failed(self, error: UpstreamError, sent: bool) -> None:
+        """A try failed before its response reached the client: retry elsewhere, or answer the error."""
+        if self.done:
+            return
+        self._outcome = FAILED
+        if not self._retry(error, sent):
+            self.fail(error)
+
+    def _retry(self, error: UpstreamError, sent: bool) -> bool:
+        service = self.service
+        if service is None or self.response_head is not None or self.response_started:
+            return False
+        policy = service.cluster.retry
+        if self.retries >= policy.attempts:
+            return False
+        if not policy.on & (ON_TIMEOUT if isinstance(error, UpstreamTimeout) else ON_ERROR):
+            return False
+        if sent and not self._idempotent():
+            return False
+        # A refused connection put no load on any backend: retrying it costs the budget nothing.
+        free = not sent and isinstance(error, UpstreamConnectError)
+        return self._can_replay() and self._retry_elsewhere(FAILED, free)
+
+    def _retry_status(self) -> bool:
+        """The response head carries a status the policy retries; it has not reached the client."""
+        service = self.service
+        assert service is not None
+        if self.retries >= service.cluster.retry.attempts or not self._idempotent() or not self._can_replay():
+            return False
+        conn = self.upstream
+        if conn is None:
+            return False
+        self.upstream = None
+        if not self._retry_elsewhere(self._outcome, False):
+            self.upstream = conn  # no retry after all: this response goes to the client
+            return False
+        conn.pool.discard(conn)  # the rest of that response is not wanted
+        return True
+
+    def _retry_elsewhere(self, outcome: int, free: bool) -> bool:
+        """Release the target that failed and start the next try on another one, after a backoff.
+        Unless `free`, the retry budget must allow it."""
+        service = self.service
+        failed = self.target
+        assert service is not None and failed is not None
+        cluster = service.cluster
+        upstream = cluster.upstream
+        tried = self._tried
+        if tried is None:
+            tried = self._tried = [failed]
+        else:
+            tried.append(failed)
+        self._release_target(outcome)
+        target = cluster.pick_retry(self, tried)
+        if target is None:
+            return False
+        if not free and not upstream.budget.withdraw():
+            upstream.retries_refused += 1
+            cluster.release(target, self, NEUTRAL, -1.0)
+            return False
+        upstream.retries += 1
+        self.retries += 1
+        self.target = target
+        self._held = True
+        self._outcome = NEUTRAL
+        self.upstream_time = -1.0
+        self._body_buf = list(self._replay or ())
+        self._body_buffered = 0
+        delay = cluster.retry.backoff(self.retries)
+        if delay > 0:
+            self._retry_timer = asyncio.get_running_loop().call_later(delay, self._retry_now)
+        else:
+            self._retry_now()
+        return True
+
+    def _retry_now(self) -> None:
+        self._retry_timer = None
+        target = self.target
+        if self.done or target is None:
+            return
+        self._connect(target)
+
+    def _idempotent(self) -> bool:
+        if self.method in _IDEMPOTENT:
+            return True
+        route = self.route
+        return route is not None and route.retry_non_idempotent
+
+    def _release_target(self, outcome: int) -> None:
+        target = self.target
+        service = self.service
+        if self._held and target is not None and service is not None:
+            self._held = False
+            service.cluster.release(target, self, outcome, self.upstream_time)
 
     def upstream_upgraded(self, head: ResponseHead, raw: bytes, rest: bytes) -> None:
         if not self.upgrade:
@@ -508,6 +648,7 @@ class Exchange:
         assert conn is not None
         self.upstream = None  # the connection now belongs to the tunnel
         conn.pool.active -= 1
+        self._release_target(OK)  # the request is done; the tunnel is not a request in flight
         self.client.start_tunnel(self, conn, raw + rest)
 
     def upstream_pause_writing(self) -> None:
@@ -557,7 +698,8 @@ class Exchange:
         rid = self.request_id.decode("latin-1") if self.request_id else self.client.ids.next().decode()
         if not self.request_id:
             self.request_id = rid.encode()
-        self.respond(error_response(status, message, rid))
+        headers = error.headers if isinstance(error, TollwayError) else None
+        self.respond(error_response(status, message, rid, headers))
 
     def abort(self) -> None:
         """The client went away: stop everything, keep nothing half-used."""
@@ -578,12 +720,15 @@ class Exchange:
 
     def _finish(self) -> None:
         self.done = True
+        timer = self._retry_timer
+        if timer is not None:
+            self._retry_timer = None
+            timer.cancel()
         route = self.route
         if route is not None and route.pipeline is not None and route.pipeline.has_log:
             route.pipeline.run_log(self)
-        target = self.target
-        if target is not None and self.service is not None:
-            self.service.cluster.release(target, self)
+        if self._held:
+            self._release_target(self._outcome)
         self.client.exchange_finished(self)
 
     # -- conveniences for plugins and logs ----------------------------------------------------------------
@@ -618,6 +763,15 @@ class Exchange:
     @property
     def client_ip(self) -> str:
         return self.client.peer_ip.decode("latin-1")
+
+
+def _breaker_message(upstream: str, limit: str) -> str:
+    if limit == "max-connections":
+        return f"upstream {upstream!r} is at its connection limit (circuit breaker: max_connections)"
+    return (
+        f"upstream {upstream!r} has too many requests waiting for a connection "
+        "(circuit breaker: max_pending_requests)"
+    )
 
 
 # Response headers never passed to the client: hop-by-hop, plus the framing we set ourselves.

@@ -13,14 +13,14 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from tollway.config.schema import GatewayConfig, GatewaySettings, Service
-from tollway.config.types import parse_hostport
 from tollway.proxy.pipeline import Pipeline
 from tollway.router import Router
-from tollway.upstream.cluster import Cluster, Target
+from tollway.upstream.cluster import Cluster
 from tollway.upstream.pool import Pool
+from tollway.upstream.registry import UpstreamRegistry
 
-# (host, port, tls server name or None) -> the worker's pool for that backend address
-PoolFactory = Callable[[str, int, "ssl.SSLContext | None", "str | None"], Pool]
+# (host, port, tls context, tls server name[, pool settings, owner upstream]) -> the worker's pool
+PoolFactory = Callable[..., Pool]
 
 HOST_BACKEND, HOST_PRESERVE, HOST_LITERAL = 0, 1, 2
 
@@ -53,12 +53,15 @@ class CompiledService:
 
 
 class CompiledRoute:
-    __slots__ = ("name", "pipeline", "service")
+    __slots__ = ("name", "pipeline", "retry_non_idempotent", "service")
 
-    def __init__(self, name: str, service: CompiledService, pipeline: Pipeline | None = None) -> None:
+    def __init__(
+        self, name: str, service: CompiledService, pipeline: Pipeline | None = None, retry_non_idempotent: bool = False
+    ) -> None:
         self.name = name
         self.service = service
         self.pipeline = pipeline
+        self.retry_non_idempotent = retry_non_idempotent
 
     def __repr__(self) -> str:
         return f"<CompiledRoute {self.name} -> {self.service.name}>"
@@ -66,6 +69,7 @@ class CompiledRoute:
 
 class Snapshot:
     __slots__ = (
+        "clusters",
         "config",
         "router",
         "routes",
@@ -86,6 +90,7 @@ class Snapshot:
     ) -> None:
         self.version = version
         self.config = config
+        self.clusters: list[Cluster] = []  # every upstream's and service URL's cluster
         self.settings: GatewaySettings = config.gateway
         self.services = services
         self.routes = routes
@@ -109,21 +114,32 @@ class Snapshot:
         return any(address in net for net in self.trusted_networks)
 
 
-def build_snapshot(config: GatewayConfig, version: int, pool_for: PoolFactory) -> Snapshot:
-    clusters = {u.name: _upstream_cluster(u.name, u.targets, pool_for) for u in config.upstreams}
+def build_snapshot(
+    config: GatewayConfig, version: int, pool_for: PoolFactory, upstreams: UpstreamRegistry | None = None
+) -> Snapshot:
+    """Compile a config. `upstreams` is the worker's registry (state that outlives snapshots); without
+    one (tests, tools) the clusters get a private registry. The caller activates the registry's new
+    clusters once it adopts the snapshot (`upstreams.activate`)."""
+    if upstreams is None:
+        upstreams = UpstreamRegistry(None)
+    clusters = {u.name: upstreams.upstream_cluster(u, pool_for) for u in config.upstreams}
     services: dict[str, CompiledService] = {}
     for service in config.services:
         if service.upstream is not None:
             cluster, base_path = clusters[service.upstream], service.path
         else:
-            cluster, base_path = _url_cluster(service, pool_for)
+            cluster, base_path = _url_cluster(service, pool_for, upstreams)
         services[service.name] = CompiledService(service, cluster, base_path)
-    routes = [CompiledRoute(r.name, services[r.service]) for r in config.routes]
+    routes = [CompiledRoute(r.name, services[r.service], None, r.retry_non_idempotent) for r in config.routes]
     router = Router([(spec, compiled) for spec, compiled in zip(config.routes, routes, strict=True)])
-    return Snapshot(version, config, services, routes, router)
+    snapshot = Snapshot(version, config, services, routes, router)
+    snapshot.clusters = list(clusters.values()) + [
+        s.cluster for s in services.values() if s.cluster.name not in clusters
+    ]
+    return snapshot
 
 
-def _url_cluster(service: Service, pool_for: PoolFactory) -> tuple[Cluster, str]:
+def _url_cluster(service: Service, pool_for: PoolFactory, upstreams: UpstreamRegistry) -> tuple[Cluster, str]:
     assert service.url is not None
     parts = urlsplit(service.url)
     tls = parts.scheme == "https"
@@ -132,16 +148,7 @@ def _url_cluster(service: Service, pool_for: PoolFactory) -> tuple[Cluster, str]
     port = parts.port or default_port
     context = _client_tls_context() if tls else None
     pool = pool_for(host, port, context, host if tls else None)
-    target = Target(host, port, 1, pool, default_port)
-    return Cluster(f"service:{service.name}", [target]), parts.path
-
-
-def _upstream_cluster(name: str, targets: list, pool_for: PoolFactory) -> Cluster:
-    compiled = []
-    for spec in targets:
-        host, port = parse_hostport(spec.target)
-        compiled.append(Target(host, port, spec.weight, pool_for(host, port, None, None)))
-    return Cluster(name, compiled)
+    return upstreams.url_cluster(service.name, host, port, pool, default_port), parts.path
 
 
 _TLS_CONTEXT: ssl.SSLContext | None = None

@@ -34,6 +34,7 @@ from tollway.errors import ConfigError
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.status import start_status_server
 from tollway.runtime.worker import ENV_FDS
+from tollway.upstream.manager import UpstreamManager
 
 log = logging.getLogger("tollway.supervisor")
 _RESTART_BACKOFF_MAX = 5.0
@@ -77,6 +78,8 @@ class Supervisor:
         self._status_server: asyncio.AbstractServer | None = None
         self._watch_stat: tuple[int, int, int] | None = None
         self._failed_restarts: dict[int, int] = {}
+        # upstreams: DNS, active health checks, shared ejections, /upstreams (tollway.upstream.manager)
+        self.upstreams = UpstreamManager(self._broadcast, self._live_channels)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -91,6 +94,7 @@ class Supervisor:
             self.on_event("error", {"message": f"cannot listen on {addresses}: {exc.strerror or exc}"})
             return 1
         await self._start_status_listener()
+        await self.upstreams.start(self.config)
         for slot in range(self.nworkers):
             await self._spawn(slot)
         if not await self._wait_ready():
@@ -138,6 +142,7 @@ class Supervisor:
             if handle.channel is not None:
                 handle.channel.send(("drain", timeout))
         await self._wait_workers_exit(timeout + 5.0)
+        await self.upstreams.stop()
         if self._status_server is not None:
             self._status_server.close()
         if self._done is not None:
@@ -172,6 +177,7 @@ class Supervisor:
             return False
         self._warn_restart_only(config)
         self.config = config
+        self.upstreams.apply(config)
         self.version += 1
         self.last_reload = {"time": time.time(), "result": "ok", "version": self.version}
         for handle in self.workers.values():
@@ -247,6 +253,7 @@ class Supervisor:
             lambda message: self._on_worker_message(handle, message),
             lambda: asyncio.get_running_loop().create_task(self._on_worker_gone(handle)),
         )
+        handle.channel.send(self.upstreams.state_message())
         handle.channel.send(("config", self.version, self.config))
         log.debug("worker %d started (pid %d)", slot, process.pid)
 
@@ -256,6 +263,8 @@ class Supervisor:
             handle.ready_version = message[1]
         elif kind == "config_failed":
             log.error("worker %d could not apply config version %d: %s", handle.slot, message[1], message[2])
+        elif kind.startswith("upstream_"):
+            self.upstreams.on_worker_message(handle.slot, message)
         else:
             handler = getattr(self, f"on_worker_{kind}", None)
             if handler is not None:
@@ -326,7 +335,19 @@ class Supervisor:
             "/live": lambda: (200, {"status": "live"}),
             "/ready": lambda: (200, {"status": "ready"}) if self.ready() else (503, self._not_ready()),
             "/status": lambda: (200, self.status()),
+            "/upstreams": self._upstreams_status,
         }
+
+    async def _upstreams_status(self) -> tuple[int, dict[str, Any]]:
+        return 200, await self.upstreams.status_json()
+
+    def _broadcast(self, message: Message, skip_slot: int | None = None) -> None:
+        for handle in self.workers.values():
+            if handle.channel is not None and handle.slot != skip_slot:
+                handle.channel.send(message)
+
+    def _live_channels(self) -> list[ChannelProtocol]:
+        return [h.channel for h in self.workers.values() if h.channel is not None]
 
     def _not_ready(self) -> dict[str, Any]:
         return {"status": "draining" if self.draining else "starting", "config_version": self.version}
@@ -351,6 +372,7 @@ class Supervisor:
                 }
                 for h in sorted(self.workers.values(), key=lambda h: h.slot)
             ],
+            "upstreams": self.upstreams.summary(),
         }
 
 

@@ -25,6 +25,7 @@ from tollway.proxy.exchange import RequestIds
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.upstream.pool import Pool, PoolSettings
+from tollway.upstream.registry import UpstreamRegistry
 
 if TYPE_CHECKING:
     from tollway.errors import TollwayError, UpstreamError
@@ -50,8 +51,9 @@ class Worker:
         self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by the first config
         self.draining = False
         self.connections: set[ClientConnection] = set()
-        self.pools: dict[tuple[str, int, str | None], Pool] = {}
+        self.pools: dict[tuple[object, ...], Pool] = {}
         self.pool_settings = PoolSettings()
+        self.upstreams = UpstreamRegistry(loop, self._send, self._upstream_targets_changed)
         self.access_log: AccessLog | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.request_ids = RequestIds(os.urandom(8).hex().encode())
@@ -80,6 +82,8 @@ class Worker:
             self.apply_config(message[1], message[2])
         elif kind == "drain":
             self.loop.create_task(self.drain(message[1]))
+        elif kind.startswith("upstream_"):
+            self.upstreams.on_message(message)
         else:
             handler = getattr(self, f"on_{kind}", None)
             if handler is not None:
@@ -87,7 +91,7 @@ class Worker:
 
     def apply_config(self, version: int, config: GatewayConfig) -> None:
         try:
-            snapshot = build_snapshot(config, version, self.pool_for)
+            snapshot = build_snapshot(config, version, self.pool_for, self.upstreams)
         except Exception as exc:  # the supervisor validated it; a failure here is a bug worth a trace
             log.exception("worker %d could not apply config version %d", self.index, version)
             if self.channel is not None:
@@ -95,6 +99,7 @@ class Worker:
             return
         first = self.snapshot is None
         self.snapshot = snapshot
+        self.upstreams.activate(snapshot.clusters)
         self._reopen_access_log(config)
         self._close_unused_pools(snapshot)
         if first:
@@ -119,6 +124,7 @@ class Worker:
             conn.abort()
         for pool in self.pools.values():
             pool.close()
+        self.upstreams.close()
         if self.access_log is not None:
             self.access_log.close()
         self._stopped.set()
@@ -131,14 +137,31 @@ class Worker:
 
     # -- used by connections and exchanges --------------------------------------------------------------
     def pool_for(
-        self, host: str, port: int, tls: ssl.SSLContext | None, server_hostname: str | None
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None,
+        server_hostname: str | None,
+        settings: PoolSettings | None = None,
+        owner: str | None = None,
     ) -> Pool:
-        key = (host, port, server_hostname if tls is not None else None)
+        """The pool for a backend address. An upstream's targets get pools of their own (`owner`, with the
+        upstream's pool settings), so its connection count is its own; service URLs share by address."""
+        key = (host, port, server_hostname if tls is not None else None, settings, owner)
         pool = self.pools.get(key)
         if pool is None:
-            pool = Pool(self.loop, host, port, self.pool_settings, tls, server_hostname)
+            pool = Pool(self.loop, host, port, settings or self.pool_settings, tls, server_hostname)
             self.pools[key] = pool
         return pool
+
+    def _send(self, message: Message) -> None:
+        if self.channel is not None:
+            self.channel.send(message)
+
+    def _upstream_targets_changed(self) -> None:
+        """DNS changed an upstream's addresses: pools no target uses any more are closed."""
+        if self.snapshot is not None:
+            self._close_unused_pools(self.snapshot)
 
     def next_request_id(self) -> bytes:
         return self.request_ids.next()
@@ -181,7 +204,7 @@ class Worker:
         self.access_log = AccessLog(self.loop, settings) if settings.enabled else None
 
     def _close_unused_pools(self, snapshot: Snapshot) -> None:
-        used = {id(t.pool) for s in snapshot.services.values() for t in s.cluster.targets}
+        used = {id(t.pool) for c in snapshot.clusters for t in c.targets}
         for key, pool in list(self.pools.items()):
             if id(pool) not in used:
                 pool.close()

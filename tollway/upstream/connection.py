@@ -206,6 +206,8 @@ class UpstreamConnection:
         self.keep_alive = head.keep_alive
         kind = self.body_kind = head.body_kind
         sink.upstream_head(head, raw)
+        if self.sink is not sink:
+            return  # the exchange let go of this response (a retry on its status, a failed plugin)
         if kind == BODY_LENGTH:
             self._remaining = head.content_length
         elif kind == BODY_CHUNKED:

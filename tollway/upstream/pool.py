@@ -125,6 +125,14 @@ class Pool:
                 del self.idle[i]
                 return
 
+    def evict_one(self) -> bool:
+        """Close the longest-idle connection (to make room under a connection limit); False if none."""
+        if not self.idle:
+            return False
+        _, conn = self.idle.pop(0)
+        conn.close()
+        return True
+
     def close(self) -> None:
         for _, conn in self.idle:
             conn.close()
