@@ -20,7 +20,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from tollway.config.types import Cidr, Duration, ListenAddress, Name, Size, parse_hostport
 
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
-_HOST = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.\*)?$")
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST = re.compile(rf"^(\*\.)?({_LABEL}\.)*{_LABEL}(\.\*)?$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _PARAM = re.compile(r"\{([^{}]*)\}")
 _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
@@ -52,8 +53,12 @@ class Timeouts(Model):
 
     client_header: Duration = Field(10.0, gt=0, description="time to receive a request head [408]")
     client_body: Duration = Field(60.0, gt=0, description="idle time between request body reads [408]")
-    client_send: Duration = Field(60.0, gt=0, description="idle time writing to a client that stops reading")
-    keepalive: Duration = Field(60.0, ge=0, description="idle keep-alive connection lifetime; 0 = no keep-alive")
+    client_send: Duration = Field(
+        60.0, gt=0, description="idle time writing to a client that stops reading"
+    )
+    keepalive: Duration = Field(
+        60.0, ge=0, description="idle keep-alive connection lifetime; 0 = no keep-alive"
+    )
 
 
 class AccessLog(Model):

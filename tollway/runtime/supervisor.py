@@ -109,7 +109,6 @@ class Supervisor:
         return 0
 
     def describe(self) -> dict[str, Any]:
-        gateway = self.config.gateway
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -123,9 +122,8 @@ class Supervisor:
         }
 
     async def shutdown(self, fast: bool = False) -> None:
-        if self._stopping:
-            if not fast:
-                return
+        if self._stopping and not fast:
+            return
         self._stopping = True
         self.draining = True
         gateway = self.config.gateway
