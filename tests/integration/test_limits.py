@@ -5,12 +5,14 @@ none reaches the backend as a request.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 import threading
 
 import pytest
 
-from tests.support import RawClient, gateway_config, request, rss_mb
+from tests.support import RawClient, Seen, gateway_config, request, rss_mb, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -144,3 +146,22 @@ def test_limits_default_to_safe_values(gateway, backend) -> None:
     client.send(b"POST / HTTP/1.1\r\n" + H + b"Content-Length: %d\r\n\r\n" % (100 * 1024 * 1024 + 1))
     assert client.read_response().status == 413
     client.close()
+
+
+def test_response_head_limit_is_configurable(gateway, backend) -> None:
+    async def big_head(seen: Seen, writer: asyncio.StreamWriter) -> bool:
+        size = int(seen.target.strip("/"))
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * size + b"\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    be = backend(big_head)
+    gw = gateway(gateway_config(be.url, limits={"max_response_header_size": "2k"}))
+    assert request(gw.port, path="/1500").status == 200
+    resp = request(gw.port, path="/3000")  # one read holds the whole head: still too large
+    assert resp.status == 502
+    assert resp.json()["message"] == "upstream response head is too large"
+    assert request(gw.port, path="/100000").status == 502  # over several reads
+    # A reload raises the limit, for the pooled connections too.
+    gw.write_config(gateway_config(be.url, limits={"max_response_header_size": "8k"}))
+    gw.signal(signal.SIGHUP)
+    assert wait_until(lambda: request(gw.port, path="/3000").status == 200)

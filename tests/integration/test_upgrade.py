@@ -6,10 +6,12 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
 
 import pytest
 from aiohttp import WSMsgType, web
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.support import LoopThread, RawClient, Seen, gateway_config, request, wait_until
@@ -173,3 +175,17 @@ def test_tunnel_ends_when_the_backend_closes(gateway, loop_thread) -> None:
     assert client.buf == b"bye"
     client.close()
     loop_thread.run(_close(server))
+
+
+def test_websocket_lives_through_the_drain_grace_period(gateway, ws_backend) -> None:
+    gw = gateway(gateway_config(ws_backend.url, drain_timeout="3s"))
+    with connect(f"ws://127.0.0.1:{gw.port}/ws", open_timeout=10, close_timeout=5) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=10) == "echo: before"
+        gw.signal(signal.SIGTERM)
+        assert wait_until(lambda: request(gw.status_port, path="/ready").status == 503, 5)
+        ws.send("during the drain")
+        assert ws.recv(timeout=10) == "echo: during the drain"
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=20)  # cut when the grace period ends
+    assert gw.process is not None and gw.process.wait(30) == 0

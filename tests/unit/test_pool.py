@@ -444,3 +444,18 @@ async def test_a_fresh_connection_failing_before_responding_is_not_replayed() ->
         await asyncio.sleep(0)
     assert len(proxy.opened) == 1
     assert out.take().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+
+
+async def test_client_gone_with_pipelined_requests_forwards_none_of_the_queued_ones() -> None:
+    proxy = LoopProxy(asyncio.get_running_loop())
+    h = Harness(proxy)
+    conn, upstream = h.pooled()
+    client, _ = h.client()
+    client.data_received(GET + b"POST /second HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 1\r\n\r\nx")
+    assert upstream.take().startswith(b"GET /x ")
+    client.connection_lost(None)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert upstream.aborted  # the request in flight is abandoned
+    assert proxy.opened == []  # and the queued one never reaches a backend
+    assert h.pool.active == 0

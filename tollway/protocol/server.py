@@ -183,6 +183,7 @@ class ClientConnection:
     def connection_lost(self, exc: Exception | None) -> None:
         self.deadline.cancel()
         self.worker.connection_closed(self)
+        self.transport = None  # first: an aborted exchange must not start the next queued one
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
             tunnel.abort()
@@ -191,7 +192,6 @@ class ClientConnection:
                 ex.abort()
         self.queue.clear()
         self.active = self.current = None
-        self.transport = None
 
     def pause_writing(self) -> None:
         """The client reads slower than the backend writes: stop reading from the backend."""
@@ -360,9 +360,11 @@ class ClientConnection:
             self.deadline.arm(self.header_timeout, "header")
 
     def drain(self) -> None:
-        """Shutting down: idle connections close now, busy ones after their current response."""
+        """Shutting down: idle connections close now, busy ones after their current response; tunnels
+        (WebSockets) live on until the drain timeout, like requests in flight."""
         self.draining = True
-        if self.active is None and self.current is None and self.transport is not None:
+        idle = self.active is None and self.current is None and self._tunnel is None
+        if idle and self.transport is not None:
             self.transport.close()
 
     # -- tunnels (WebSocket and any other Upgrade) ----------------------------------------------------------

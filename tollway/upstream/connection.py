@@ -213,7 +213,7 @@ class UpstreamConnection:
         buf = self._buf + data if self._buf else data
         while True:
             end = find_head_end(buf, len(self._buf))
-            if end < 0:
+            if end < 0 or end > self.pool.max_head_size:
                 if len(buf) > self.pool.max_head_size:
                     raise UpstreamProtocolError("upstream response head is too large")
                 self._buf = buf
