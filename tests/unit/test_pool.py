@@ -449,7 +449,7 @@ async def test_a_fresh_connection_failing_before_responding_is_not_replayed() ->
 async def test_client_gone_with_pipelined_requests_forwards_none_of_the_queued_ones() -> None:
     proxy = LoopProxy(asyncio.get_running_loop())
     h = Harness(proxy)
-    conn, upstream = h.pooled()
+    _, upstream = h.pooled()
     client, _ = h.client()
     client.data_received(GET + b"POST /second HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 1\r\n\r\nx")
     assert upstream.take().startswith(b"GET /x ")
