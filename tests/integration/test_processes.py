@@ -224,3 +224,28 @@ def test_startup_refuses_a_bad_file(tmp_path) -> None:
     )
     assert proc.returncode == 1
     assert f'{path}:9: routes[0] "users": paths[0]: must start with "/"' in proc.stderr
+
+
+def test_status_listener(gateway, backend) -> None:
+    be = backend()
+    gw = gateway(gateway_config(be.url), workers=2)
+    assert request(gw.status_port, path="/live").json() == {"status": "live"}
+    ready = request(gw.status_port, path="/ready")
+    assert ready.status == 200 and ready.header("cache-control") == "no-store"
+    body = request(gw.status_port, path="/status").json()
+    assert body["draining"] is False and body["config"]["version"] == 1
+    assert [w["alive"] for w in body["workers"]] == [True, True]
+    head = request(gw.status_port, "HEAD", "/ready")
+    assert head.status == 200 and head.body == b""
+    assert request(gw.status_port, path="/nope").status == 404
+    assert request(gw.status_port, "POST", "/ready", body=b"").status == 405
+    client = RawClient(gw.status_port)
+    client.send(b"GET /live HTTP/1.1\r\nHost: s\r\n\r\nGET /ready HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert client.read_response().status == 200
+    assert client.read_response().header("connection") == "close"  # no pipelining here: answered, closed
+    client.close()
+    client = RawClient(gw.status_port)
+    client.send(b"BAD REQUEST\r\n\r\n")
+    assert client.read_response().status == 400
+    assert client.closed_by_peer()
+    client.close()
