@@ -165,3 +165,28 @@ def test_response_head_limit_is_configurable(gateway, backend) -> None:
     gw.write_config(gateway_config(be.url, limits={"max_response_header_size": "8k"}))
     gw.signal(signal.SIGHUP)
     assert wait_until(lambda: request(gw.port, path="/3000").status == 200)
+
+
+def test_oversized_body_of_a_queued_request_is_answered_in_its_turn(gateway, backend) -> None:
+    """A pipelined request's 413 must not overtake the response to the request before it."""
+
+    async def slow(seen: Seen, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.5)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+        return True
+
+    be = backend(slow)
+    gw = gateway(gateway_config(be.url, limits={"max_body_size": 1000}))
+    client = RawClient(gw.port)
+    chunks = b"".join(b"100\r\n" + b"c" * 256 + b"\r\n" for _ in range(5)) + b"0\r\n\r\n"
+    client.send(
+        b"GET /first HTTP/1.1\r\n" + H + b"\r\n"
+        b"POST /second HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n" + chunks
+    )
+    first = client.read_response()
+    assert (first.status, first.body) == (200, b"slow")
+    second = client.read_response()
+    assert second.status == 413
+    assert client.closed_by_peer()
+    client.close()
+    assert [s.target for s in be.seen] == ["/first"]

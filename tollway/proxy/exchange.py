@@ -374,13 +374,14 @@ class Exchange:
 
     # -- request body (called by the client connection as httptools parses it) -----------------------
     def request_body(self, data: bytes) -> None:
+        """Called from the parser: an error raised here reaches the client connection's `_reject`,
+        which answers it in this request's turn (a queued request must not answer before its turn)."""
         if self.done:
             return
         self.body_received += len(data)
         limit = self.client.max_body_size
         if limit and self.body_received > limit:
-            self.fail(BodyTooLarge(f"request body exceeds {limit} bytes"))
-            return
+            raise BodyTooLarge(f"request body exceeds {limit} bytes")
         framed = chunk(data) if self.body_kind == REQ_CHUNKED else data
         replay = self._replay
         if replay is not None:
