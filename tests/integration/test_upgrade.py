@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -189,3 +191,43 @@ def test_websocket_lives_through_the_drain_grace_period(gateway, ws_backend) -> 
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=20)  # cut when the grace period ends
     assert gw.process is not None and gw.process.wait(30) == 0
+
+
+def test_tunnel_has_no_idle_timeout_after_backpressure(gateway, loop_thread) -> None:
+    """A slow tunnel client makes the gateway pause and resume; the tunnel must not inherit the
+    keep-alive timeout of an idle HTTP connection."""
+    size = 16 * 1024 * 1024
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")
+        writer.write(b"z" * size)
+        await writer.drain()
+        while data := await reader.read(65536):
+            writer.write(data.upper())
+            await writer.drain()
+        writer.close()
+
+    server = loop_thread.run(asyncio.start_server(serve, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    gw = gateway(gateway_config(f"http://127.0.0.1:{port}", timeouts={"keepalive": "1s"}))
+    client = RawClient(gw.port, timeout=20)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    client.send(b"GET / HTTP/1.1\r\nHost: gw.test\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+    assert client._fill()
+    time.sleep(0.5)  # not reading: the gateway's buffer to us fills and it pauses the backend
+    while b"\r\n\r\n" not in client.buf:
+        assert client._fill()
+    received = len(client.buf.partition(b"\r\n\r\n")[2])
+    while received < size:
+        chunk = client.sock.recv(1 << 20)
+        assert chunk
+        received += len(chunk)
+    time.sleep(2.5)  # quiet for longer than the keep-alive timeout
+    client.send(b"still there?")
+    client.buf = b""
+    while len(client.buf) < 12:
+        assert client._fill(), "the tunnel was closed"
+    assert client.buf == b"STILL THERE?"
+    client.close()
+    loop_thread.run(_close(server))

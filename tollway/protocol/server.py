@@ -400,6 +400,9 @@ class ClientConnection:
         """Arm the client timeout that fits what the connection is waiting for."""
         if self._writing_paused or self.transport is None:
             return  # the send timeout is armed
+        if self._tunnel is not None:
+            self.deadline.disarm()  # a tunnel has no timeout of its own (its protocol pings if it needs to)
+            return
         ex = self.active
         if ex is None:
             if self.current is None:
