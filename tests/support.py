@@ -181,8 +181,17 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.run(_cancel_tasks(), timeout=5)  # servers' connection tasks: not left pending at exit
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+async def _cancel_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
@@ -193,6 +202,8 @@ class Backend:
     respond: Responder | None = None
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
+    closed: int = 0  # connections that ended (closed by either side)
+    raw: bytearray = field(default_factory=bytearray)  # every byte received, on every connection
     port: int = 0
     _server: asyncio.Server | None = None
     _runner: LoopThread | None = None
@@ -220,10 +231,11 @@ class Backend:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._server.wait_closed(), 2)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         number = self.connections
         self._writers.add(writer)
+        reader = RecordingReader(stream, self.raw)
         try:
             while True:
                 request = await read_request(reader, number)
@@ -239,9 +251,41 @@ class Backend:
         finally:
             self._writers.discard(writer)
             writer.close()
+            self.closed += 1
 
 
-async def read_request(reader: asyncio.StreamReader, connection: int = 0) -> Seen | None:
+class RecordingReader:
+    """A StreamReader that also appends every byte it returns to `sink` (what the backend received)."""
+
+    def __init__(self, reader: asyncio.StreamReader, sink: bytearray) -> None:
+        self.reader = reader
+        self.sink = sink
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        try:
+            data = await self.reader.readuntil(separator)
+        except asyncio.IncompleteReadError as exc:
+            self.sink += exc.partial
+            raise
+        self.sink += data
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            data = await self.reader.readexactly(n)
+        except asyncio.IncompleteReadError as exc:
+            self.sink += exc.partial
+            raise
+        self.sink += data
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self.reader.read(n)
+        self.sink += data
+        return data
+
+
+async def read_request(reader: Any, connection: int = 0) -> Seen | None:
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -262,7 +306,7 @@ async def read_request(reader: asyncio.StreamReader, connection: int = 0) -> See
     return seen
 
 
-async def read_chunked(reader: asyncio.StreamReader) -> bytes:
+async def read_chunked(reader: Any) -> bytes:
     body = bytearray()
     while True:
         size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)

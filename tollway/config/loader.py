@@ -60,7 +60,14 @@ def load_text(text: str, source: str = "<config>") -> GatewayConfig:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{source}{where}: invalid YAML: {problem}"], source) from exc
     lines = _line_map(root) if root is not None else {}
-    return validate(data, source=source, lines=lines)
+    duplicates = _duplicate_keys(root, data, source) if root is not None else []
+    try:
+        config = validate(data, source=source, lines=lines)
+    except ConfigError as exc:
+        raise ConfigError(duplicates + exc.issues, source) from None
+    if duplicates:
+        raise ConfigError(duplicates, source)
+    return config
 
 
 def validate(
@@ -77,44 +84,71 @@ def validate(
         issues = _merge_union_errors(
             Issue(_clean_loc(data, err["loc"]), _clean_message(err)) for err in exc.errors()
         )
+        # Every error at once: references are checked on the document even when entities are invalid.
+        known = {issue.loc for issue in issues}
+        issues += [issue for issue in check_references(data) if issue.loc not in known]
         raise ConfigError(format_issues(issues, data, source, lines or {}), source) from None
-    problems = list(check_references(config))
+    problems = [*check_references(data), *_check_plugins(config)]
     if problems:
         raise ConfigError(format_issues(problems, data, source, lines or {}), source)
     return config
 
 
 # -- cross-entity checks ------------------------------------------------------------------------------
-def check_references(config: GatewayConfig) -> Iterator[Issue]:
-    """What one entity's schema cannot know: unique names, and references between entities."""
-    yield from _unique("services", [s.name for s in config.services], "name")
-    yield from _unique("routes", [r.name for r in config.routes], "name")
-    yield from _unique("upstreams", [u.name for u in config.upstreams], "name")
-    yield from _unique("consumers", [c.username for c in config.consumers], "username")
-    services = {s.name for s in config.services}
-    upstreams = {u.name for u in config.upstreams}
-    routes = {r.name for r in config.routes}
-    consumers = {c.username for c in config.consumers}
-    for i, route in enumerate(config.routes):
-        if route.service not in services:
-            yield Issue(("routes", i, "service"), f"unknown service {route.service!r}")
-    for i, service in enumerate(config.services):
-        if service.upstream is not None and service.upstream not in upstreams:
-            yield Issue(("services", i, "upstream"), f"unknown upstream {service.upstream!r}")
-    for i, plugin in enumerate(config.plugins):
-        for field, known in (("route", routes), ("service", services), ("consumer", consumers)):
-            ref = getattr(plugin, field)
-            if ref is not None and ref not in known:
+def check_references(config: GatewayConfig | dict[str, Any]) -> Iterator[Issue]:
+    """What one entity's schema cannot know: unique names, and references between entities.
+
+    Works on a validated config or on the raw document (where it skips what is malformed: the schema
+    reports that), so a file with both kinds of errors gets all of them in one go."""
+    data = config.model_dump() if isinstance(config, GatewayConfig) else config
+    services = _names(data, "services", "name")
+    upstreams = _names(data, "upstreams", "name")
+    routes = _names(data, "routes", "name")
+    consumers = _names(data, "consumers", "username")
+    yield from _unique("services", services, "name")
+    yield from _unique("routes", routes, "name")
+    yield from _unique("upstreams", upstreams, "name")
+    yield from _unique("consumers", consumers, "username")
+    known_services, known_upstreams = set(services.values()), set(upstreams.values())
+    for i, route in _items(data, "routes"):
+        ref = route.get("service")
+        if isinstance(ref, str) and ref not in known_services:
+            yield Issue(("routes", i, "service"), f"unknown service {ref!r}")
+    for i, service in _items(data, "services"):
+        ref = service.get("upstream")
+        if isinstance(ref, str) and ref not in known_upstreams:
+            yield Issue(("services", i, "upstream"), f"unknown upstream {ref!r}")
+    scopes = {"route": set(routes.values()), "service": known_services, "consumer": set(consumers.values())}
+    for i, plugin in _items(data, "plugins"):
+        for field, known in scopes.items():
+            ref = plugin.get(field)
+            if isinstance(ref, str) and ref not in known:
                 yield Issue(("plugins", i, field), f"unknown {field} {ref!r}")
-    for loc, instance, scoped in _plugin_instances(config):
-        if not scoped and (instance.route or instance.service or instance.consumer):
-            yield Issue((*loc, "route"), "route/service/consumer are only allowed on top-level plugins")
-    yield from _check_plugins(config)
+    for kind in ("services", "routes", "consumers"):
+        for i, entity in _items(data, kind):
+            plugins = entity.get("plugins")
+            for j, plugin in enumerate(plugins if isinstance(plugins, list) else []):
+                if isinstance(plugin, dict) and any(plugin.get(f) for f in ("route", "service", "consumer")):
+                    yield Issue(
+                        (kind, i, "plugins", j, "route"),
+                        "route/service/consumer are only allowed on top-level plugins",
+                    )
 
 
-def _unique(kind: str, names: list[str], field: str) -> Iterator[Issue]:
+def _items(data: dict[str, Any], kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    entities = data.get(kind)
+    for i, entity in enumerate(entities if isinstance(entities, list) else []):
+        if isinstance(entity, dict):
+            yield i, entity
+
+
+def _names(data: dict[str, Any], kind: str, field: str) -> dict[int, str]:
+    return {i: entity[field] for i, entity in _items(data, kind) if isinstance(entity.get(field), str)}
+
+
+def _unique(kind: str, names: dict[int, str], field: str) -> Iterator[Issue]:
     seen: set[str] = set()
-    for i, name in enumerate(names):
+    for i, name in names.items():
         if name in seen:
             yield Issue((kind, i, field), f"duplicate {field} {name!r}")
         seen.add(name)
@@ -243,6 +277,30 @@ def _walk(node: yaml.Node, loc: Loc, record: Callable[[Loc, int], None]) -> None
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _walk(item, (*loc, i), record)
+
+
+def _duplicate_keys(root: yaml.Node, data: Any, source: str) -> list[str]:
+    """YAML lets a later key silently replace an earlier one (a second `routes:` drops the first)."""
+    found: list[str] = []
+
+    def walk(node: yaml.Node, loc: Loc) -> None:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                key, line = key_node.value, key_node.start_mark.line + 1
+                if key in first:
+                    where = describe_loc(data, (*loc, key))
+                    replaced = f"duplicate key (it replaces the one on line {first[key]})"
+                    found.append(f"{source}:{line}: {where}: {replaced}")
+                else:
+                    first[key] = line
+                walk(value_node, (*loc, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*loc, i))
+
+    walk(root, ())
+    return found
 
 
 def _nearest_line(lines: dict[Loc, int], loc: Loc) -> int | None:

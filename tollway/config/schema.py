@@ -21,10 +21,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from tollway.config.types import Cidr, Duration, ListenAddress, Name, Size, parse_hostport
 
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
-_HOST = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.\*)?$")
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST = re.compile(rf"^(\*\.)?({_LABEL}\.)*{_LABEL}(\.\*)?$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _PARAM = re.compile(r"\{([^{}]*)\}")
 _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPED_DOT = re.compile(r"%2[eE]")
 
 
 class Model(BaseModel):
@@ -53,8 +56,12 @@ class Timeouts(Model):
 
     client_header: Duration = Field(10.0, gt=0, description="time to receive a request head [408]")
     client_body: Duration = Field(60.0, gt=0, description="idle time between request body reads [408]")
-    client_send: Duration = Field(60.0, gt=0, description="idle time writing to a client that stops reading")
-    keepalive: Duration = Field(60.0, ge=0, description="idle keep-alive connection lifetime; 0 = no keep-alive")
+    client_send: Duration = Field(
+        60.0, gt=0, description="idle time writing to a client that stops reading"
+    )
+    keepalive: Duration = Field(
+        60.0, ge=0, description="idle keep-alive connection lifetime; 0 = no keep-alive"
+    )
 
 
 class AccessLog(Model):
@@ -208,11 +215,27 @@ def _check_path_pattern(path: str) -> str:
         except re.error as exc:
             raise ValueError(f"invalid regular expression: {exc}") from exc
         return path
-    plain = path[1:] if path.startswith("=") else path
+    exact = path.startswith("=")
+    plain = path[1:] if exact else path
     if not plain.startswith("/"):
         raise ValueError('must start with "/" (or "=/" for an exact path, "~" for a regular expression)')
+    if exact and ("{" in plain or "}" in plain):
+        raise ValueError('an exact path ("=") cannot have {parameters}; a template already matches exactly')
+    _check_normalized(plain)
     _check_template(plain)
     return path
+
+
+def _check_normalized(path: str) -> None:
+    """Requests are routed by their normalized path (docs/routing.md), so a configured path that is
+    not normalized could never match: refuse it instead of ignoring it silently."""
+    if _BAD_ESCAPE.search(path):
+        raise ValueError('has a malformed %-escape ("%" must be followed by two hex digits)')
+    if "//" in path:
+        raise ValueError('must not contain "//" (request paths are matched with slashes merged)')
+    for segment in _ESCAPED_DOT.sub(".", path).split("/"):
+        if segment in (".", ".."):
+            raise ValueError('must not contain "." or ".." segments (request paths are matched resolved)')
 
 
 def _check_method(method: str) -> str:
@@ -251,14 +274,26 @@ class Route(Model):
         False, description="let the upstream retry POST/PATCH (and other non-idempotent) requests once sent"
     )
 
+    @field_validator("headers", "query", mode="before")
+    @classmethod
+    def _numbers_are_text(cls, matchers: Any) -> Any:
+        """`query: {v: 2}` means the text "2" (YAML reads it as a number)."""
+        if not isinstance(matchers, dict):
+            return matchers
+        return {name: _number_as_text(name, value) for name, value in matchers.items()}
+
     @field_validator("headers")
     @classmethod
     def _check_headers(cls, headers: dict[str, Any]) -> dict[str, Any]:
+        lowered: dict[str, Any] = {}
         for name, value in headers.items():
             if not _HEADER_NAME.match(name):
                 raise ValueError(f"{name!r}: not a valid header name")
+            if name.lower() in lowered:
+                raise ValueError(f"{name!r}: listed twice (header names are case-insensitive)")
             _check_value_patterns(name, value)
-        return {name.lower(): value for name, value in headers.items()}
+            lowered[name.lower()] = value
+        return lowered
 
     @field_validator("query")
     @classmethod
@@ -274,8 +309,12 @@ class Route(Model):
         if self.rewrite is not None:
             if not self.rewrite.startswith("/"):
                 raise ValueError('rewrite: must start with "/"')
+            if "{" in _PARAM.sub("", self.rewrite) or "}" in _PARAM.sub("", self.rewrite):
+                raise ValueError("rewrite: unbalanced braces")
             known = _path_params(self.paths)
             for name in _PARAM.findall(self.rewrite):
+                if not _PARAM_NAME.match(name):
+                    raise ValueError(f"rewrite: {{{name}}} is not a valid parameter name")
                 if name.rstrip("*") not in known:
                     raise ValueError(f"rewrite: {{{name}}} is not a parameter of every path of this route")
         return self
@@ -312,7 +351,19 @@ def _path_params(paths: list[str]) -> set[str]:
     return set.intersection(*sets) if sets else set()
 
 
+def _number_as_text(name: str, value: Any) -> Any:
+    if isinstance(value, list):
+        return [_number_as_text(name, item) for item in value]
+    if isinstance(value, bool):  # YAML reads yes/no/on/off/true/false as booleans
+        raise ValueError(f"{name!r}: {str(value).lower()} is read as a boolean; quote it to match text")
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
 def _check_value_patterns(name: str, value: str | list[str]) -> None:
+    if isinstance(value, list) and not value:
+        raise ValueError(f"{name!r}: an empty list matches nothing")
     for item in value if isinstance(value, list) else [value]:
         if item.startswith("~"):
             try:

@@ -52,7 +52,9 @@ def parse_size(value: Any) -> int:
 
 def check_name(value: str) -> str:
     if not _NAME.match(value):
-        raise ValueError("must be 1-128 characters of letters, digits and . _ ~ -, starting with a letter or digit")
+        raise ValueError(
+            "must be 1-128 characters of letters, digits and . _ ~ -, starting with a letter or digit"
+        )
     return value
 
 

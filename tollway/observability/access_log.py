@@ -65,7 +65,9 @@ class AccessLog:
                 "time": self._timestamp(),
                 "client": ex.client.peer_ip.decode("latin-1"),
                 "method": ex.method.decode("latin-1"),
-                "path": ex.raw_path or ex.url.decode("latin-1"),
+                # The path as the client sent it, never the query (it may carry tokens). A request
+                # refused before routing has no parsed path yet: take it from its target.
+                "path": ex.raw_path or ex.url.partition(b"?")[0].decode("latin-1"),
                 "route": route.name if route is not None else None,
                 "service": route.service.name if route is not None else None,
                 "upstream": target.label if target is not None else None,

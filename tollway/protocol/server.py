@@ -37,10 +37,15 @@ if TYPE_CHECKING:
     from tollway.upstream.connection import UpstreamConnection
 
 _MAX_PIPELINED: Final = 32
+# A head still incomplete after this many bytes beyond the configured limits is refused (431): httptools
+# buffers a partial header field until its end, so without this a client could grow it without bound.
+# The slack covers one read's worth of bytes that belonged to the previous request.
+_HEAD_SLACK: Final = 262144
 # Why reading is paused (bits): several can hold at once; reading resumes when none is left.
 _PAUSE_QUEUE: Final = 1
 _PAUSE_BODY: Final = 2
 _PAUSE_TUNNEL: Final = 4
+_PAUSE_REJECTED: Final = 8  # bad input: nothing more is read from this connection
 # Request headers handled by the gateway instead of being forwarded as they are.
 _HOST: Final = 0
 _CONNECTION: Final = 1
@@ -75,10 +80,13 @@ _SPECIAL: Final = {
 
 class ClientConnection:
     __slots__ = (
+        "_head_bytes",
         "_head_size",
         "_paused",
+        "_rejected",
         "_tunnel",
         "_tunnel_pending",
+        "_writing_paused",
         "active",
         "body_timeout",
         "current",
@@ -126,7 +134,10 @@ class ClientConnection:
         self.trusted = False
         self.draining: bool = worker.draining
         self._paused = 0
+        self._writing_paused = False
         self._head_size = 0
+        self._head_bytes = 0
+        self._rejected: tuple[Exchange, TollwayError] | None = None  # answered after the requests before it
         self._tunnel: UpstreamConnection | None = None
         self._tunnel_pending = b""
         self.deadline = Deadline(worker.loop, self._timed_out)
@@ -160,6 +171,11 @@ class ClientConnection:
             self._reject(self._parse_error(exc))
         except TollwayError as exc:
             self._reject(exc)
+        ex = self.current
+        if ex is not None and not ex.method:  # the head is still incomplete
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_request_line + self.max_header_size + _HEAD_SLACK:
+                self._reject(HeadersTooLarge())
 
     def eof_received(self) -> bool | None:
         return None  # close our side too (half-open client connections are not kept)
@@ -167,6 +183,7 @@ class ClientConnection:
     def connection_lost(self, exc: Exception | None) -> None:
         self.deadline.cancel()
         self.worker.connection_closed(self)
+        self.transport = None  # first: an aborted exchange must not start the next queued one
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
             tunnel.abort()
@@ -175,24 +192,21 @@ class ClientConnection:
                 ex.abort()
         self.queue.clear()
         self.active = self.current = None
-        self.transport = None
 
     def pause_writing(self) -> None:
         """The client reads slower than the backend writes: stop reading from the backend."""
+        self._writing_paused = True
         conn = self._source()
-        if conn is not None and conn.transport is not None:
-            conn.transport.pause_reading()
+        if conn is not None:
+            conn.pause_reading()
         self.deadline.arm(self.send_timeout, "send")
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         conn = self._source()
-        if conn is not None and conn.transport is not None:
-            conn.transport.resume_reading()
-        ex = self.active
-        if ex is not None and not ex.body_done:
-            self.deadline.arm(self.body_timeout, "body")
-        else:
-            self.deadline.disarm()
+        if conn is not None:
+            conn.resume_reading()
+        self._rearm()
 
     def _source(self) -> UpstreamConnection | None:
         if self._tunnel is not None:
@@ -204,6 +218,7 @@ class ClientConnection:
     def on_message_begin(self) -> None:
         self.current = Exchange(self, self.worker.snapshot)
         self._head_size = 0
+        self._head_bytes = 0
         if self.active is None:
             self.deadline.arm(self.header_timeout, "header")
 
@@ -221,6 +236,8 @@ class ClientConnection:
         self._head_size = size
         if size > self.max_header_size or len(ex.headers) >= self.max_headers:
             raise HeadersTooLarge()
+        if ex.method:
+            return  # a trailer field after a chunked body: dropped (the body is forwarded re-chunked)
         kind = _SPECIAL.get(name.lower())
         if kind is None:
             ex.headers.append((name, value))
@@ -245,8 +262,11 @@ class ClientConnection:
             raise ClientError("CONNECT is not supported")
         if not ex.host and ex.version == 1 and ex.url[:1] == b"/":
             raise ClientError("missing Host header")
-        if ex.upgrade and not parser.should_upgrade():
-            ex.upgrade = b""
+        if ex.upgrade:
+            if not parser.should_upgrade():
+                ex.upgrade = b""
+            elif ex.body_kind:  # llhttp would hand the body to the tunnel: refuse the ambiguity
+                raise ClientError("a request with a body cannot upgrade the connection")
         if ex.body_kind:
             self._check_body_framing(ex)
         if self.active is not None:
@@ -273,7 +293,7 @@ class ClientConnection:
         ex = self.current
         if ex is None:
             return
-        if ex is self.active:
+        if ex is self.active and not self._writing_paused:
             self.deadline.arm(self.body_timeout, "body")
         ex.request_body(body)  # a queued request buffers it until its turn
 
@@ -284,7 +304,7 @@ class ClientConnection:
             return
         ex.request_done()
         if ex is self.active and not ex.done and ex.body_kind:
-            self.deadline.disarm()
+            self._rearm()
 
     # -- used by exchanges ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -321,18 +341,30 @@ class ClientConnection:
                 self._resume(_PAUSE_QUEUE)
             self.active = nxt
             self._begin(nxt)
+            self._rearm()
+            return
+        if self._rejected is not None:  # bad input that came after the requests just answered
+            bad, error = self._rejected
+            self._rejected = None
+            self.active = bad
+            self.worker.bad_request(self, error)
+            bad.fail(error)
             return
         if self._paused:
             self._resume(_PAUSE_BODY)
+        if self._writing_paused:
+            return  # the send timeout stays armed until the client reads what it was sent
         if self.current is None:
             self.deadline.arm(self.keepalive_timeout, "keepalive")
         else:  # the next request's head is arriving: its header timeout starts now
             self.deadline.arm(self.header_timeout, "header")
 
     def drain(self) -> None:
-        """Shutting down: idle connections close now, busy ones after their current response."""
+        """Shutting down: idle connections close now, busy ones after their current response; tunnels
+        (WebSockets) live on until the drain timeout, like requests in flight."""
         self.draining = True
-        if self.active is None and self.current is None and self.transport is not None:
+        idle = self.active is None and self.current is None and self._tunnel is None
+        if idle and self.transport is not None:
             self.transport.close()
 
     # -- tunnels (WebSocket and any other Upgrade) ----------------------------------------------------------
@@ -364,6 +396,24 @@ class ClientConnection:
             self.transport.pause_reading()
         self._paused |= reason
 
+    def _rearm(self) -> None:
+        """Arm the client timeout that fits what the connection is waiting for."""
+        if self._writing_paused or self.transport is None:
+            return  # the send timeout is armed
+        if self._tunnel is not None:
+            self.deadline.disarm()  # a tunnel has no timeout of its own (its protocol pings if it needs to)
+            return
+        ex = self.active
+        if ex is None:
+            if self.current is None:
+                self.deadline.arm(self.keepalive_timeout, "keepalive")
+            else:
+                self.deadline.arm(self.header_timeout, "header")
+        elif ex.body_kind and not ex.body_done and not ex.done:
+            self.deadline.arm(self.body_timeout, "body")
+        else:
+            self.deadline.disarm()  # waiting for the backend: the upstream timeouts apply
+
     def _resume(self, reason: int) -> None:
         if self._paused & reason:
             self._paused &= ~reason
@@ -388,12 +438,19 @@ class ClientConnection:
         return ClientError(f"malformed request: {exc}")
 
     def _reject(self, error: TollwayError) -> None:
-        """Bad input: answer (if no response is under way) and close; nothing is forwarded."""
+        """Bad input: answer and close; nothing of it is forwarded. Requests received before it are
+        answered first (in order), then its error."""
         ex = self.current or self.active
         self.current = None
-        self._pause(_PAUSE_QUEUE)
+        self._pause(_PAUSE_REJECTED)
         if self.active is not None and self.active is not ex:
-            self.active.keep_alive = False  # finish the response under way, then close
+            if ex is None:
+                ex = Exchange(self, self.worker.snapshot)
+            elif ex in self.queue:
+                self.queue.remove(ex)  # its body was bad: it must not be forwarded when its turn comes
+            ex.keep_alive = False
+            if self._rejected is None:
+                self._rejected = (ex, error)
             return
         if ex is None:
             ex = Exchange(self, self.worker.snapshot)
@@ -446,6 +503,8 @@ def _special_header(ex: Exchange, kind: int, value: bytes) -> None:
     if kind == _HOST:
         if ex.host:
             raise ClientError("more than one Host header")
+        if not value:
+            raise ClientError("empty Host header")  # also keeps a second Host from passing unnoticed
         ex.host = value
     elif kind == _CONNECTION:
         ex.connection_header = ex.connection_header + b", " + value if ex.connection_header else value
@@ -467,6 +526,5 @@ def _special_header(ex: Exchange, kind: int, value: bytes) -> None:
         ex.x_forwarded_proto = value
     elif kind == _XFH:
         ex.x_forwarded_host = value
-    elif kind == _RID:
-        if 0 < len(value) <= 200:
-            ex.request_id = value
+    elif kind == _RID and 0 < len(value) <= 200:
+        ex.request_id = value

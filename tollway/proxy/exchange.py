@@ -13,6 +13,7 @@ new upstream connection must be opened.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,8 @@ _BUFFER_HIGH = 65536
 _EMPTY_PARAMS: dict[str, str] = {}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 _HOSTS: dict[bytes, str] = {}  # Host header -> routing host (lowercase, no port); bounded below
+# RFC 9110 7.2: uri-host [ ":" port ], where uri-host is an IP literal or a reg-name (no userinfo).
+_HOST_VALUE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]{0,5})?")
 
 
 def _route_host(host: bytes) -> str:
@@ -65,11 +68,10 @@ def _route_host(host: bytes) -> str:
     cached = _HOSTS.get(host)
     if cached is not None:
         return cached
+    if _HOST_VALUE.fullmatch(host) is None:
+        raise ClientError("invalid Host header")
     text = host.decode("latin-1").lower()
-    if text.endswith("]"):  # [::1]
-        name = text
-    else:
-        name = text.rpartition(":")[0] if ":" in text else text
+    name = text.rpartition(":")[0] if ":" in text and not text.endswith("]") else text  # "[::1]" has no port
     if len(_HOSTS) >= 4096:
         _HOSTS.clear()
     _HOSTS[host] = name
@@ -242,11 +244,16 @@ class Exchange:
         for scheme in (b"http://", b"https://"):
             if lower.startswith(scheme):
                 rest = url[len(scheme):]
-                authority, slash, path = rest.partition(b"/")
+                end = len(rest)
+                for delimiter in (b"/", b"?"):
+                    found = rest.find(delimiter)
+                    if 0 <= found < end:
+                        end = found
+                authority, path = rest[:end], rest[end:]
                 if not authority:
                     break
                 self.host = authority
-                return slash + path if slash else b"/"
+                return path if path[:1] == b"/" else b"/" + path
         if url == b"*" and self.method == b"OPTIONS":
             return b"/"
         raise ClientError("invalid request target")
@@ -265,8 +272,8 @@ class Exchange:
             return False
         if isinstance(found, MethodNotAllowed):
             allow = ", ".join(found.allowed).encode()
-            resp = error_response(405, "method not allowed", self.request_id.decode("latin-1"), [(b"Allow", allow)])
-            self.respond(resp)
+            rid = self.request_id.decode("latin-1")
+            self.respond(error_response(405, "method not allowed", rid, [(b"Allow", allow)]))
             return False
         route = found.route
         self.route = route
@@ -293,7 +300,7 @@ class Exchange:
             return
         self.target = target
         self._held = True
-        if self.expect_continue and not self.body_done:
+        if self.expect_continue and not self.body_done and self.body_kind != REQ_NONE and self.version == 1:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._connect(target)
 
@@ -343,7 +350,7 @@ class Exchange:
         target = self.target
         assert service is not None and target is not None
         self.upstream = conn
-        conn.start(self, self.method, service.read_timeout)
+        conn.start(self, self.method, service.read_timeout, service.write_timeout)
         head = self._build_request_head(service, target)
         body = self._body_buf
         if body:
@@ -357,7 +364,9 @@ class Exchange:
             if self.body_kind == REQ_CHUNKED:
                 conn.write(LAST_CHUNK)
         elif self.body_kind != REQ_NONE:
-            conn.deadline.arm(service.write_timeout, "write")  # read timeout starts after the body
+            # The body comes at the client's pace (the client body timeout watches that); the read
+            # timeout starts after it, and the write timeout whenever the backend stops taking it.
+            conn.deadline.disarm()
 
     def _build_request_head(self, service: CompiledService, target: Target) -> bytes:
         host_mode = service.host_mode
@@ -398,13 +407,14 @@ class Exchange:
 
     # -- request body (called by the client connection as httptools parses it) -----------------------
     def request_body(self, data: bytes) -> None:
+        """Called from the parser: an error raised here reaches the client connection's `_reject`,
+        which answers it in this request's turn (a queued request must not answer before its turn)."""
         if self.done:
             return
         self.body_received += len(data)
         limit = self.client.max_body_size
         if limit and self.body_received > limit:
-            self.fail(BodyTooLarge(f"request body exceeds {limit} bytes"))
-            return
+            raise BodyTooLarge(f"request body exceeds {limit} bytes")
         framed = chunk(data) if self.body_kind == REQ_CHUNKED else data
         replay = self._replay
         if replay is not None:
@@ -437,7 +447,7 @@ class Exchange:
         if head.status < 200:
             # 100 is ours to send (we answered Expect ourselves); others (103) pass on to HTTP/1.1 clients.
             if head.status != 100 and self.version == 1:
-                self.client.write(raw)
+                self.client.write(head.to_client(b""))
             return
         self.upstream_time = time.perf_counter() - self.upstream_start
         service = self.service
@@ -461,15 +471,15 @@ class Exchange:
     def _build_response_head(self, head: ResponseHead, raw: bytes) -> bytes:
         kind = head.body_kind
         extra = b""
-        if kind == BODY_CHUNKED or kind == BODY_UNTIL_CLOSE:
+        if kind == BODY_CHUNKED or kind == BODY_UNTIL_CLOSE:  # noqa: SIM109 - two int compares when compiled
             if self.version == 1:
                 extra = b"Transfer-Encoding: chunked\r\n"  # chunks pass through, or we frame them
             else:
                 self.keep_alive = False  # an HTTP/1.0 client learns the end from the close
                 if kind == BODY_CHUNKED:
                     self._dechunk = ChunkedDecoder(collect=True)
-        if self.client.draining:
-            self.keep_alive = False
+        if self.client.draining or self.upgrade:
+            self.keep_alive = False  # an upgrade the backend refused: the client connection is spent
         if not self.keep_alive:
             extra += b"Connection: close\r\n"
         elif self.version == 0:
@@ -506,7 +516,8 @@ class Exchange:
     def upstream_complete(self) -> None:
         conn = self.upstream
         head = self.response_head
-        tail = LAST_CHUNK if head is not None and head.body_kind == BODY_UNTIL_CLOSE and self.version == 1 else b""
+        close_delimited = head is not None and head.body_kind == BODY_UNTIL_CLOSE
+        tail = LAST_CHUNK if close_delimited and self.version == 1 else b""
         pending = self._pending_head
         if pending is not None:
             self._pending_head = None

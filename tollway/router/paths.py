@@ -90,11 +90,11 @@ def parse_path_pattern(pattern: str) -> PathPattern:
     exact = pattern.startswith("=")
     text = pattern[1:] if exact else pattern
     # Configured literals get the same escape normalization as requests, or "/%7Euser" could never
-    # match the normalized request "/~user". (A malformed escape is left alone: it matches nothing.)
+    # match the normalized request "/~user". (The schema refuses malformed escapes.)
     text = normalize_escapes(text) or text
     if "{" not in text:
         return PathPattern("exact" if exact else "prefix", text)
-    # "=/users/{id}" passes the schema; a template already matches exactly, so treat it as one.
+    # (The schema refuses "=/users/{id}": a template already matches exactly.)
     return _parse_template(text)
 
 

@@ -76,7 +76,8 @@ class Supervisor:
         self._stopping = False
         self._done: asyncio.Event | None = None
         self._status_server: asyncio.AbstractServer | None = None
-        self._watch_stat: tuple[int, int, int] | None = None
+        # The file as it was when the running config was read: the watcher reloads when it differs.
+        self._watch_stat = _stat(self.config_path) if self.config_path is not None else None
         self._failed_restarts: dict[int, int] = {}
         # upstreams: DNS, active health checks, shared ejections, /upstreams (tollway.upstream.manager)
         self.upstreams = UpstreamManager(self._broadcast, self._live_channels)
@@ -113,7 +114,6 @@ class Supervisor:
         return 0
 
     def describe(self) -> dict[str, Any]:
-        gateway = self.config.gateway
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -127,9 +127,8 @@ class Supervisor:
         }
 
     async def shutdown(self, fast: bool = False) -> None:
-        if self._stopping:
-            if not fast:
-                return
+        if self._stopping and not fast:
+            return
         self._stopping = True
         self.draining = True
         gateway = self.config.gateway
@@ -163,6 +162,7 @@ class Supervisor:
         """Load the config file again; apply it if valid, otherwise keep the running one."""
         if self.config_path is None or self._stopping:
             return False
+        self._watch_stat = _stat(self.config_path)  # before reading: a later change is seen next poll
         try:
             config = self._with_overrides(load_file(self.config_path))
         except ConfigError as exc:
@@ -205,15 +205,14 @@ class Supervisor:
         interval = self.config.gateway.watch_interval
         if not interval:
             return
-        self._watch_stat = _stat(self.config_path)
         while True:
             await asyncio.sleep(interval)
             current = _stat(self.config_path)
             if current is None or current == self._watch_stat:
                 continue
             await asyncio.sleep(0.2)  # let an editor finish writing
-            self._watch_stat = _stat(self.config_path)
-            self.reload("file changed")
+            if _stat(self.config_path) != self._watch_stat:  # unless a SIGHUP reloaded it meanwhile
+                self.reload("file changed")
 
     # -- workers ----------------------------------------------------------------------------------------
     def _bind_all(self) -> None:

@@ -10,6 +10,7 @@ replaces the old with one assignment, and requests in flight finish on the snaps
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -90,6 +91,7 @@ class Worker:
                 handler(*message[1:])
 
     def apply_config(self, version: int, config: GatewayConfig) -> None:
+        self._apply_pool_limits(config)
         try:
             snapshot = build_snapshot(config, version, self.pool_for, self.upstreams)
         except Exception as exc:  # the supervisor validated it; a failure here is a bug worth a trace
@@ -202,6 +204,16 @@ class Worker:
         if current is not None:
             current.close()
         self.access_log = AccessLog(self.loop, settings) if settings.enabled else None
+
+    def _apply_pool_limits(self, config: GatewayConfig) -> None:
+        """Pools outlive snapshots: a changed response-head limit is applied to the existing ones too."""
+        limit = config.gateway.limits.max_response_header_size
+        if limit == self.pool_settings.max_head_size:
+            return
+        self.pool_settings = dataclasses.replace(self.pool_settings, max_head_size=limit)
+        for pool in self.pools.values():
+            pool.settings = self.pool_settings
+            pool.max_head_size = limit
 
     def _close_unused_pools(self, snapshot: Snapshot) -> None:
         used = {id(t.pool) for c in snapshot.clusters for t in c.targets}

@@ -50,12 +50,14 @@ class UpstreamConnection:
         "method",
         "pool",
         "read_timeout",
+        "reading_paused",
         "received",
         "requests",
         "sink",
         "transport",
         "tunnel",
         "tunnel_sink",
+        "write_timeout",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -71,6 +73,8 @@ class UpstreamConnection:
         self.requests = 0
         self.received = 0  # response bytes received for the current request
         self.read_timeout = 60.0
+        self.write_timeout = 60.0
+        self.reading_paused = False  # by the client side, while the client reads slower than we receive
         self._buf = b""
         self._remaining = 0
         self._decoder: ChunkedDecoder | None = None
@@ -107,7 +111,7 @@ class UpstreamConnection:
         except UpstreamError as exc:
             self._fail(exc, False)
             return
-        if self.sink is not None:  # more to come: the read timeout restarts
+        if self.sink is not None and not self.reading_paused:  # more to come: the read timeout restarts
             self.deadline.arm(self.read_timeout, "read")
 
     def eof_received(self) -> bool | None:
@@ -136,26 +140,53 @@ class UpstreamConnection:
         sink.upstream_failed(error, replayable)
 
     def pause_writing(self) -> None:
-        """The backend reads slower than the client sends: stop reading from the client."""
+        """The backend reads slower than the client sends: stop reading from the client, and give the
+        backend `write_timeout` to take more."""
         if self.tunnel_sink is not None:
             self.tunnel_sink.upstream_pause_writing()
         elif self.sink is not None:
+            self.deadline.arm(self.write_timeout, "write")
             self.sink.upstream_pause_writing()
 
     def resume_writing(self) -> None:
         if self.tunnel_sink is not None:
             self.tunnel_sink.upstream_resume_writing()
         elif self.sink is not None:
-            self.sink.upstream_resume_writing()
+            sink = self.sink
+            if sink.body_done:
+                self.deadline.arm(self.read_timeout, "read")
+            else:
+                self.deadline.disarm()  # the rest of the body comes at the client's pace
+            sink.upstream_resume_writing()
+
+    # -- flow control from the client side ------------------------------------------------------------
+    def pause_reading(self) -> None:
+        """The client reads slower than the backend sends. Its send timeout applies meanwhile, not our
+        read timeout: a slow client is not a slow backend."""
+        transport = self.transport
+        if transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            transport.pause_reading()
+            if not self.tunnel:
+                self.deadline.disarm()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused:
+            self.reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+            if self.sink is not None:
+                self.deadline.arm(self.read_timeout, "read")
 
     # -- request side -------------------------------------------------------------------------------------
-    def start(self, sink: Exchange, method: bytes, read_timeout: float) -> None:
+    def start(self, sink: Exchange, method: bytes, read_timeout: float, write_timeout: float) -> None:
         """Bind this connection to a request about to be written."""
         self.sink = sink
         self.method = method
         self.head = None
         self.received = 0
         self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
         self.keep_alive = True
         self.requests += 1
         self.deadline.arm(read_timeout, "read")
@@ -182,7 +213,7 @@ class UpstreamConnection:
         buf = self._buf + data if self._buf else data
         while True:
             end = find_head_end(buf, len(self._buf))
-            if end < 0:
+            if end < 0 or end > self.pool.max_head_size:
                 if len(buf) > self.pool.max_head_size:
                     raise UpstreamProtocolError("upstream response head is too large")
                 self._buf = buf

@@ -109,6 +109,8 @@ class Pool:
         ):
             conn.close()
             return
+        if conn.reading_paused:  # paused for a slow client; idle, it must notice the backend closing
+            conn.resume_reading()
         self.idle.append((self.loop.time(), conn))
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(settings.idle_timeout, self._sweep)
