@@ -6,7 +6,7 @@ same plugin returns what it took from the earlier ones). Records, eight doubles 
 
     fixed        [expires, window id, count]
     sliding      [expires, window id, current count, previous count]
-    gcra         [TAT]                     (the theoretical arrival time is also the expiry)
+    gcra         [TAT in seconds (= expiry), TAT in units of interval, interval]
     concurrency  [expires, lease epoch, in flight this epoch, in flight last epoch]
 
 The same arithmetic runs in Redis (`tollway.state.scripts`); tests hold the two to the same answers.
@@ -176,52 +176,64 @@ def sliding_retry_after(
 
 class LocalGcra(LocalLimit):
     """GCRA: one theoretical arrival time (TAT) per key. A unit costs `interval` = window/limit seconds
-    of TAT; a request passes while TAT - now stays within the burst tolerance capacity x interval."""
+    of TAT; a request passes while TAT - now stays within the burst tolerance capacity x interval.
 
-    __slots__ = ("interval", "tolerance")
+    The TAT is kept in units of `interval` (seconds / interval), so spending a unit adds exactly 1.0:
+    adding 0.6 s to 1.7e9 s a thousand times would pile up float rounding, adding 1.0 to a count of
+    units does not. The record also keeps the TAT in seconds (its expiry) and the interval it was
+    counted with, so a changed limit rescales instead of misreading the units.
+    """
+
+    __slots__ = ("capacity", "interval")
 
     def __init__(self, spec: LimitSpec, table: SharedTable | None = None) -> None:
         super().__init__(spec, table)
         self.interval = spec.emission_interval
-        self.tolerance = spec.capacity * self.interval
+        self.capacity = float(spec.capacity)
 
     def check(self, key: str, now: float, cost: int = 1) -> Decision:
         fp = self._cache.get(key) or self.fingerprint(key)
         table = self.table
         buf = self.buf
         interval = self.interval
-        tolerance = self.tolerance
+        capacity = self.capacity
+        now_u = now / interval
         stripe = table.lock(fp)
         try:
             offset, found = table.slot(fp, now)
-            tat = now
+            tat = now_u
             if found:
-                stored = _F1.unpack_from(buf, offset)[0]
-                if stored > now:
-                    tat = stored
-            new_tat = tat + cost * interval
-            allow_at = new_tat - tolerance
-            allowed = allow_at - now <= interval * 1e-6
+                tat_s, tat_u, counted_with = _F3.unpack_from(buf, offset)
+                if counted_with != interval:
+                    tat_u = tat_s / interval
+                if tat_u > now_u:
+                    tat = tat_u
+            new_tat = tat + cost
+            allowed = new_tat - now_u <= capacity + 1e-6
             if allowed:
-                _F1.pack_into(buf, offset, new_tat)
+                _F3.pack_into(buf, offset, new_tat * interval, new_tat, interval)
         finally:
             table.unlock(stripe)
         if allowed:
-            remaining = int((tolerance - (new_tat - now)) / interval + 1e-6)
-            return Decision(True, self.limit, max(0, remaining), new_tat - now, 0.0, self.spec)
-        remaining = int((tolerance - (tat - now)) / interval + 1e-6)
-        retry = allow_at - now if cost <= self.spec.capacity else 2.0 * self.window
-        return Decision(False, self.limit, max(0, remaining), tat - now, retry, self.spec)
+            remaining = int(capacity - (new_tat - now_u) + 1e-6)
+            return Decision(True, self.limit, max(0, remaining), (new_tat - now_u) * interval, 0.0, self.spec)
+        remaining = int(capacity - (tat - now_u) + 1e-6)
+        retry = (new_tat - capacity - now_u) * interval if cost <= capacity else 2.0 * self.window
+        return Decision(False, self.limit, max(0, remaining), (tat - now_u) * interval, retry, self.spec)
 
     def refund(self, key: str, now: float, cost: int = 1) -> None:
         fp = self.fingerprint(key)
         table = self.table
+        interval = self.interval
         stripe = table.lock(fp)
         try:
             offset = table.find(fp)
             if offset >= 0:
-                tat = _F1.unpack_from(self.buf, offset)[0] - cost * self.interval
-                _F1.pack_into(self.buf, offset, tat if tat > now else now)
+                tat_s, tat_u, counted_with = _F3.unpack_from(self.buf, offset)
+                if counted_with != interval:
+                    tat_u = tat_s / interval
+                tat = max(tat_u - cost, now / interval)
+                _F3.pack_into(self.buf, offset, tat * interval, tat, interval)
         finally:
             table.unlock(stripe)
 

@@ -140,6 +140,7 @@ class SharedTable:
         self.records_offset = self.keys_offset + buckets * WAYS * 8
         self.size = size
         self.stats = TableStats()
+        self.lock_timeout = LOCK_TIMEOUT
         self._locks: Any = open_locks(self.buf, self.fd, stripes, lock_kind)
         self.lock_impl = type(self._locks).__name__
         self._acquire = self._locks.acquire
@@ -200,11 +201,11 @@ class SharedTable:
         """Lock the stripe that guards `fp`'s bucket; returns the stripe to pass to `unlock`."""
         stripe = fp & self.bucket_mask & self.stripe_mask
         try:
-            if self._acquire(stripe, LOCK_TIMEOUT):
+            if self._acquire(stripe, self.lock_timeout):
                 self.stats.recovered += 1
         except TimeoutError:
             self.stats.lock_timeouts += 1
-            raise StateLockTimeout(f"state table stripe {stripe} held for over {LOCK_TIMEOUT}s") from None
+            raise StateLockTimeout(f"state table stripe {stripe} held over {self.lock_timeout}s") from None
         return stripe
 
     def unlock(self, stripe: int) -> None:
@@ -276,7 +277,7 @@ class SharedTable:
     def clear(self) -> None:
         """Forget every key (tests; a config change that redefines limits keeps its keys instead)."""
         for stripe in range(self.stripes):
-            self._acquire(stripe, LOCK_TIMEOUT)
+            self._acquire(stripe, self.lock_timeout)
         try:
             start = self.keys_offset
             self.buf[start : self.size] = bytes(self.size - start)
