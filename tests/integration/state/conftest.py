@@ -39,7 +39,7 @@ def prefix(redis_address: tuple[str, int]) -> Iterator[str]:
 
 
 @pytest.fixture
-async def backend(redis_address: tuple[str, int]) -> AsyncIterator[Standalone]:
+async def redis_backend(redis_address: tuple[str, int]) -> AsyncIterator[Standalone]:
     b = Standalone(RedisClient(*redis_address, timeout=2.0, connect_timeout=2.0))
     yield b
     await b.close()

@@ -48,11 +48,13 @@ async def test_redis_policy_is_exact_under_20_concurrent_clients(
             await b.close()
 
 
-async def test_redis_policy_with_server_time(backend: Standalone, prefix: str, table: SharedTable) -> None:
+async def test_redis_policy_with_server_time(
+    redis_backend: Standalone, prefix: str, table: SharedTable
+) -> None:
     spec = LimitSpec("hour", 30, 3600)
     if 3600 - time.time() % 3600 < 5:  # do not straddle an hour boundary
         await asyncio.sleep(6)
-    policy = RedisPolicy(spec, backend, table=table, prefix=prefix)
+    policy = RedisPolicy(spec, redis_backend, table=table, prefix=prefix)
     decisions = await asyncio.gather(*(resolve(policy.check("k", 0.0)) for _ in range(40)))
     assert sum(d.allowed for d in decisions) == 30
     denied = [d for d in decisions if not d.allowed]
@@ -61,11 +63,11 @@ async def test_redis_policy_with_server_time(backend: Standalone, prefix: str, t
 
 @pytest.mark.parametrize("algorithm", ["fixed", "sliding", "gcra"])
 async def test_scripts_agree_with_the_local_algorithms(
-    algorithm: str, backend: Standalone, prefix: str, table: SharedTable
+    algorithm: str, redis_backend: Standalone, prefix: str, table: SharedTable
 ) -> None:
     spec = LimitSpec("w", 7, 10, algorithm, burst=4 if algorithm == "gcra" else 0)
     local = local_limit(spec, table)
-    remote = RedisPolicy(spec, backend, table=table, prefix=prefix, server_time=False)
+    remote = RedisPolicy(spec, redis_backend, table=table, prefix=prefix, server_time=False)
     rng = random.Random(7)
     now = T0
     for _ in range(300):
@@ -79,10 +81,14 @@ async def test_scripts_agree_with_the_local_algorithms(
 
 
 async def test_check_all_asks_redis_once_per_limit_together_and_refunds(
-    backend: Standalone, prefix: str, table: SharedTable
+    redis_backend: Standalone, prefix: str, table: SharedTable
 ) -> None:
-    minute = RedisPolicy(LimitSpec("minute", 5, 60), backend, table=table, prefix=prefix, server_time=False)
-    second = RedisPolicy(LimitSpec("second", 2, 1), backend, table=table, prefix=prefix, server_time=False)
+    minute = RedisPolicy(
+        LimitSpec("minute", 5, 60), redis_backend, table=table, prefix=prefix, server_time=False
+    )
+    second = RedisPolicy(
+        LimitSpec("second", 2, 1), redis_backend, table=table, prefix=prefix, server_time=False
+    )
     results = [await resolve_all(check_all([minute, second], "k", T0 + 0.5)) for _ in range(3)]
     assert [all(d.allowed for d in r) for r in results] == [True, True, False]
     await asyncio.sleep(0.1)  # the refund of the minute unit is fire-and-forget
@@ -111,13 +117,15 @@ async def hammer(policies: list[BatchedRedisPolicy], clients: int, attempts: int
 
 @pytest.mark.parametrize("algorithm", ["fixed", "sliding"])
 async def test_batched_never_admits_more_than_the_limit(
-    algorithm: str, backend: Standalone, prefix: str
+    algorithm: str, redis_backend: Standalone, prefix: str
 ) -> None:
     spec = LimitSpec("minute", 1000, 60, algorithm)
     tables = [SharedTable.create(1 << 10) for _ in range(3)]  # three nodes
     clock = [T0 + 1.0]
     policies = [
-        BatchedRedisPolicy(spec, backend, table=t, prefix=prefix, server_time=False, clock=lambda: clock[0])
+        BatchedRedisPolicy(
+            spec, redis_backend, table=t, prefix=prefix, server_time=False, clock=lambda: clock[0]
+        )
         for t in tables
     ]
     try:
@@ -134,12 +142,12 @@ async def test_batched_never_admits_more_than_the_limit(
 
 
 async def test_batched_redis_commands_per_request_under_steady_load(
-    backend: Standalone, prefix: str, table: SharedTable
+    redis_backend: Standalone, prefix: str, table: SharedTable
 ) -> None:
     spec = LimitSpec("minute", 1_000_000, 60)  # never trips
     clock = [T0 + 1.0]
-    policy = BatchedRedisPolicy(spec, backend, table=table, prefix=prefix, server_time=False)
-    before = backend.stats.commands
+    policy = BatchedRedisPolicy(spec, redis_backend, table=table, prefix=prefix, server_time=False)
+    before = redis_backend.stats.commands
 
     async def client() -> None:
         for _ in range(400):
@@ -149,14 +157,14 @@ async def test_batched_redis_commands_per_request_under_steady_load(
 
     try:
         await asyncio.gather(*(client() for _ in range(20)))
-        commands = backend.stats.commands - before
+        commands = redis_backend.stats.commands - before
         assert policy.stats.requests == 8000
         assert commands / policy.stats.requests <= 0.1, (commands, policy.stats)
     finally:
         policy.close()
 
 
-async def test_batched_gives_back_what_an_idle_node_reserved(backend: Standalone, prefix: str) -> None:
+async def test_batched_gives_back_what_an_idle_node_reserved(redis_backend: Standalone, prefix: str) -> None:
     spec = LimitSpec("minute", 100, 60)
     idle_table, busy_table = SharedTable.create(1 << 10), SharedTable.create(1 << 10)
     started = time.monotonic()
@@ -165,8 +173,8 @@ async def test_batched_gives_back_what_an_idle_node_reserved(backend: Standalone
         return T0 + 1.0 + (time.monotonic() - started)
 
     options = {"prefix": prefix, "server_time": False, "clock": clock, "slice_interval": 0.1}
-    idle = BatchedRedisPolicy(spec, backend, table=idle_table, max_slice=40, **options)
-    busy = BatchedRedisPolicy(spec, backend, table=busy_table, max_slice=40, **options)
+    idle = BatchedRedisPolicy(spec, redis_backend, table=idle_table, max_slice=40, **options)
+    busy = BatchedRedisPolicy(spec, redis_backend, table=busy_table, max_slice=40, **options)
     try:
         for _ in range(3):  # the idle node serves a few requests, then its traffic stops
             assert (await resolve(idle.check("k", clock()))).allowed
@@ -186,7 +194,7 @@ async def test_batched_gives_back_what_an_idle_node_reserved(backend: Standalone
 
 
 async def test_batched_gcra_overshoot_stays_within_the_documented_bound(
-    backend: Standalone, prefix: str
+    redis_backend: Standalone, prefix: str
 ) -> None:
     """GCRA, rate 10/s, burst 10, lease 0.5 s, three nodes. One node reserves a slice, goes quiet for
     almost a lease while the bucket refills, then every node floods: the reserved units and the refill
@@ -198,7 +206,7 @@ async def test_batched_gcra_overshoot_stays_within_the_documented_bound(
     clock = [T0]
     policies = [
         BatchedRedisPolicy(
-            spec, backend, table=t, prefix=prefix, server_time=False, clock=lambda: clock[0],
+            spec, redis_backend, table=t, prefix=prefix, server_time=False, clock=lambda: clock[0],
             slice_interval=0.25, lease=lease, max_slice=10,
         )
         for t in tables
