@@ -95,18 +95,28 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}"
 
+    sentinel = False  # run as a sentinel (its config file is written by `start`)
+
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            redis_server_binary(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.directory),
-            "--logfile", str(self.directory / f"redis-{self.port}.log"),
-            *self.args,
-        ]  # fmt: skip
+        log_file = str(self.directory / f"redis-{self.port}.log")
+        if self.sentinel:
+            conf = self.directory / "sentinel.conf"
+            if not conf.exists():
+                conf.write_text("\n".join(self.args) + "\n")
+            cmd = [redis_server_binary(), str(conf), "--sentinel", "--port", str(self.port)]
+            cmd += ["--bind", "127.0.0.1", "--dir", str(self.directory), "--logfile", log_file]
+        else:
+            cmd = [
+                redis_server_binary(),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.directory),
+                "--logfile", log_file,
+                *self.args,
+            ]  # fmt: skip
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not ping("127.0.0.1", self.port, password=self.password):
@@ -167,6 +177,13 @@ class ServerSet:
     def start(self, args: list[str] | None = None, port: int | None = None, name: str = "") -> RedisServer:
         directory = self.root / (name or f"redis{len(self.servers)}")
         server = RedisServer(directory, args, port)
+        self.servers.append(server)
+        return server.start()
+
+    def start_sentinel(self, config_lines: list[str], name: str = "sentinel") -> RedisServer:
+        """A sentinel whose config file holds `config_lines` (sentinel monitor ..., etc.)."""
+        server = RedisServer(self.root / name, config_lines)
+        server.sentinel = True
         self.servers.append(server)
         return server.start()
 

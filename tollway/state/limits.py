@@ -76,6 +76,7 @@ class RedisHealth:
         self.fallbacks = 0
         self.errors = 0
         self.last_error = ""
+        self._fallbacks_at_outage = 0
 
     @property
     def down(self) -> bool:
@@ -99,6 +100,7 @@ class RedisHealth:
         if self.down_since is None:
             self.down_since = now
             self.outages += 1
+            self._fallbacks_at_outage = self.fallbacks
             log.error(
                 "redis %s unreachable (%s): rate limits fall back (fail-open: node-local limits; "
                 "fail-closed: 503) until it answers again",
@@ -109,10 +111,10 @@ class RedisHealth:
     def recovered(self) -> None:
         if self.down_since is not None:
             log.warning(
-                "redis %s reachable again after %.1fs; %d decisions were taken without it so far",
+                "redis %s reachable again after %.1fs; %d decisions were taken without it",
                 self.name,
                 time.monotonic() - self.down_since,
-                self.fallbacks,
+                self.fallbacks - self._fallbacks_at_outage,
             )
             self.down_since = None
 
@@ -134,7 +136,7 @@ def health_of(backend: RedisBackend) -> RedisHealth:
     """The backend's health tracker in this process (created on first use)."""
     health = getattr(backend, "health", None)
     if health is None:
-        health = RedisHealth(repr(backend))
+        health = RedisHealth(backend.name)
         backend.health = health  # type: ignore[attr-defined]
     return health
 

@@ -423,6 +423,11 @@ class RedisBackend:
 
     stats: ClientStats
 
+    @property
+    def name(self) -> str:
+        """How logs name this deployment."""
+        raise NotImplementedError
+
     async def script(self, script: Script, key: bytes, args: Sequence[Arg]) -> Any:
         raise NotImplementedError
 
@@ -441,6 +446,10 @@ class Standalone(RedisBackend):
     def __repr__(self) -> str:
         return f"<Standalone {self.client!r}>"
 
+    @property
+    def name(self) -> str:
+        return self.client.address
+
     async def script(self, script: Script, key: bytes, args: Sequence[Arg]) -> Any:
         return await self.client.evalsha(script, (key,), args)
 
@@ -452,7 +461,14 @@ class Standalone(RedisBackend):
 
 
 class Sentinel(RedisBackend):
-    """The master of `service` as named by any of `sentinels`; follows failovers."""
+    """The master of `service` as named by any of `sentinels`; follows failovers.
+
+    The master is asked of the sentinels and checked with ROLE on connect. A failover is noticed three
+    ways: the sentinels' `+switch-master` announcement (a subscription kept open in the background),
+    a lost connection, or a READONLY reply (the old master was demoted). Between the promotion and the
+    switch, counts written to the old master are lost — as are writes the old master acknowledged but
+    had not replicated: asynchronous replication's price (docs/rate-limiting.md).
+    """
 
     def __init__(
         self,
@@ -474,13 +490,20 @@ class Sentinel(RedisBackend):
             RedisClient(h, p, password=sentinel_password, timeout=timeout, connect_timeout=connect_timeout)
             for h, p in self.sentinels
         ]
+        self.sentinel_password = sentinel_password
         self.master: RedisClient | None = None
         self._discovering: asyncio.Future[RedisClient] | None = None
         self._last_master: tuple[str, int] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._closed = False
         self.failovers = 0  # master address changes seen
 
     def __repr__(self) -> str:
         return f"<Sentinel {self.service} master={self.master.address if self.master else None}>"
+
+    @property
+    def name(self) -> str:
+        return f"sentinel service {self.service!r}"
 
     async def script(self, script: Script, key: bytes, args: Sequence[Arg]) -> Any:
         master = self.master or await self._discover()
@@ -510,6 +533,8 @@ class Sentinel(RedisBackend):
             master.drop_connections()
 
     async def _discover(self) -> RedisClient:
+        if self._watcher is None and not self._closed:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
         if self._discovering is None:
             self._discovering = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().create_task(self._ask_sentinels(self._discovering))
@@ -554,7 +579,49 @@ class Sentinel(RedisBackend):
         finally:
             self._discovering = None
 
+    async def _watch(self) -> None:
+        """Listen for `+switch-master` on any sentinel; on one for our service, drop the old master."""
+        backoff = 0.1
+        while not self._closed:
+            for host, port in self.sentinels:
+                try:
+                    await self._listen(host, port)
+                    backoff = 0.1
+                except (TimeoutError, OSError, hiredis.ProtocolError):
+                    continue
+            await asyncio.sleep(backoff)
+            backoff = min(2.0, backoff * 2)
+
+    async def _listen(self, host: str, port: int) -> None:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout)
+        try:
+            if self.sentinel_password is not None:
+                writer.write(encode((b"AUTH", self.sentinel_password)))
+            writer.write(encode((b"SUBSCRIBE", b"+switch-master")))
+            parser = hiredis.Reader()
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                parser.feed(data)
+                while (message := parser.gets()) is not False:
+                    if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
+                        # "<service> <old ip> <old port> <new ip> <new port>"
+                        fields = message[2].decode(errors="replace").split()
+                        if fields and fields[0] == self.service and self.master is not None:
+                            log.warning(
+                                "redis sentinel %s: failover announced (%s)", self.service, message[2]
+                            )
+                            self._forget(self.master)
+        finally:
+            writer.close()
+
     async def close(self) -> None:
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
         for client in [*self._sentinel_clients, *([self.master] if self.master else [])]:
             await client.close()
 
@@ -599,6 +666,10 @@ class Cluster(RedisBackend):
     def __repr__(self) -> str:
         owners = {a for a in self.slots if a is not None}
         return f"<Cluster nodes={len(owners)} refreshes={self.refreshes}>"
+
+    @property
+    def name(self) -> str:
+        return "cluster " + ",".join(f"{h}:{p}" for h, p in self.startup_nodes)
 
     def node(self, address: tuple[str, int]) -> RedisClient:
         client = self.nodes.get(address)
