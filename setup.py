@@ -44,6 +44,7 @@ HOT_MODULES = [
     "tollway/state/spec.py",
     "tollway/state/shared.py",
     "tollway/state/local.py",
+    "tollway/state/limits.py",
 ]
 
 # Robust process-shared mutexes for tollway.state.shared (0.08 us per lock+unlock; tollway.state.locks

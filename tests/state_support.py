@@ -30,6 +30,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_cluster_port() -> int:
+    """A free port p whose cluster bus port p + 10000 is free too (ephemeral ports are too high)."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000)
+        if _is_free(port) and _is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def ping(host: str, port: int, timeout: float = 0.5, password: str | None = None) -> bool:
     """True when a Redis answers PING (+PONG, or -NOAUTH when it wants a password)."""
     try:

@@ -155,7 +155,14 @@ class PolicyStats:
         self.gave_back = 0  # units returned to Redis (batched)
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {
+            "requests": self.requests,
+            "denied": self.denied,
+            "local": self.local,
+            "redis_calls": self.redis_calls,
+            "fallbacks": self.fallbacks,
+            "gave_back": self.gave_back,
+        }
 
     def __repr__(self) -> str:
         return "<PolicyStats " + " ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ">"
@@ -334,9 +341,24 @@ class BatchedRedisPolicy(_RedisBacked):
         slice_interval: float | None = None,
         max_slice: int | None = None,
         lease: float | None = None,
-        **options: Any,
+        table: SharedTable | None = None,
+        on_failure: str = "open",
+        fallback: LimitSpec | None = None,
+        prefix: str = "tw:",
+        server_time: bool = True,
+        clock: Clock = time.time,
     ) -> None:
-        super().__init__(spec, backend, **options)
+        # (the base's options are spelled out: mypyc mis-forwards **kwargs to keyword-only parameters)
+        super().__init__(
+            spec,
+            backend,
+            table=table,
+            on_failure=on_failure,
+            fallback=fallback,
+            prefix=prefix,
+            server_time=server_time,
+            clock=clock,
+        )
         self.slice_interval = slice_interval or min(1.0, spec.window / 10.0)
         self.max_slice = max(1, max_slice or math.ceil(spec.capacity / 10))
         self.initial_slice = max(1, min(self.max_slice, math.ceil(spec.capacity / 100)))
@@ -381,23 +403,27 @@ class BatchedRedisPolicy(_RedisBacked):
         """Admit from the node's reserve, deny while blocked, or None: a slice is needed."""
         table = self.table
         buf = table.buf
+        outcome = 0  # 0: a slice is needed, 1: admitted from the reserve, 2: denied (blocked)
+        expires = reserve = retry_at = remaining = stock = 0.0
         stripe = table.lock(fp)
-        try:
+        try:  # (no return inside: see the note in tollway/state/local.py)
             offset, found = table.slot(fp, now)
             if not found:
                 _B.pack_into(buf, offset, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-                return None
-            expires, wid, reserve, blocked, retry_at, remaining, stock, last = _B.unpack_from(buf, offset)
-            if reserve >= cost and expires > now:
-                reserve -= cost
-                _B.pack_into(buf, offset, expires, wid, reserve, blocked, retry_at, remaining, stock, last)
-                outcome = 1
-            elif blocked > now:
-                outcome = 2
             else:
-                return None
+                expires, wid, reserve, blocked, retry_at, remaining, stock, last = _B.unpack_from(buf, offset)
+                if reserve >= cost and expires > now:
+                    reserve -= cost
+                    _B.pack_into(
+                        buf, offset, expires, wid, reserve, blocked, retry_at, remaining, stock, last
+                    )
+                    outcome = 1
+                elif blocked > now:
+                    outcome = 2
         finally:
             table.unlock(stripe)
+        if outcome == 0:
+            return None
         stats = self.stats
         stats.local += 1
         spec = self.spec
@@ -439,22 +465,28 @@ class BatchedRedisPolicy(_RedisBacked):
         return task
 
     async def _fetch(self, key: str, fp: int, cost: int) -> bool:
+        ok = False
         try:
-            sent = self.clock()
-            want = self._slice_size(fp, sent, cost)
-            self.stats.redis_calls += 1
-            args = (self.p1, self.p2, want, 1, self.now_arg(sent))
-            try:
-                reply = await self.backend.script(self.take, self.redis_key(key), args)
-            except RedisError as exc:
-                self.health.failed(exc)
-                return False
-            self.health.recovered()
-            granted, remaining, reset_us, retry_us, wid = reply
-            self._deposit(key, fp, sent, granted, remaining, reset_us / 1e6, retry_us / 1e6, float(wid))
-            return True
+            ok = await self._take_slice(key, fp, cost)
         finally:
             self.fetching.pop(key, None)
+        return ok
+
+    async def _take_slice(self, key: str, fp: int, cost: int) -> bool:
+        """Ask Redis for a slice and park what it grants in the node table; False if Redis failed."""
+        sent = self.clock()
+        want = self._slice_size(fp, sent, cost)
+        self.stats.redis_calls += 1
+        args = (self.p1, self.p2, want, 1, self.now_arg(sent))
+        try:
+            reply = await self.backend.script(self.take, self.redis_key(key), args)
+        except RedisError as exc:
+            self.health.failed(exc)
+            return False
+        self.health.recovered()
+        granted, remaining, reset_us, retry_us, wid = reply
+        self._deposit(key, fp, sent, granted, remaining, reset_us / 1e6, retry_us / 1e6, float(wid))
+        return True
 
     def _slice_size(self, fp: int, now: float, cost: int) -> int:
         """The node's recent rate for this key x slice_interval, within [cost, max_slice]."""
@@ -542,43 +574,45 @@ class BatchedRedisPolicy(_RedisBacked):
         forget keys with nothing left. Runs every slice_interval while this process holds keys.
         Returns the units given back."""
         total = 0.0
-        table = self.table
-        buf = table.buf
         for key, seen in list(self.fetched.items()):
             if key in self.fetching:
                 continue
-            fp = self._fp(key)
-            units = 0.0
-            wid = 0.0
-            stripe = table.lock(fp)
-            try:
-                offset = table.find(fp)
-                if offset < 0:
-                    del self.fetched[key]
-                    continue
-                record = list(_B.unpack_from(buf, offset))
-                expires, wid, reserve = record[0], record[1], record[2]
-                if reserve <= 0:
-                    if expires <= now:
-                        del self.fetched[key]
-                    else:
-                        self.fetched[key] = 0.0
-                    continue
-                if expires <= now or reserve == seen:  # expired, or idle for a whole sweep
-                    record[2] = 0.0
-                    record[6] = 0.0
-                    _B.pack_into(buf, offset, *record)
-                    if expires > now or self.spec.algorithm != "fixed":
-                        units = reserve
-                    del self.fetched[key]
-                else:
-                    self.fetched[key] = reserve
-            finally:
-                table.unlock(stripe)
+            units, wid = self._sweep_key(key, seen, now)
             if units:
                 total += units
                 self._give_back(key, units, wid, now)
         return total
+
+    def _sweep_key(self, key: str, seen: float, now: float) -> tuple[float, float]:
+        """(units to give back, their window) for one key; updates `fetched`."""
+        table = self.table
+        buf = table.buf
+        fp = self._fp(key)
+        units = wid = 0.0
+        stripe = table.lock(fp)
+        try:
+            offset = table.find(fp)
+            record = list(_B.unpack_from(buf, offset)) if offset >= 0 else [0.0] * 8
+            expires, wid, reserve = record[0], record[1], record[2]
+            if offset < 0:
+                del self.fetched[key]
+            elif reserve <= 0:
+                if expires <= now:
+                    del self.fetched[key]
+                else:
+                    self.fetched[key] = 0.0
+            elif expires <= now or reserve == seen:  # expired, or idle for a whole sweep
+                record[2] = 0.0
+                record[6] = 0.0
+                _B.pack_into(buf, offset, *record)
+                if expires > now or self.spec.algorithm != "fixed":
+                    units = reserve
+                del self.fetched[key]
+            else:
+                self.fetched[key] = reserve
+        finally:
+            table.unlock(stripe)
+        return units, wid
 
     def close(self) -> None:
         if self._sweeper is not None:
@@ -628,7 +662,7 @@ async def _finish(
     now: float,
     cost: int,
 ) -> list[Decision]:
-    results = await asyncio.gather(*(a for _, a in pending))
+    results = await asyncio.gather(*[a for _, a in pending])
     for (index, _), decision in zip(pending, results, strict=True):
         decisions[index] = decision
     if all(d.allowed for d in decisions):

@@ -10,6 +10,9 @@ same plugin returns what it took from the earlier ones). Records, eight doubles 
     concurrency  [expires, lease epoch, in flight this epoch, in flight last epoch]
 
 The same arithmetic runs in Redis (`tollway.state.scripts`); tests hold the two to the same answers.
+
+Compiled with mypyc: never `return` inside a try/finally here — mypyc 2.4 then returns garbage from
+the function's later `return` (the float error sentinel -113.0); assign, and return after the finally.
 """
 
 from __future__ import annotations
@@ -308,15 +311,16 @@ class LocalConcurrency(LocalLimit):
 
     def inflight(self, key: str, now: float) -> int:
         fp = self.fingerprint(key)
+        count = 0.0
         stripe = self.table.lock(fp)
         try:
             offset = self.table.find(fp)
-            if offset < 0:
-                return 0
-            _, _, cur, prev = _rolled(_F4.unpack_from(self.buf, offset), now // self.window)
-            return int(cur + prev)
+            if offset >= 0:
+                _, _, cur, prev = _rolled(_F4.unpack_from(self.buf, offset), now // self.window)
+                count = cur + prev
         finally:
             self.table.unlock(stripe)
+        return int(count)
 
     def renew(self, now: float) -> int:
         """Move this process's holdings from earlier epochs into the current one; returns how many."""

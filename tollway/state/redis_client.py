@@ -126,7 +126,7 @@ class ClientStats:
 
 
 # -- one connection ---------------------------------------------------------------------------------------
-class RedisConnection:
+class RedisConnection(asyncio.Protocol):
     """One TCP connection: writes requests, resolves futures with replies in order (asyncio protocol)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, stats: ClientStats) -> None:
@@ -818,18 +818,17 @@ def backend_from_url(url: str, **options: Any) -> RedisBackend:
     if not addresses:
         raise ValueError(f"no host in redis URL {url!r}")
     parts = [p for p in path.split("/") if p]
-    auth = {"password": password, "username": username}
     if scheme == "redis":
         db = int(parts[0]) if parts else 0
         host, port = addresses[0]
-        return Standalone(RedisClient(host, port, db=db, **auth, **options))
+        return Standalone(RedisClient(host, port, db=db, password=password, username=username, **options))
     if scheme == "redis+sentinel":
         if not parts:
             raise ValueError("a sentinel URL names the service: redis+sentinel://h:26379/mymaster")
         db = int(parts[1]) if len(parts) > 1 else 0
-        return Sentinel(addresses, parts[0], db=db, **auth, **options)
+        return Sentinel(addresses, parts[0], db=db, password=password, username=username, **options)
     if scheme == "redis+cluster":
-        return Cluster(addresses, **auth, **options)
+        return Cluster(addresses, password=password, username=username, **options)
     raise ValueError(f"unknown redis URL scheme {scheme!r} (redis, redis+sentinel, redis+cluster)")
 
 

@@ -163,10 +163,11 @@ class SharedTable:
                 _HEADER.pack_into(buf, 0, MAGIC, LAYOUT, buckets, stripes, kind, WAYS, os.urandom(16))
                 if kind == LOCK_PTHREAD:
                     init_mutexes(buf, stripes)
-            return cls(fd, size, owner=True)
+            table = cls(fd, size, owner=True)
         except BaseException:
             os.close(fd)
             raise
+        return table
 
     @classmethod
     def attach(cls, fd: int) -> SharedTable:

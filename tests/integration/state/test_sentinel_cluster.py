@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.state_support import ServerSet, redis_cli_binary, wait_until
+from tests.state_support import ServerSet, free_cluster_port, redis_cli_binary, wait_until
 from tollway.state.limits import RedisPolicy
 from tollway.state.redis_client import Cluster, Sentinel, key_slot
 from tollway.state.shared import SharedTable
@@ -93,6 +93,7 @@ def cluster(servers: ServerSet) -> list:  # type: ignore[type-arg]
     nodes = [
         servers.start(
             ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", *NODE_TIMEOUT],
+            port=free_cluster_port(),
             name=f"node{i}",
         )
         for i in range(3)
