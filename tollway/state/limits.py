@@ -46,7 +46,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from tollway.state.local import LocalLimit, local_limit
-from tollway.state.redis_client import RedisBackend, RedisError, Script
+from tollway.state.redis_client import RedisBackend, RedisClosed, RedisError, Script
 from tollway.state.scripts import GIVE, TAKE
 from tollway.state.shared import _CACHE_MAX, SharedTable, StateLockTimeout, node_table
 from tollway.state.spec import Decision, LimitSpec
@@ -93,6 +93,8 @@ class RedisHealth:
         return True
 
     def failed(self, error: BaseException) -> None:
+        if isinstance(error, RedisClosed):
+            return  # closed on purpose (shutdown, reload): not an outage
         self.errors += 1
         now = time.monotonic()
         self.retry_at = now + self.probe_interval
@@ -168,6 +170,45 @@ class PolicyStats:
         return "<PolicyStats " + " ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ">"
 
 
+# Counters of every policy built in this process, by kind, limit and backend. A config reload builds new
+# policy objects; the same limit picks up the same counters, so they only ever grow (Prometheus counters).
+_STATS: dict[str, PolicyStats] = {}
+
+
+def _registered(kind: str, spec: LimitSpec, backend: str) -> PolicyStats:
+    key = f"{kind} {spec.ident} {backend}".rstrip()
+    stats = _STATS.get(key)
+    if stats is None:
+        stats = _STATS[key] = PolicyStats()
+    return stats
+
+
+def stats_snapshot() -> dict[str, Any]:
+    """Everything the metrics layer exports from this process (cheap; call it per scrape):
+
+    table     node-table counters of this process (TableStats: new_keys, evicted_expired,
+              evicted_live, recovered, lock_timeouts)
+    redis     per backend (from `backend_for`): RedisHealth (down, outages, fallbacks, errors,
+              last_error) and ClientStats (commands, connects, failed_connects, timeouts, errors,
+              noscript, redirects)
+    policies  per "<kind> <scope>|<name>|<algorithm>|<window> [<backend> <prefix>]": PolicyStats (requests,
+              denied, local, redis_calls, fallbacks, gave_back); redis_calls / requests is the Redis
+              commands per request
+    """
+    from tollway.state.redis_client import cached_backends
+    from tollway.state.shared import current_node_table
+
+    table = current_node_table()
+    redis: dict[str, Any] = {}
+    for backend in cached_backends():
+        redis[backend.name] = {**health_of(backend).as_dict(), **backend.stats.as_dict()}
+    return {
+        "table": table.stats.as_dict() if table is not None else {},
+        "redis": redis,
+        "policies": {key: stats.as_dict() for key, stats in _STATS.items()},
+    }
+
+
 # -- policies -----------------------------------------------------------------------------------------------
 class LocalPolicy:
     """`local`: one count per node, shared by its workers (tollway.state.local)."""
@@ -175,7 +216,7 @@ class LocalPolicy:
     def __init__(self, spec: LimitSpec, table: SharedTable | None = None) -> None:
         self.spec = spec
         self.limit: LocalLimit = local_limit(spec, table)
-        self.stats = PolicyStats()
+        self.stats = _registered("local", spec, "")
 
     def check(self, key: str, now: float, cost: int = 1) -> Result:
         stats = self.stats
@@ -231,7 +272,8 @@ class _RedisBacked:
             self.p2: float = float(spec.capacity)
         else:
             self.p1, self.p2 = float(spec.limit), spec.window
-        self.stats = PolicyStats()
+        kind = "batched" if isinstance(self, BatchedRedisPolicy) else "redis"
+        self.stats = _registered(kind, spec, f"{backend.name} {prefix}")
         self._keys: dict[str, bytes] = {}
         self._tag = spec.ident
 
@@ -428,8 +470,10 @@ class BatchedRedisPolicy(_RedisBacked):
         stats.local += 1
         spec = self.spec
         if outcome == 1:
-            if reserve * 4.0 <= stock and key not in self.fetching and not self.health.down:
-                self._start_fetch(key, fp, cost)  # top up before it runs out
+            # Top up before it runs out — unless slices are single units (a quiet key: a unit fetched
+            # ahead would mostly be given back later, two commands instead of one).
+            if reserve * 4.0 <= stock and stock >= 2.0 and key not in self.fetching and not self.health.down:
+                self._start_fetch(key, fp, cost)
             left = int(remaining + reserve)
             return Decision(True, spec.limit, left, self._reset_after(expires, left, now), 0.0, spec)
         stats.denied += 1

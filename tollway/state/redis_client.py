@@ -57,6 +57,10 @@ class RedisUnavailable(RedisError):
     """Not connected (refused, reset, closed, or backing off after a failure)."""
 
 
+class RedisClosed(RedisUnavailable):
+    """The client was closed by its owner (a config change, shutdown): not an outage."""
+
+
 class RedisTimeout(RedisError):
     """No reply in time; the connection was dropped."""
 
@@ -119,7 +123,7 @@ class ClientStats:
         self.redirects = 0  # MOVED/ASK followed (cluster)
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in ClientStats.__slots__}
 
     def __repr__(self) -> str:
         return "<ClientStats " + " ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ">"
@@ -241,7 +245,7 @@ class RedisConnection(asyncio.Protocol):
                 future.set_exception(error)
 
     def close(self) -> None:
-        self.abort(RedisUnavailable("connection closed by the client"))
+        self.abort(RedisClosed("connection closed by the client"))
 
 
 # -- a client for one server ------------------------------------------------------------------------------
@@ -328,7 +332,7 @@ class RedisClient:
 
     async def _connection(self) -> RedisConnection:
         if self._closed:
-            raise RedisUnavailable("client closed")
+            raise RedisClosed("client closed")
         index = self._next
         conn = self._conns[index]
         if conn is not None and conn.usable:
@@ -830,6 +834,23 @@ def backend_from_url(url: str, **options: Any) -> RedisBackend:
     if scheme == "redis+cluster":
         return Cluster(addresses, password=password, username=username, **options)
     raise ValueError(f"unknown redis URL scheme {scheme!r} (redis, redis+sentinel, redis+cluster)")
+
+
+_BACKENDS: dict[str, RedisBackend] = {}
+
+
+def backend_for(url: str, **options: Any) -> RedisBackend:
+    """The backend for `url` in this process, made once and shared by every policy that names it —
+    across config reloads too, so connections and outage state carry over."""
+    key = url + " " + repr(sorted(options.items()))
+    backend = _BACKENDS.get(key)
+    if backend is None:
+        backend = _BACKENDS[key] = backend_from_url(url, **options)
+    return backend
+
+
+def cached_backends() -> list[RedisBackend]:
+    return list(_BACKENDS.values())
 
 
 def _hostport(text: str) -> tuple[str, int]:

@@ -309,6 +309,11 @@ def node_table() -> SharedTable:
         return _node_table
 
 
+def current_node_table() -> SharedTable | None:
+    """The node table if this process has one already (never creates it)."""
+    return _node_table
+
+
 def set_node_table(table: SharedTable | None) -> None:
     """Install the table this process uses (the worker at start-up; tests)."""
     global _node_table
