@@ -283,3 +283,17 @@ def test_lock_choice() -> None:
     assert locks.choose_lock("auto") == locks.LOCK_PTHREAD  # Linux with glibc
     with pytest.raises(ValueError):
         locks.choose_lock("spin")
+
+
+async def test_concurrency_through_the_local_policy(table: SharedTable) -> None:
+    import asyncio
+
+    policy = LocalPolicy(spec(1, 30, "concurrency"), table)
+    assert policy.check("k", T0).allowed
+    assert not policy.check("k", T0).allowed
+    policy.release("k", T0)
+    assert policy.check("k", T0).allowed
+    renewal = policy.start_renewal(asyncio.get_running_loop())
+    renewal.cancel()
+    with pytest.raises(TypeError):
+        LocalPolicy(spec(1, 30), table).release("k", T0)

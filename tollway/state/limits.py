@@ -22,8 +22,10 @@ Accuracy (docs/rate-limiting.md derives it). Units are counted in Redis *before*
                    node reserved but did not spend are lost to the others (undershoot), at most the
                    unspent reserve: <= sum over nodes of min(max_slice, remaining/2) at the window end,
                    and given back when a node goes idle.
-  gcra             reserved units are spent within `lease` of being counted; in any interval of length
-                   t: admitted <= burst + rate x (t + 2 x lease), i.e. overshoot <= 2 x lease x rate.
+  gcra             reserved units expire `lease` (default slice_interval) after their slice was taken,
+                   and a top-up can extend a remainder once, so each unit is spent within 2 x lease
+                   of being counted: in any interval of length t, admitted <= burst + rate x
+                   (t + 2 x lease) — overshoot <= 2 x lease x rate over plain GCRA.
 
 Redis unreachable (refused, reset, timed out after `timeout`): the first failure starts an outage —
 logged once, counted in `RedisHealth.outages` — and until a probe succeeds (one request per
@@ -45,7 +47,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from tollway.state.local import LocalLimit, local_limit
+from tollway.state.local import LocalConcurrency, LocalLimit, local_limit
 from tollway.state.redis_client import RedisBackend, RedisClosed, RedisError, Script
 from tollway.state.scripts import GIVE, TAKE
 from tollway.state.shared import _CACHE_MAX, SharedTable, StateLockTimeout, node_table
@@ -233,6 +235,20 @@ class LocalPolicy:
     def refund(self, key: str, now: float, cost: int = 1) -> None:
         self.limit.refund(key, now, cost)
 
+    def release(self, key: str, now: float, cost: int = 1) -> None:
+        """Concurrency limits: the request admitted by `check` has ended."""
+        limit = self.limit
+        if not isinstance(limit, LocalConcurrency):
+            raise TypeError(f"release() is for concurrency limits, not {self.spec.algorithm}")
+        limit.release(key, now, cost)
+
+    def start_renewal(self, loop: asyncio.AbstractEventLoop) -> Any:
+        """Concurrency limits: keep this process's in-flight leases fresh (returns a cancellable)."""
+        limit = self.limit
+        if not isinstance(limit, LocalConcurrency):
+            raise TypeError(f"start_renewal() is for concurrency limits, not {self.spec.algorithm}")
+        return limit.start_renewal(loop)
+
     def __repr__(self) -> str:
         return f"<LocalPolicy {self.limit!r}>"
 
@@ -404,7 +420,7 @@ class BatchedRedisPolicy(_RedisBacked):
         self.slice_interval = slice_interval or min(1.0, spec.window / 10.0)
         self.max_slice = max(1, max_slice or math.ceil(spec.capacity / 10))
         self.initial_slice = max(1, min(self.max_slice, math.ceil(spec.capacity / 100)))
-        self.lease = lease or 2.0 * self.slice_interval
+        self.lease = lease or self.slice_interval
         self.gcra = spec.algorithm == "gcra"
         self.fetching: dict[str, asyncio.Future[bool]] = {}
         self.fetched: dict[str, float] = {}  # keys this process fetched for -> reserve seen at last sweep

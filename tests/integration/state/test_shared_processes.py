@@ -176,6 +176,7 @@ def test_batched_three_nodes_of_two_processes(redis_address: tuple[str, int]) ->
         admitted = sum(r["admitted"] for r in results)
         requests = sum(r["requests"] for r in results)
         commands = sum(r["commands"] for r in results)
+        print(f"batched 3x2: admitted {admitted}, {commands} redis commands for {requests} requests")
         assert requests == 20 * 150
         assert admitted <= 1000
         assert admitted >= 980
