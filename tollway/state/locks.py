@@ -5,19 +5,21 @@ or fcntl byte-range locks where robust mutexes do not exist.
 Every lock array has the same two methods: ``acquire(index, timeout) -> bool`` (True when the previous
 holder died holding it; raises TimeoutError after `timeout` seconds) and ``release(index)``.
 
-Not compiled with mypyc (ctypes structures); only the hot path's `acquire`/`release` matter, and those
-are C functions either way.
+Not compiled with mypyc (ctypes); only the hot path's `acquire`/`release` matter, and with the C module
+those are C functions.
 """
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import mmap
 import os
 import sys
 import threading
 from typing import Any
+
+# ctypes is imported only where it is used (creating a table, or no C module): a worker attaching a
+# table through the C module never loads it (a few hundred KB per worker).
 
 HEADER_SIZE = 4096
 MUTEX_STRIDE = 64
@@ -79,6 +81,8 @@ _LIBC: Any = None
 def _libc() -> Any:
     global _LIBC
     if _LIBC is None:
+        import ctypes
+
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.pthread_mutexattr_setrobust  # noqa: B018  (present on glibc ≥ 2.12)
@@ -90,10 +94,6 @@ def _libc() -> Any:
     return _LIBC or None
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
 _EBUSY, _EOWNERDEAD, _ETIMEDOUT = 16, 130, 110
 
 
@@ -101,9 +101,12 @@ class CtypesMutexes:
     """The same robust mutexes as `_shmlock.MutexArray`, driven through ctypes (pure-Python installs)."""
 
     def __init__(self, buf: mmap.mmap, offset: int, count: int) -> None:
+        import ctypes
+
         libc = _libc()
         if libc is None:
             raise RuntimeError("libc with robust pthread mutexes not found")
+        self._ctypes = ctypes
         self._libc = libc
         self._holder = (ctypes.c_char * (count * MUTEX_STRIDE)).from_buffer(buf, offset)
         base = ctypes.addressof(self._holder)
@@ -114,7 +117,7 @@ class CtypesMutexes:
 
     def initialize(self) -> None:
         libc = self._libc
-        attr = ctypes.create_string_buffer(64)
+        attr = self._ctypes.create_string_buffer(64)
         libc.pthread_mutexattr_init(attr)
         libc.pthread_mutexattr_setpshared(attr, 1)  # PTHREAD_PROCESS_SHARED
         libc.pthread_mutexattr_setrobust(attr, 1)  # PTHREAD_MUTEX_ROBUST
@@ -128,11 +131,14 @@ class CtypesMutexes:
         ptr = self._ptrs[index]
         err = self._trylock(ptr)
         if err == _EBUSY:
+            import struct
             import time
 
-            deadline = time.time() + timeout
-            spec = _Timespec(int(deadline), int((deadline % 1) * 1e9))
-            err = self._libc.pthread_mutex_timedlock(ptr, ctypes.byref(spec))
+            deadline = time.time() + timeout  # struct timespec {long tv_sec; long tv_nsec;}
+            spec = self._ctypes.create_string_buffer(
+                struct.pack("ll", int(deadline), int(deadline % 1 * 1e9))
+            )
+            err = self._libc.pthread_mutex_timedlock(ptr, spec)
         if err == 0:
             return False
         if err == _EOWNERDEAD:
