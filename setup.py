@@ -45,6 +45,7 @@ HOT_MODULES = [
     "tollway/state/shared.py",
     "tollway/state/local.py",
     "tollway/state/limits.py",
+    "tollway/state/headers.py",
 ]
 
 # Robust process-shared mutexes for tollway.state.shared (0.08 us per lock+unlock; tollway.state.locks

@@ -46,6 +46,19 @@ def sf_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+_QUOTED: dict[str, str] = {}
+
+
+def _quoted(name: str) -> str:
+    """sf_string(name), cached: policy names are few and fixed per config."""
+    quoted = _QUOTED.get(name)
+    if quoted is None:
+        if len(_QUOTED) >= 4096:
+            _QUOTED.clear()
+        quoted = _QUOTED[name] = sf_string(name)
+    return quoted
+
+
 def sf_binary(data: bytes) -> str:
     return ":" + base64.b64encode(data).decode() + ":"
 
@@ -61,7 +74,7 @@ def _seconds(value: float) -> int:
 
 def policy_item(spec: LimitSpec, partition_key: bytes | None = None) -> str:
     """One RateLimit-Policy item: ``"minute";q=100;w=60``."""
-    item = f"{sf_string(spec.name)};q={spec.limit}"
+    item = f"{_quoted(spec.name)};q={spec.limit}"
     if spec.algorithm == "concurrency":
         item += ';qu="concurrent-requests"'
     else:
@@ -78,7 +91,7 @@ def ratelimit_policy(specs: Sequence[LimitSpec], partition_key: bytes | None = N
 
 def ratelimit_item(decision: Decision, partition_key: bytes | None = None) -> str:
     """One RateLimit item: ``"minute";r=42;t=17``."""
-    item = f"{sf_string(decision.spec.name)};r={max(0, decision.remaining)}"
+    item = f"{_quoted(decision.spec.name)};r={max(0, decision.remaining)}"
     if decision.spec.algorithm != "concurrency":
         after = decision.reset_after if decision.allowed else decision.retry_after
         item += f";t={_seconds(after)}"
