@@ -26,13 +26,13 @@ slots, is 9 MiB of shared memory; `TOLLWAY_STATE_SLOTS` changes it).
 
 Locking. Buckets are spread over `stripes` locks (bucket % stripes), so checks on different keys rarely
 wait for each other. The lock is a robust, process-shared pthread mutex taken through the tiny C module
-`_shmlock` (0.08 µs per lock+unlock uncontended), or through ctypes on the same mutex when that module is
-not built (0.8 µs). A worker killed while holding a lock does not wedge the node: the kernel marks the
-mutex owner-dead, the next locker takes it over (`stats.recovered`). What the dead worker was writing
-is at most one record, which may be stale. Measured alternatives (2-core VM): fcntl byte-range locks
-3.4 µs per lock+unlock (two syscalls), a POSIX semaphore 0.07 µs but never released if its holder dies.
-Where robust mutexes are unavailable (not Linux/glibc) fcntl locks are used: the kernel releases them
-on death too.
+`_shmlock` (0.04 µs CPU per lock+unlock uncontended), or through ctypes on the same mutex when that
+module is not built (0.5 µs). A worker killed while holding a lock does not wedge the node: the kernel
+marks the mutex owner-dead, the next locker takes it over (`stats.recovered`). What the dead worker was
+writing is at most one record, which may be stale. Measured alternatives (bench/state_local.py): fcntl
+byte-range locks 1.4 µs CPU per lock+unlock (two system calls; 3.4 µs wall time on a loaded machine), a
+POSIX semaphore 0.06 µs but never released if its holder dies. Where robust mutexes are unavailable
+(not Linux/glibc) fcntl locks are used: the kernel releases them on death too.
 
 Clock. `now` is wall-clock seconds (`time.time()`); windows are aligned to multiples of their length
 since the epoch (a minute window resets at :00), the same windows the Redis policies use. A clock that
