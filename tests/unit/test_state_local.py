@@ -4,7 +4,6 @@ sliding-window weights, concurrency leases, eviction and the full-table behaviou
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -258,11 +257,10 @@ def test_a_stuck_lock_holder_times_out_and_the_request_passes(
         released.set()
 
     thread = threading.Thread(target=other)
-    started = time.monotonic()
     thread.start()
-    thread.join(10)
+    thread.join(10)  # bounded: without the lock timeout it would wait for the holder forever
     table.unlock(stripe)
-    assert released.is_set() and time.monotonic() - started < 5
+    assert released.is_set()
     assert table.stats.lock_timeouts == 1
     table.close()
 

@@ -92,11 +92,10 @@ async def test_a_silent_server_times_out_drops_the_connection_and_recovers(serve
     try:
         assert await client.call("PING") == b"PONG"
         server.pause()  # connected, but nobody answers
-        started = time.monotonic()
-        results = await asyncio.gather(*(client.call("PING") for _ in range(5)), return_exceptions=True)
+        calls = asyncio.gather(*(client.call("PING") for _ in range(5)), return_exceptions=True)
+        results = await asyncio.wait_for(calls, 10)  # (a guard; the client's deadline is 0.2 s)
         assert all(isinstance(r, RedisTimeout) for r in results)
-        assert time.monotonic() - started < 2.0
-        assert client.stats.timeouts == 1 and client.stats.errors == 5
+        assert client.stats.timeouts == 1 and client.stats.errors == 5  # one deadline failed all five
         server.resume()
         assert await client.call("PING") == b"PONG"  # a fresh connection, not the abandoned one
         assert client.stats.connects == 2
@@ -110,10 +109,8 @@ async def test_refused_connections_fail_fast_and_back_off() -> None:
     try:
         with pytest.raises(RedisUnavailable):
             await client.call("PING")
-        started = time.monotonic()
         with pytest.raises(RedisUnavailable, match="retrying shortly"):
             await client.call("PING")  # within the backoff: no new connect attempt
-        assert time.monotonic() - started < 0.05
         assert client.stats.failed_connects == 1
     finally:
         await client.close()
