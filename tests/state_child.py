@@ -5,7 +5,7 @@ by fd (TOLLWAY_STATE_FD), like a gateway worker, waits for "go" on stdin and rep
                                    (yields the CPU for 1 ms every 100 checks, so processes interleave)
     python -m tests.state_child hold-lock <key>            (locks the key's stripe, then sleeps)
     python -m tests.state_child spin <key>                 (checks forever; killed by the test)
-    python -m tests.state_child batched <redis host:port> <prefix> <limit> <clients> <attempts> <t0>
+    python -m tests.state_child <redis|batched> <redis host:port> <prefix> <limit> <clients> <attempts> <t0>
 """
 
 from __future__ import annotations
@@ -74,9 +74,19 @@ def spin(key: str) -> None:
 
 
 def batched(address: str, prefix: str, limit: str, clients: str, attempts: str, t0: str) -> None:
+    redis_policy("batched", address, prefix, limit, clients, attempts, t0)
+
+
+def plain_redis(address: str, prefix: str, limit: str, clients: str, attempts: str, t0: str) -> None:
+    redis_policy("redis", address, prefix, limit, clients, attempts, t0)
+
+
+def redis_policy(
+    kind: str, address: str, prefix: str, limit: str, clients: str, attempts: str, t0: str
+) -> None:
     import uvloop
 
-    from tollway.state.limits import BatchedRedisPolicy
+    from tollway.state.limits import build_policy
     from tollway.state.redis_client import RedisClient, Standalone
 
     table = attach()
@@ -91,7 +101,8 @@ def batched(address: str, prefix: str, limit: str, clients: str, attempts: str, 
     async def main() -> dict[str, object]:
         backend = Standalone(RedisClient(host, int(port), timeout=2.0, connect_timeout=2.0))
         spec = LimitSpec("minute", int(limit), 60)
-        policy = BatchedRedisPolicy(spec, backend, table=table, prefix=prefix, server_time=False, clock=clock)
+        options = {"table": table, "prefix": prefix, "server_time": False, "clock": clock}
+        policy = build_policy(spec, kind, backend, **options)
 
         async def client() -> int:
             admitted = 0
@@ -103,7 +114,8 @@ def batched(address: str, prefix: str, limit: str, clients: str, attempts: str, 
             return admitted
 
         counts = await asyncio.gather(*(client() for _ in range(int(clients))))
-        policy.close()
+        if kind == "batched":
+            policy.close()  # type: ignore[union-attr]
         await backend.close()
         return {
             "admitted": sum(counts),
@@ -118,4 +130,5 @@ def batched(address: str, prefix: str, limit: str, clients: str, attempts: str, 
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"hammer": hammer, "hold-lock": hold_lock, "spin": spin, "batched": batched}[mode](*args)
+    modes = {"hammer": hammer, "hold-lock": hold_lock, "spin": spin, "batched": batched, "redis": plain_redis}
+    modes[mode](*args)
