@@ -34,6 +34,8 @@ from tollway.errors import ConfigError
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.status import start_status_server
 from tollway.runtime.worker import ENV_FDS
+from tollway.state.shared import ENV_FD as STATE_ENV_FD
+from tollway.state.shared import SharedTable, create_for_workers
 from tollway.upstream.manager import UpstreamManager
 
 log = logging.getLogger("tollway.supervisor")
@@ -81,6 +83,9 @@ class Supervisor:
         self._failed_restarts: dict[int, int] = {}
         # upstreams: DNS, active health checks, shared ejections, /upstreams (tollway.upstream.manager)
         self.upstreams = UpstreamManager(self._broadcast, self._live_channels)
+        # Node-shared rate-limit counters (tollway.state.shared): one table for every worker, kept
+        # by the supervisor so counts survive a worker restart.
+        self.state_table: SharedTable | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -96,6 +101,7 @@ class Supervisor:
             return 1
         await self._start_status_listener()
         await self.upstreams.start(self.config)
+        self.state_table = create_for_workers()
         for slot in range(self.nworkers):
             await self._spawn(slot)
         if not await self._wait_ready():
@@ -241,8 +247,12 @@ class Supervisor:
         fds = [child.fileno(), *(s.fileno() for s in self.sockets[slot])]
         env = dict(os.environ)
         env[ENV_FDS] = ",".join(str(x) for x in (slot, *fds))
+        pass_fds = list(fds)
+        if self.state_table is not None:  # tollway.state: the node-shared table, by fd
+            env[STATE_ENV_FD] = str(self.state_table.fileno())
+            pass_fds.append(self.state_table.fileno())
         process = subprocess.Popen(
-            [sys.executable, "-m", "tollway.runtime.worker"], pass_fds=fds, env=env, close_fds=True
+            [sys.executable, "-m", "tollway.runtime.worker"], pass_fds=pass_fds, env=env, close_fds=True
         )
         child.close()
         handle = WorkerHandle(slot, process, restarts=self._failed_restarts.get(slot, 0))

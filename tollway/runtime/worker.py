@@ -25,6 +25,8 @@ from tollway.protocol.server import ClientConnection
 from tollway.proxy.exchange import RequestIds
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
+from tollway.state.shared import ENV_FD as STATE_ENV_FD
+from tollway.state.shared import SharedTable, set_node_table
 from tollway.upstream.pool import Pool, PoolSettings
 from tollway.upstream.registry import UpstreamRegistry
 
@@ -226,6 +228,9 @@ class Worker:
 def main() -> int:
     """Entry point of a worker process started by the supervisor."""
     index_text, channel_fd, *listen_fds = os.environ.pop(ENV_FDS).split(",")
+    state_fd = os.environ.pop(STATE_ENV_FD, None)  # tollway.state: the node-shared counter table
+    if state_fd is not None:
+        set_node_table(SharedTable.attach(int(state_fd)))
     logging.basicConfig(
         level=os.environ.get("TOLLWAY_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",

@@ -1,0 +1,60 @@
+"""Fixtures for the tollway.state integration tests: Redis (the shared server, or one of our own),
+per-test key prefixes, and our own redis-server processes for tests that stop, pause or fail them over."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.state_support import SHARED_REDIS, RedisServer, ServerSet, cleanup_prefix, ping
+from tollway.state.redis_client import RedisClient, Standalone
+from tollway.state.shared import SharedTable
+
+
+@pytest.fixture(scope="session")
+def redis_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """The shared Redis at 127.0.0.1:6379, or — when none answers there — one started for the session
+    (fails, never skips, when neither is possible)."""
+    if ping(*SHARED_REDIS):
+        yield SHARED_REDIS
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis-session"))
+    try:
+        server.start()
+    except Exception as exc:
+        pytest.fail(f"no Redis at 127.0.0.1:6379 and starting redis-server failed: {exc}")
+    yield server.address
+    server.stop()
+
+
+@pytest.fixture
+def prefix(redis_address: tuple[str, int]) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards (the server is shared)."""
+    value = f"twtest:{uuid.uuid4().hex[:12]}:"
+    yield value
+    cleanup_prefix(*redis_address, value)
+
+
+@pytest.fixture
+async def redis_backend(redis_address: tuple[str, int]) -> AsyncIterator[Standalone]:
+    b = Standalone(RedisClient(*redis_address, timeout=2.0, connect_timeout=2.0))
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[ServerSet]:
+    """servers.start(args) -> a RedisServer of this test's own; all stopped at teardown."""
+    started = ServerSet(tmp_path)
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
+def table() -> Iterator[SharedTable]:
+    t = SharedTable.create(1 << 12)
+    yield t
+    t.close()

@@ -1,0 +1,189 @@
+/* Robust, process-shared mutexes living in a shared memory buffer (tollway.state.shared uses them).
+ *
+ * Why C: a check-and-update on the node-shared table must cost about a microsecond, and a lock/unlock
+ * pair costs 1.4 us of CPU through fcntl (two syscalls), 0.5 us through ctypes and 0.04 us here (an
+ * uncontended futex never enters the kernel); bench/state_local.py measures them. Robust mutexes are what make a worker
+ * killed while holding a lock harmless: the kernel marks the mutex owner-dead and the next locker gets
+ * EOWNERDEAD, makes it consistent and goes on.
+ *
+ * The same mutexes are driven through ctypes when this module is not built (TOLLWAY_PURE_PYTHON), so
+ * compiled and pure-Python processes can share one table. Keep MUTEX_STRIDE and the attributes in step
+ * with tollway/state/shared.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <pthread.h>
+#include <time.h>
+
+#define ABI 1
+#define MUTEX_STRIDE 64 /* bytes reserved per mutex: room for any pthread_mutex_t, one cache line */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    char *base;
+    Py_ssize_t count;
+    unsigned long long recovered;
+} MutexArray;
+
+static inline pthread_mutex_t *mutex_at(MutexArray *self, Py_ssize_t i) {
+    return (pthread_mutex_t *)(self->base + i * MUTEX_STRIDE);
+}
+
+static int MutexArray_init(MutexArray *self, PyObject *args, PyObject *kwds) {
+    PyObject *buffer;
+    Py_ssize_t offset, count;
+    if (!PyArg_ParseTuple(args, "Onn", &buffer, &offset, &count))
+        return -1;
+    if (sizeof(pthread_mutex_t) > MUTEX_STRIDE) {
+        PyErr_SetString(PyExc_RuntimeError, "pthread_mutex_t larger than MUTEX_STRIDE");
+        return -1;
+    }
+    if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (offset < 0 || count <= 0 || offset % 64 != 0 || offset + count * MUTEX_STRIDE > self->view.len) {
+        PyBuffer_Release(&self->view);
+        PyErr_SetString(PyExc_ValueError, "mutex array outside the buffer or misaligned");
+        return -1;
+    }
+    self->base = (char *)self->view.buf + offset;
+    self->count = count;
+    return 0;
+}
+
+static void MutexArray_dealloc(MutexArray *self) {
+    if (self->view.obj != NULL)
+        PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *MutexArray_initialize(MutexArray *self, PyObject *unused) {
+    pthread_mutexattr_t attr;
+    int err = pthread_mutexattr_init(&attr);
+    if (!err) err = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (!err) err = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    for (Py_ssize_t i = 0; !err && i < self->count; i++)
+        err = pthread_mutex_init(mutex_at(self, i), &attr);
+    pthread_mutexattr_destroy(&attr);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* acquire(i, timeout) -> bool: True when the previous owner died holding the lock (the data it guarded
+ * may be half-updated). Raises TimeoutError after `timeout` seconds. */
+static PyObject *MutexArray_acquire(MutexArray *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "acquire(index, timeout)");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[0]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0 || i >= self->count) {
+        PyErr_SetString(PyExc_IndexError, "mutex index out of range");
+        return NULL;
+    }
+    pthread_mutex_t *m = mutex_at(self, i);
+    int err = pthread_mutex_trylock(m); /* the common case: free, no syscall, keep the GIL */
+    if (err == EBUSY) {
+        double timeout = PyFloat_AsDouble(args[1]);
+        if (timeout == -1.0 && PyErr_Occurred())
+            return NULL;
+        struct timespec deadline;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += (time_t)timeout;
+        deadline.tv_nsec += (long)((timeout - (double)(time_t)timeout) * 1e9);
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec += 1;
+            deadline.tv_nsec -= 1000000000L;
+        }
+        /* Another thread of this process may hold it: wait without the GIL. */
+        Py_BEGIN_ALLOW_THREADS
+        err = pthread_mutex_timedlock(m, &deadline);
+        Py_END_ALLOW_THREADS
+    }
+    if (err == 0)
+        Py_RETURN_FALSE;
+    if (err == EOWNERDEAD) {
+        pthread_mutex_consistent(m);
+        self->recovered++;
+        Py_RETURN_TRUE;
+    }
+    if (err == ETIMEDOUT) {
+        PyErr_SetString(PyExc_TimeoutError, "shared table lock not acquired in time");
+        return NULL;
+    }
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+static PyObject *MutexArray_release(MutexArray *self, PyObject *arg) {
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0 || i >= self->count) {
+        PyErr_SetString(PyExc_IndexError, "mutex index out of range");
+        return NULL;
+    }
+    int err = pthread_mutex_unlock(mutex_at(self, i));
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *MutexArray_get_recovered(MutexArray *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->recovered);
+}
+
+static PyMethodDef MutexArray_methods[] = {
+    {"initialize", (PyCFunction)MutexArray_initialize, METH_NOARGS, "initialize every mutex (creator only)"},
+    {"acquire", (PyCFunction)(void (*)(void))MutexArray_acquire, METH_FASTCALL,
+     "acquire(index, timeout) -> True if the previous owner died holding it"},
+    {"release", (PyCFunction)MutexArray_release, METH_O, "release(index)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef MutexArray_getset[] = {
+    {"recovered", (getter)MutexArray_get_recovered, NULL, "locks taken over from dead owners", NULL},
+    {NULL},
+};
+
+static PyTypeObject MutexArrayType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tollway.state._shmlock.MutexArray",
+    .tp_basicsize = sizeof(MutexArray),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "MutexArray(buffer, offset, count): robust process-shared mutexes inside a buffer",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)MutexArray_init,
+    .tp_dealloc = (destructor)MutexArray_dealloc,
+    .tp_methods = MutexArray_methods,
+    .tp_getset = MutexArray_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_shmlock", "Robust process-shared mutexes in shared memory.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__shmlock(void) {
+    if (PyType_Ready(&MutexArrayType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&MutexArrayType);
+    if (PyModule_AddObject(m, "MutexArray", (PyObject *)&MutexArrayType) < 0 ||
+        PyModule_AddIntConstant(m, "ABI", ABI) < 0 ||
+        PyModule_AddIntConstant(m, "MUTEX_STRIDE", MUTEX_STRIDE) < 0 ||
+        PyModule_AddIntConstant(m, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
