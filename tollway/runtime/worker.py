@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from tollway.proxy.exchange import Exchange
 
 log = logging.getLogger("tollway.worker")
+_ERROR_LOG_INTERVAL = 10.0  # seconds between log lines for the same backend failure
 ENV_FDS = "TOLLWAY_WORKER_FDS"
 
 
@@ -59,6 +60,7 @@ class Worker:
         self.upstreams = UpstreamRegistry(loop, self._send, self._upstream_targets_changed)
         self.access_log: AccessLog | None = None
         self.servers: list[asyncio.AbstractServer] = []
+        self._error_log: dict[tuple[str, str], tuple[float, int]] = {}
         self.request_ids = RequestIds(os.urandom(8).hex().encode())
         self._configured = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -181,12 +183,21 @@ class Worker:
             self.access_log.log(ex)
 
     def upstream_error(self, ex: Exchange, error: UpstreamError) -> None:
-        target = ex.target
+        """Log a backend failure; during an outage each distinct failure is logged once per interval
+        with the number of repeats, not once per request (metrics count every one)."""
+        target = ex.target.label if ex.target is not None else "-"
+        key = (target, error.message)
+        now = self.loop.time()
+        last, repeats = self._error_log.get(key, (0.0, 0))
+        if last and now - last < _ERROR_LOG_INTERVAL:
+            self._error_log[key] = (last, repeats + 1)
+            return
+        if len(self._error_log) > 1024:
+            self._error_log.clear()
+        self._error_log[key] = (now, 0)
+        suffix = f" ({repeats} more like it in the last {_ERROR_LOG_INTERVAL:g}s)" if repeats else ""
         log.warning(
-            "request %s: %s (upstream %s)",
-            ex.request_id.decode("latin-1"),
-            error.message,
-            target.label if target is not None else "-",
+            "request %s: %s (upstream %s)%s", ex.request_id.decode("latin-1"), error.message, target, suffix
         )
 
     def bad_request(self, conn: ClientConnection, error: TollwayError) -> None:
