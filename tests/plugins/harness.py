@@ -184,7 +184,7 @@ class Harness:
             if body is not None and not any(k.lower() == "transfer-encoding" for k, _ in items):
                 lines.append(f"Content-Length: {len(body)}")
             raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + (body or b"")
-        client.data_received(raw)
+        self.loop.call_soon(client.data_received, raw)  # as the event loop would: inside it
         seen = self._run_until(lambda: b"\r\n\r\n" in up_transport.data or client.active is None, timeout)
         upstream_msg = None
         if b"\r\n\r\n" in up_transport.data and client.active is not None:
@@ -195,7 +195,8 @@ class Harness:
             head = [f"HTTP/1.1 {status} X"] + [f"{k}: {v}" for k, v in rheaders]
             if not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in rheaders):
                 head.append(f"Content-Length: {len(rbody)}")
-            upstream.data_received(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + rbody)
+            data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + rbody
+            self.loop.call_soon(upstream.data_received, data)
             self._run_until(lambda: client.active is None, timeout)
         assert seen, "the request neither reached the backend nor got an answer in time"
         response, _ = parse_message(bytes(transport.data))
@@ -203,6 +204,7 @@ class Harness:
 
     def _run_until(self, predicate: Any, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
+        self.loop.run_until_complete(asyncio.sleep(0))
         while not predicate():
             if time.monotonic() > deadline:
                 return False

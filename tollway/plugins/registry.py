@@ -190,16 +190,26 @@ def _check_credentials(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
 
 
 def _check_plugin_order(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
+    """Entries name a plugin the way an instance does, or by the plugin's own name."""
+    configured = {canonical_name(p.name) for p in _all_instances(config)}
     for i, route in enumerate(config.routes):
         if not route.plugin_order:
             continue
         seen: set[str] = set()
         for j, reference in enumerate(route.plugin_order):
-            try:
-                name = resolve(reference).name
-            except PluginLoadError as exc:
-                yield ("routes", i, "plugin_order", j), str(exc)
-                continue
+            name = reference
+            if reference not in configured:
+                try:
+                    name = resolve(reference).name
+                except PluginLoadError as exc:
+                    yield ("routes", i, "plugin_order", j), str(exc)
+                    continue
             if name in seen:
                 yield ("routes", i, "plugin_order", j), f"{name!r} is listed twice"
             seen.add(name)
+
+
+def _all_instances(config: GatewayConfig) -> Iterator[Any]:
+    yield from config.plugins
+    for entity in (*config.services, *config.routes, *config.consumers):
+        yield from entity.plugins
