@@ -119,3 +119,46 @@ class LogRecorder(Plugin[EmptyConfig]):
 
 class NotAPlugin:
     name = "not-a-plugin"
+
+
+# -- the authentication plugin of docs/plugins/writing-plugins.md, verbatim ---------------------------------
+from tollway.plugins import HeaderName, PluginContext  # noqa: E402
+from tollway.plugins.auth import AuthConfig, AuthPlugin  # noqa: E402
+
+
+class TokenConfig(AuthConfig):
+    header: HeaderName = "X-Token"
+
+
+class TokenCredential(PluginConfig):
+    token: str
+
+    def identity(self) -> str:
+        return self.token
+
+
+class TokenAuth(AuthPlugin[TokenConfig]):
+    name = "token-auth"
+    priority = 2300
+    consumer_credential = TokenCredential
+    scheme = "Token"
+
+    def __init__(self, config: TokenConfig, context: PluginContext) -> None:
+        super().__init__(config, context)
+        self.tokens = context.shared(
+            "tokens",
+            lambda: {
+                c.token.encode(): (consumer, c)
+                for consumer, c in context.consumers.credentials(self.name, TokenCredential)
+            },
+        )
+        self.lname = config.header.lower().encode()
+
+    def access(self, ex: Exchange) -> Response | None:
+        if self.already_authenticated(ex):
+            return None
+        found = self.tokens.get(ex.header_bytes(self.lname) or b"")
+        if found is None:
+            return self.reject(ex)
+        self.accept(ex, *found)
+        return None

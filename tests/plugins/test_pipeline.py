@@ -280,8 +280,7 @@ def test_config_errors_name_entity_plugin_and_field():
     found = issues(config)
     assert (
         'routes[0] "users": plugins[0] "key-auth": config.key_names[0]: '
-        "'bad name' is not a valid header name"
-        in ("\n".join(found))
+        "'bad name' is not a valid header name" in ("\n".join(found))
     )
     assert any('plugins[0] "key-auth": config.typo: unknown field' in i for i in found)
 
@@ -387,3 +386,31 @@ def test_plugin_failure_through_a_real_gateway(gateway, backend):
     assert ok.status == 200
     assert be.seen[-1].header("x-trace") == "tag-low:x"
     assert gw.worker_pids() == pids  # the same worker answered: it did not die
+
+
+def test_a_user_authentication_plugin_with_credentials(harness):
+    name = S + "TokenAuth"
+    gw = harness(
+        {
+            "plugins": [{"name": name}],
+            "consumers": [
+                {"username": "tia", "credentials": {name: [{"token": "t-1"}]}},
+                {"username": "tom", "credentials": {"token-auth": [{"token": "t-2"}]}},
+            ],
+        }
+    )
+    assert gw.request("GET", "/", {"X-Token": "t-1"}).upstream.header("x-consumer-username") == "tia"
+    assert gw.request("GET", "/", {"X-Token": "t-2"}).upstream.header("x-consumer-username") == "tom"
+    denied = gw.request("GET", "/", {"X-Token": "t-3"})
+    assert denied.status == 401
+    assert denied.header("www-authenticate") == 'Token realm="tollway"'
+    found = issues(
+        {
+            "plugins": [{"name": name}],
+            "consumers": [{"username": "a", "credentials": {name: [{"token": "x"}, {"tok": "y"}]}}],
+        }
+    )
+    assert found == [
+        f'gw.yaml: consumers[0] "a": credentials.{name}[1].token: required field is missing',
+        f'gw.yaml: consumers[0] "a": credentials.{name}[1].tok: unknown field (check its spelling)',
+    ]

@@ -86,10 +86,14 @@ class Consumers:
             found = []
             from tollway.plugins.registry import canonical_name
 
+            names: dict[str, str] = {}  # reference -> plugin name, resolved once per distinct reference
             for username, spec in self.specs.items():
                 consumer = self.by_username[username]
                 for reference, items in spec.credentials.items():
-                    if reference == plugin or canonical_name(reference) == plugin:
+                    name = names.get(reference)
+                    if name is None:
+                        name = names[reference] = canonical_name(reference)
+                    if reference == plugin or name == plugin:
                         found.extend((consumer, model.model_validate(raw)) for raw in items)
             self._credentials[plugin] = found
         return found

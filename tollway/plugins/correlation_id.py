@@ -40,6 +40,7 @@ class CorrelationId(Plugin[CorrelationIdConfig]):
         # X-Request-Id is the gateway's own: always forwarded, and taken from the client when sent.
         self._is_request_id = self._lname == b"x-request-id"
         self._generator = config.generator
+        self._reuse_request_id = config.generator == "request-id"
         self._echo = config.echo_downstream
         self._prefix = uuid.uuid4().hex.encode() + b"#"
         self._counter = 0
@@ -49,19 +50,19 @@ class CorrelationId(Plugin[CorrelationIdConfig]):
             value = ex.request_id
         else:
             found = ex.header_bytes(self._lname)
-            if found is None:
-                value = self._generate(ex)
+            if found is not None:
+                value = found
+            elif self._reuse_request_id:
+                value = ex.request_id
                 ex.headers.append((self._bname, value))
             else:
-                value = found
+                value = self._generate()
+                ex.headers.append((self._bname, value))
         if self._echo:
             ex.set_response_header(self._name, value.decode("latin-1"))
 
-    def _generate(self, ex: Exchange) -> bytes:
-        generator = self._generator
-        if generator == "request-id":
-            return ex.request_id
-        if generator == "uuid":
+    def _generate(self) -> bytes:
+        if self._generator == "uuid":
             return str(uuid.uuid4()).encode()
         self._counter += 1
         return self._prefix + b"%d" % self._counter

@@ -159,16 +159,32 @@ def validation_issues(exc: ValidationError, data: Any) -> Iterator[tuple[Loc, st
         yield _clean_loc(data, err["loc"]), _clean_message(err)
 
 
+def _configured_classes(config: GatewayConfig) -> dict[str, type[Plugin[Any]]]:
+    """The configured plugins by their own names (a plugin loaded by import path has a short name too)."""
+    found: dict[str, type[Plugin[Any]]] = {}
+    for instance in _all_instances(config):
+        try:
+            cls = resolve(instance.name)
+        except PluginLoadError:
+            continue
+        found[cls.name] = cls
+    return found
+
+
 def _check_credentials(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
+    """Credentials are keyed like a plugin instance's name, or by the plugin's own name."""
+    configured = _configured_classes(config)
     owners: dict[tuple[str, Any], str] = {}  # (plugin, identity) -> consumer: identities must be unique
     for i, consumer in enumerate(config.consumers):
         for plugin_name, items in consumer.credentials.items():
             loc: Loc = ("consumers", i, "credentials", plugin_name)
-            try:
-                cls = resolve(plugin_name)
-            except PluginLoadError as exc:
-                yield loc, str(exc)
-                continue
+            cls = configured.get(plugin_name)
+            if cls is None:
+                try:
+                    cls = resolve(plugin_name)
+                except PluginLoadError as exc:
+                    yield loc, str(exc)
+                    continue
             model = cls.consumer_credential
             if model is None:
                 yield loc, f"plugin {cls.name!r} takes no credentials"
@@ -191,7 +207,7 @@ def _check_credentials(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
 
 def _check_plugin_order(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
     """Entries name a plugin the way an instance does, or by the plugin's own name."""
-    configured = {canonical_name(p.name) for p in _all_instances(config)}
+    configured = set(_configured_classes(config))
     for i, route in enumerate(config.routes):
         if not route.plugin_order:
             continue
@@ -211,5 +227,6 @@ def _check_plugin_order(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
 
 def _all_instances(config: GatewayConfig) -> Iterator[Any]:
     yield from config.plugins
-    for entity in (*config.services, *config.routes, *config.consumers):
+    entities: list[Any] = [*config.services, *config.routes, *config.consumers]
+    for entity in entities:
         yield from entity.plugins
