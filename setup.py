@@ -20,6 +20,7 @@ HOT_MODULES = [
     "tollway/protocol/deadline.py",
     "tollway/protocol/http1.py",
     "tollway/protocol/server.py",
+    "tollway/plugins/consumers.py",
     "tollway/proxy/exchange.py",
     "tollway/proxy/pipeline.py",
     "tollway/proxy/responses.py",

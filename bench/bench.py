@@ -5,6 +5,7 @@ Scenarios (each a gateway config; the harness's backend is nginx on 127.0.0.1:90
   routes       10 vs 10,000 prefix routes (/svcN/)       the router's cost must not grow with routes
   leastconn4   least-connections over four targets with   vs one-target pass-through (upstream layer)
                active health checks (bench/leastconn4.yaml)
+  chain        1,000 routes + key-auth (10,000 consumers) + correlation-id + access log, beside nginx-chain
   idle-rss     resident memory of an idle worker
 
     python bench/bench.py [--seconds 8] [--connections 64] [--rounds 3] [--scenario passthrough ...]
@@ -203,6 +204,42 @@ def leastconn4(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def chain(args: argparse.Namespace) -> list[str]:
+    """The common chain (bench/gen_chain.py) beside nginx-chain: key-auth over 10,000 consumers, 1,000
+    routes, correlation-id, a JSON access log to a file."""
+    from gen_chain import chain_config  # bench/ is on sys.path when this script runs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "chain.yaml"
+        config.write_text(yaml.safe_dump(chain_config(f"{tmp}/access.log"), sort_keys=False))
+        rounds = [
+            run_harness(
+                ["nginx-chain", "gateway"],
+                args.seconds,
+                args.connections,
+                config,
+                path="/svc500/user/1",
+                header="apikey: key-42",
+            )
+            for _ in range(args.rounds)
+        ]
+    lines = [
+        "### Chain: 1,000 routes, key-auth over 10,000 consumers, correlation-id, JSON access log",
+        "",
+        "| round | nginx-chain CPU µs/req | tollway CPU µs/req | ratio | tollway errors |",
+        "|---|---|---|---|---|",
+    ]
+    ratios = []
+    for i, r in enumerate(rounds, 1):
+        if "gateway" in r and "nginx-chain" in r:
+            a, b = float(r["nginx-chain"]["cpu_us"]), float(r["gateway"]["cpu_us"])
+            ratios.append(b / a)
+            lines.append(f"| {i} | {a:.1f} | {b:.1f} | {b / a:.2f} | {r['gateway']['errors'] or 'none'} |")
+    if ratios:
+        lines += ["", f"Bar: CPU ≤ 2× nginx-chain (median ratio {statistics.median(ratios):.2f})."]
+    return lines
+
+
 def idle_rss(args: argparse.Namespace) -> list[str]:
     proc = subprocess.Popen(
         [*TOLLWAY, "run", "-c", str(HERE / "passthrough.yaml"), "--workers", "1"],
@@ -260,7 +297,13 @@ def _compiled() -> str:
     return str(len(compiled_modules()))
 
 
-SCENARIOS = {"passthrough": passthrough, "routes": routes, "leastconn4": leastconn4, "idle-rss": idle_rss}
+SCENARIOS = {
+    "passthrough": passthrough,
+    "routes": routes,
+    "leastconn4": leastconn4,
+    "chain": chain,
+    "idle-rss": idle_rss,
+}
 
 
 def main() -> None:

@@ -133,6 +133,32 @@ def demo(
     raise typer.Exit(run_demo(port=port, scripted_requests=requests, exit_after=exit_after, console=out))
 
 
+@app.command("hash-password")
+def hash_password(
+    scheme: Annotated[
+        str, typer.Option(help="bcrypt (default), argon2 (needs argon2-cffi) or pbkdf2-sha256.")
+    ] = "bcrypt",
+    password_stdin: Annotated[
+        bool, typer.Option("--stdin", help="Read the password from standard input instead of prompting.")
+    ] = False,
+) -> None:
+    """Print a salted hash of a password, for a basic-auth credential's `password_hash`."""
+    from tollway.plugins.passwords import hash_password as make_hash
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        err.print("[red]the password is empty[/red]")
+        raise typer.Exit(2)
+    try:
+        out.print(make_hash(password, scheme), markup=False)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
 def _print_issues(exc: Any) -> None:
     count = len(exc.issues)
     err.print(f"[red]✗ {exc.source}: {count} error{'s' if count != 1 else ''}[/red]")

@@ -92,6 +92,14 @@ class CircuitBreakerOpen(UpstreamError):
         self.headers = [(b"X-Tollway-Circuit-Breaker", limit.encode("ascii"))]
 
 
+# -- plugins --------------------------------------------------------------------------------------------
+class PluginError(TollwayError):
+    """A plugin hook raised: the request is answered 500 and the traceback logged under the plugin's name."""
+
+    status = 500
+    message = "internal gateway error"
+
+
 # -- configuration -------------------------------------------------------------------------------------
 class ConfigError(TollwayError):
     """A configuration could not be loaded; `issues` lists every problem with where it is."""

@@ -153,13 +153,13 @@ def test_unknown_references() -> None:
     consumers:
       - {username: alice}
     plugins:
-      - {name: "x.y:Z", route: rr, service: a, consumer: bob}
+      - {name: correlation-id, route: rr, service: a, consumer: bob}
     """
     assert errors(text) == [
         "gw.yaml:7: routes[0] \"r\": service: unknown service 'b'",
         "gw.yaml:5: services[0] \"a\": upstream: unknown upstream 'poool'",
-        "gw.yaml:11: plugins[0] \"x.y:Z\": route: unknown route 'rr'",
-        "gw.yaml:11: plugins[0] \"x.y:Z\": consumer: unknown consumer 'bob'",
+        "gw.yaml:11: plugins[0] \"correlation-id\": route: unknown route 'rr'",
+        "gw.yaml:11: plugins[0] \"correlation-id\": consumer: unknown consumer 'bob'",
     ]
 
 
@@ -173,9 +173,9 @@ def test_duplicate_names() -> None:
 
 
 def test_scopes_only_on_top_level_plugins() -> None:
-    text = BASE + "    plugins: [{name: 'x.y:Z', service: users}]\n"
+    text = BASE + "    plugins: [{name: correlation-id, service: users}]\n"
     assert (
-        error(text) == 'gw.yaml:8: routes[0] "users": plugins[0] "x.y:Z": route: '
+        error(text) == 'gw.yaml:8: routes[0] "users": plugins[0] "correlation-id": route: '
         "route/service/consumer are only allowed on top-level plugins"
     )
 
@@ -183,7 +183,8 @@ def test_scopes_only_on_top_level_plugins() -> None:
 def test_unknown_plugin() -> None:
     assert (
         error(BASE + "plugins: [{name: nope}]\n")
-        == "gw.yaml:8: plugins[0] \"nope\": name: unknown plugin 'nope'"
+        == "gw.yaml:8: plugins[0] \"nope\": name: unknown plugin 'nope' (not built in, not an entry point in "
+        "group 'tollway.plugins'; a plugin in your own module is named \"package.module:Class\")"
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tollway.errors import (
@@ -44,6 +45,7 @@ from tollway.upstream.target import FAILED, NEUTRAL, OK
 
 if TYPE_CHECKING:
     from tollway.protocol.server import ClientConnection
+    from tollway.proxy.pipeline import Pipeline
     from tollway.proxy.snapshot import CompiledRoute, CompiledService, Snapshot
     from tollway.upstream.connection import UpstreamConnection
     from tollway.upstream.target import Target
@@ -95,6 +97,7 @@ class RequestIds:
 
 class Exchange:
     __slots__ = (
+        "_awaiting_body",
         "_body_buf",
         "_body_buffered",
         "_connect_task",
@@ -103,6 +106,8 @@ class Exchange:
         "_outcome",
         "_pending_head",
         "_replay",
+        "_resp_body",
+        "_resp_headers",
         "_retried",
         "_retry_timer",
         "_tried",
@@ -114,17 +119,22 @@ class Exchange:
         "connection_header",
         "consumer",
         "content_length",
+        "credential",
         "done",
         "expect_continue",
         "headers",
         "host",
         "keep_alive",
+        "max_body_size",
         "method",
         "params",
         "path",
+        "pipeline",
         "query",
         "raw_path",
+        "request_body_transform",
         "request_id",
+        "response_body_transform",
         "response_head",
         "response_started",
         "retries",
@@ -177,6 +187,15 @@ class Exchange:
         self.service: CompiledService | None = None
         self.consumer: Any = None
         self.vars: dict[str, Any] | None = None
+        # -- plugin support (tollway.plugins): see the section at the end of the class --
+        self.pipeline: Pipeline | None = None  # the route's, or its consumer's once one is known
+        self.credential: Any = None  # the credential an authentication plugin accepted
+        self.max_body_size: int = client.max_body_size  # a plugin may lower it for this request
+        self.request_body_transform: Callable[[bytes], bytes | None] | None = None
+        self.response_body_transform: Callable[[bytes], bytes | None] | None = None
+        self._awaiting_body = False  # proceed() waits for a whole body to transform
+        self._resp_body: list[bytes] | None = None  # a response body buffered for a transform
+        self._resp_headers: list[tuple[bytes, bytes, bool]] | None = None  # added to the response
         self.target: Target | None = None
         self.upstream: UpstreamConnection | None = None
         self.upstream_start = 0.0
@@ -217,8 +236,9 @@ class Exchange:
             return
         route = self.route
         assert route is not None
-        if route.pipeline is not None:
-            route.pipeline.run_request(self)  # continues with proceed(), maybe after an await
+        pipeline = self.pipeline = route.pipeline
+        if pipeline is not None:
+            pipeline.run_request(self)  # continues with proceed(), maybe after an await
         else:
             self.proceed()
 
@@ -292,6 +312,8 @@ class Exchange:
         """Plugins passed the request: send it to a target of the service's cluster."""
         if self.done:
             return
+        if self.request_body_transform is not None and not self._transform_request_body():
+            return  # waiting for the rest of the body (request_done proceeds), or failed
         service = self.service
         assert service is not None
         target = service.cluster.pick(self)
@@ -412,7 +434,7 @@ class Exchange:
         if self.done:
             return
         self.body_received += len(data)
-        limit = self.client.max_body_size
+        limit = self.max_body_size
         if limit and self.body_received > limit:
             raise BodyTooLarge(f"request body exceeds {limit} bytes")
         framed = chunk(data) if self.body_kind == REQ_CHUNKED else data
@@ -430,11 +452,15 @@ class Exchange:
         else:
             self._body_buf.append(framed)
             self._body_buffered += len(framed)
-            if self._body_buffered > _BUFFER_HIGH:
+            if self._body_buffered > _BUFFER_HIGH and not self._awaiting_body:
                 self.client.pause_reading_for(self)
 
     def request_done(self) -> None:
         self.body_done = True
+        if self._awaiting_body:
+            self._awaiting_body = False
+            self.proceed()  # the whole body is here: transform it and forward
+            return
         conn = self.upstream
         if conn is not None and not self.done:
             if self.body_kind == REQ_CHUNKED:
@@ -459,13 +485,18 @@ class Exchange:
                 return
         self.response_head = head
         self.status = head.status
-        route = self.route
-        if route is not None and route.pipeline is not None and route.pipeline.has_response:
-            error = route.pipeline.run_response(self)
+        pipeline = self.pipeline
+        if pipeline is not None and pipeline.has_response:
+            error = pipeline.run_response(self)
             if error is not None:
                 self._release_upstream_on_error()
                 self.fail(error)
                 return
+        if self._resp_headers is not None:
+            self._add_response_headers(head.headers)
+        if self.response_body_transform is not None:
+            self._resp_body = []  # the head goes out with the transformed body (upstream_complete)
+            return
         self._pending_head = self._build_response_head(head, raw)
 
     def _build_response_head(self, head: ResponseHead, raw: bytes) -> bytes:
@@ -489,6 +520,9 @@ class Exchange:
     def upstream_body(self, data: bytes) -> None:
         if self.done:
             return
+        if self._resp_body is not None:
+            self._resp_body.append(data)
+            return
         head = self.response_head
         if head is not None and head.body_kind == BODY_UNTIL_CLOSE and self.version == 1:
             data = chunk(data)
@@ -506,6 +540,8 @@ class Exchange:
         self.client.write(data)
 
     def upstream_flush(self) -> None:
+        if self._resp_body is not None:
+            return
         pending = self._pending_head
         if pending is not None:
             self._pending_head = None
@@ -514,6 +550,8 @@ class Exchange:
             self.client.write(pending)
 
     def upstream_complete(self) -> None:
+        if self._resp_body is not None and not self._transform_response_body():
+            return  # the transform failed: answered 500
         conn = self.upstream
         head = self.response_head
         close_delimited = head is not None and head.body_kind == BODY_UNTIL_CLOSE
@@ -686,6 +724,10 @@ class Exchange:
             self.keep_alive = False  # we will not read the rest of this request's body
         if self.client.draining:
             self.keep_alive = False
+        if self._resp_headers is not None:
+            headers = list(response.headers)  # never edit the plugin's (maybe shared) Response
+            self._add_response_headers(headers)
+            response = Response(response.status, response.body, headers)
         self.status = response.status
         self.response_started = True
         data = serialize(response, self.keep_alive, self.method == b"HEAD", self.client.server_header)
@@ -735,9 +777,9 @@ class Exchange:
         if timer is not None:
             self._retry_timer = None
             timer.cancel()
-        route = self.route
-        if route is not None and route.pipeline is not None and route.pipeline.has_log:
-            route.pipeline.run_log(self)
+        pipeline = self.pipeline
+        if pipeline is not None and pipeline.has_log:
+            pipeline.run_log(self)
         if self._held:
             self._release_target(self._outcome)
         self.client.exchange_finished(self)
@@ -760,12 +802,13 @@ class Exchange:
         return None
 
     def set_header(self, name: str, value: str) -> None:
-        """Replace (or add) a request header forwarded to the backend."""
+        """Replace (or add) a request header forwarded to the backend (ValueError if either is not a
+        valid header field name or value: CR, LF, NUL and other control characters never pass)."""
         self.remove_header(name)
-        self.headers.append((name.encode("latin-1"), value.encode("latin-1")))
+        self.headers.append(header_field(name, value))
 
     def add_header(self, name: str, value: str) -> None:
-        self.headers.append((name.encode("latin-1"), value.encode("latin-1")))
+        self.headers.append(header_field(name, value))
 
     def remove_header(self, name: str) -> None:
         key = name.lower().encode("latin-1")
@@ -774,6 +817,151 @@ class Exchange:
     @property
     def client_ip(self) -> str:
         return self.client.peer_ip.decode("latin-1")
+
+    # -- plugin support (tollway.plugins; documented in docs/plugins/writing-plugins.md) ----------------
+    def header_bytes(self, lname: bytes) -> bytes | None:
+        """The first value of a forwarded request header; `lname` is the lowercase name as bytes.
+        (Host, X-Forwarded-* and X-Request-Id are attributes, not in the forwarded list.)"""
+        for name, value in self.headers:
+            if name.lower() == lname:
+                return value
+        return None
+
+    def pop_header(self, lname: bytes) -> bytes | None:
+        """Remove every field named `lname` (lowercase bytes) from the forwarded request headers and
+        return the first value, or None (then nothing changes)."""
+        headers = self.headers
+        found: bytes | None = None
+        for i in range(len(headers)):
+            name, value = headers[i]
+            if name.lower() == lname:
+                found = value
+                self.headers = headers[:i] + [h for h in headers[i + 1 :] if h[0].lower() != lname]
+                break
+        return found
+
+    def set_query(self, query: str) -> None:
+        """Replace the query string forwarded to the backend (already encoded, without the "?")."""
+        if _BAD_QUERY.search(query) is not None:
+            raise ValueError("a query string must be encoded: no spaces, control characters or #")
+        path = self.upstream_path.partition(b"?")[0]
+        self.query = query
+        self.upstream_path = path + b"?" + query.encode("latin-1") if query else path
+
+    def add_response_header(self, name: str, value: str) -> None:
+        """Add a header to whatever response this request gets (the backend's or the gateway's)."""
+        self._response_header(name, value, False)
+
+    def set_response_header(self, name: str, value: str) -> None:
+        """Like add_response_header, but replacing any field of that name the response has."""
+        self._response_header(name, value, True)
+
+    def _response_header(self, name: str, value: str, replace: bool) -> None:
+        field = header_field(name, value)
+        extra = self._resp_headers
+        if extra is None:
+            extra = self._resp_headers = []
+        extra.append((field[0], field[1], replace))
+
+    def _add_response_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        for name, value, replace in self._resp_headers or ():
+            if replace:
+                lname = name.lower()
+                headers[:] = [h for h in headers if h[0].lower() != lname]
+            headers.append((name, value))
+
+    def buffer_request_body(self, transform: Callable[[bytes], bytes | None], max_size: int) -> bool:
+        """Have `transform(body)` rewrite the whole request body before it is forwarded (it returns the
+        new body, or None to keep it). Only bodies with a Content-Length of at most `max_size` are
+        buffered; returns False (and the body streams untouched) otherwise. Call it in rewrite/access."""
+        if self.body_kind != REQ_LENGTH or self.content_length > max_size or self.upstream is not None:
+            return False
+        previous = self.request_body_transform
+        if previous is None:
+            self.request_body_transform = transform
+        else:  # a second plugin transforms what the first produced
+            self.request_body_transform = lambda body: transform(previous(body) or body)
+        return True
+
+    def buffer_response_body(self, transform: Callable[[bytes], bytes | None], max_size: int) -> bool:
+        """The same for the response body, from a response hook: only responses with a Content-Length
+        of at most `max_size` are buffered; chunked or larger ones stream through untouched (False)."""
+        head = self.response_head
+        if head is None or head.body_kind != BODY_LENGTH or head.content_length > max_size:
+            return False
+        previous = self.response_body_transform
+        if previous is None:
+            self.response_body_transform = transform
+        else:
+            self.response_body_transform = lambda body: transform(previous(body) or body)
+        return True
+
+    def _transform_request_body(self) -> bool:
+        """Before forwarding: True to go on; False while the body is still arriving or on failure."""
+        if not self.body_done:
+            self._awaiting_body = True
+            if self.expect_continue:
+                self.expect_continue = False
+                self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.client.resume_reading_for(self)
+            return False
+        transform = self.request_body_transform
+        self.request_body_transform = None
+        if transform is None:
+            return True
+        body = b"".join(self._body_buf)
+        try:
+            new = transform(body)
+        except Exception as exc:
+            self.fail(exc)
+            return False
+        if new is not None and new != body:
+            self._body_buf = [new]
+            self._body_buffered = len(new)
+            self._replay = [new]
+            self.content_length = len(new)
+        return True
+
+    def _transform_response_body(self) -> bool:
+        chunks = self._resp_body or []
+        self._resp_body = None
+        transform = self.response_body_transform
+        head = self.response_head
+        assert transform is not None and head is not None
+        body = b"".join(chunks)
+        try:
+            new = transform(body)
+        except Exception as exc:
+            self.fail(exc)
+            return False
+        if new is not None and new != body:
+            headers = head.headers
+            headers[:] = [h for h in headers if h[0].lower() != b"content-length"]
+            headers.append((b"Content-Length", b"%d" % len(new)))
+            body = new
+        self._pending_head = self._build_response_head(head, head.raw) + body
+        return True
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")  # HTAB and obs-text allowed (RFC 9110 5.5)
+_BAD_QUERY = re.compile(r"[\x00-\x20\x7f#]")
+
+
+def header_field(name: str, value: str) -> tuple[bytes, bytes]:
+    """A request or response header field as bytes, or ValueError: a name that is not a token or a value
+    with CR, LF, NUL or another control character would let a value inject headers or split messages."""
+    bname = name.encode("latin-1")
+    value = value.strip(" \t")
+    try:
+        bvalue = value.encode("latin-1")  # what get_header decoded comes back unchanged
+    except UnicodeEncodeError:
+        bvalue = value.encode("utf-8")
+    if _TOKEN.fullmatch(bname) is None:
+        raise ValueError(f"invalid header name {name!r}")
+    if _FIELD_VALUE.fullmatch(bvalue) is None:
+        raise ValueError(f"invalid value for header {name!r}: control characters are not allowed")
+    return bname, bvalue
 
 
 def _breaker_message(upstream: str, limit: str) -> str:
@@ -809,4 +997,4 @@ _SPECIAL_GETTERS = {
     b"connection": "connection_header",
 }
 
-__all__ = ["BODY_LENGTH", "Exchange"]
+__all__ = ["BODY_LENGTH", "Exchange", "header_field"]

@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from tollway.config.schema import GatewayConfig, GatewaySettings, Service
+from tollway.config.schema import Consumer, GatewayConfig, GatewaySettings, Route, Service
 from tollway.proxy.pipeline import Pipeline
 from tollway.router import Router
 from tollway.upstream.cluster import Cluster
@@ -131,12 +131,23 @@ def build_snapshot(
             cluster, base_path = _url_cluster(service, pool_for, upstreams)
         services[service.name] = CompiledService(service, cluster, base_path)
     routes = [CompiledRoute(r.name, services[r.service], None, r.retry_non_idempotent) for r in config.routes]
+    if _uses_plugins(config):
+        from tollway.plugins.build import attach_pipelines  # plugins are ordinary (interpreted) Python
+
+        attach_pipelines(config, routes)
     router = Router([(spec, compiled) for spec, compiled in zip(config.routes, routes, strict=True)])
     snapshot = Snapshot(version, config, services, routes, router)
     snapshot.clusters = list(clusters.values()) + [
         s.cluster for s in services.values() if s.cluster.name not in clusters
     ]
     return snapshot
+
+
+def _uses_plugins(config: GatewayConfig) -> bool:
+    if config.plugins:
+        return True
+    entities: list[Service | Route | Consumer] = [*config.services, *config.routes, *config.consumers]
+    return any(entity.plugins for entity in entities)
 
 
 def _url_cluster(service: Service, pool_for: PoolFactory, upstreams: UpstreamRegistry) -> tuple[Cluster, str]:

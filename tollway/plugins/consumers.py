@@ -1,0 +1,99 @@
+"""Consumers as the hot path sees them, and how an authentication plugin marks a request as theirs.
+
+A `Consumer` is built once per config version with the header fields it sends to backends already
+encoded. `identify` is what every authentication plugin calls on success: it drops identity headers the
+client sent itself (X-Consumer-Id and friends must only ever come from the gateway), appends the
+consumer's, and records the consumer and credential on the exchange.
+
+`Consumers` is the build-time registry: consumers by username, and each authentication plugin's
+credentials validated against its schema, once per config version, for plugins to index.
+
+Compiled with mypyc (see setup.py): `identify` runs on every authenticated request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from tollway.config.schema import Consumer as ConsumerSpec
+    from tollway.config.schema import GatewayConfig
+    from tollway.proxy.exchange import Exchange
+
+# Request headers only the gateway may set: stripped from the client's request on authentication.
+IDENTITY_HEADERS: Final = frozenset(
+    {
+        b"x-consumer-id",
+        b"x-consumer-username",
+        b"x-consumer-groups",
+        b"x-credential-identifier",
+        b"x-anonymous-consumer",
+    }
+)
+
+
+class Consumer:
+    __slots__ = ("anonymous_headers", "groups", "groups_value", "has_plugins", "headers", "id", "username")
+
+    def __init__(self, username: str, consumer_id: str, groups: frozenset[str]) -> None:
+        self.username = username
+        self.id = consumer_id
+        self.groups = groups
+        self.groups_value = ", ".join(sorted(groups)).encode("utf-8")
+        self.has_plugins = False  # plugins configured for this consumer (set by plugins.build)
+        self.headers: list[tuple[bytes, bytes]] = [
+            (b"X-Consumer-Id", consumer_id.encode("utf-8")),
+            (b"X-Consumer-Username", username.encode("utf-8")),
+        ]
+        self.anonymous_headers = [*self.headers, (b"X-Anonymous-Consumer", b"true")]
+
+    def __repr__(self) -> str:
+        return f"<Consumer {self.username}>"
+
+
+def identify(ex: Exchange, consumer: Consumer, credential: Any, anonymous: bool = False) -> None:
+    """The request belongs to `consumer` (authenticated by `credential`, or the anonymous fallback)."""
+    headers = ex.headers
+    for name, _ in headers:
+        if name.lower() in IDENTITY_HEADERS:
+            headers = ex.headers = [h for h in headers if h[0].lower() not in IDENTITY_HEADERS]
+            break
+    headers.extend(consumer.anonymous_headers if anonymous else consumer.headers)
+    ex.consumer = consumer
+    ex.credential = None if anonymous else credential
+
+
+class Consumers:
+    """Build-time registry of one config version's consumers."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.specs: dict[str, ConsumerSpec] = {c.username: c for c in config.consumers}
+        self.by_username: dict[str, Consumer] = {
+            c.username: Consumer(c.username, c.id or c.username, frozenset(c.groups))
+            for c in config.consumers
+        }
+        self._credentials: dict[str, list[tuple[Consumer, Any]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Consumers {len(self.by_username)}>"
+
+    def credentials(self, plugin: str, model: type[BaseModel]) -> list[tuple[Consumer, Any]]:
+        """Every consumer's credentials for `plugin`, validated with `model` (once per config version)."""
+        found = self._credentials.get(plugin)
+        if found is None:
+            found = []
+            from tollway.plugins.registry import canonical_name
+
+            names: dict[str, str] = {}  # reference -> plugin name, resolved once per distinct reference
+            for username, spec in self.specs.items():
+                consumer = self.by_username[username]
+                for reference, items in spec.credentials.items():
+                    name = names.get(reference)
+                    if name is None:
+                        name = names[reference] = canonical_name(reference)
+                    if reference == plugin or name == plugin:
+                        found.extend((consumer, model.model_validate(raw)) for raw in items)
+            self._credentials[plugin] = found
+        return found
