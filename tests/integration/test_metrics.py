@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import RawClient, Seen, request, response, wait_until
+from tests.support import RawClient, Seen, gateway_config, request, response, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -283,3 +283,22 @@ def test_upstream_health_ejections_and_retries(gateway, backend):
     assert live_tries == 12  # every request ended there
     assert value(m, "tollway_upstream_errors_total", service="s", target=dead, error="connect") == 0
     assert value(m, "tollway_http_requests_total", service="s", route="r", method="GET", code="2xx") == 12
+
+
+def test_auth_failures_are_counted_by_plugin_route_and_reason(gateway, backend):
+    be = backend()
+    cfg = gateway_config(be.url, routes=[{"name": "orders", "service": "backend", "paths": ["/orders"]}])
+    cfg["routes"][0]["plugins"] = [{"name": "key-auth"}]
+    cfg["consumers"] = [{"username": "app", "credentials": {"key-auth": [{"key": "good-key"}]}}]
+    gw = gateway(cfg, workers=2)
+    for _ in range(3):
+        assert request(gw.port, "GET", "/orders").status == 401
+    for _ in range(2):
+        assert request(gw.port, "GET", "/orders", headers={"apikey": "wrong"}).status == 401
+    assert request(gw.port, "GET", "/orders", headers={"apikey": "good-key"}).status == 200
+    m = scrape(gw)
+    labels = {"plugin": "key-auth", "route": "orders"}
+    assert value(m, "tollway_auth_failures_total", reason="missing", **labels) == 3
+    assert value(m, "tollway_auth_failures_total", reason="invalid", **labels) == 2
+    requests = {"service": "backend", "route": "orders", "method": "GET", "code": "4xx"}
+    assert value(m, "tollway_http_requests_total", **requests) == 5

@@ -132,7 +132,8 @@ CATALOG: dict[str, Entry] = {
     ),
     "auth_failures_total": Entry(
         "counter",
-        "Requests rejected by an authentication plugin, by reason (missing, invalid, expired, forbidden)",
+        "Requests rejected (401) by an authentication plugin, by reason (missing: no credential; invalid: "
+        "unknown, expired or badly signed)",
         ("plugin", "route", "reason"),
     ),
     # -- the supervisor ------------------------------------------------------------------------------------

@@ -58,7 +58,11 @@ class CompiledRoute:
     __slots__ = ("metrics", "name", "pipeline", "retry_non_idempotent", "service")
 
     def __init__(
-        self, name: str, service: CompiledService, pipeline: Pipeline | None = None, retry_non_idempotent: bool = False
+        self,
+        name: str,
+        service: CompiledService,
+        pipeline: Pipeline | None = None,
+        retry_non_idempotent: bool = False,
     ) -> None:
         self.name = name
         self.service = service
