@@ -37,6 +37,7 @@ from tollway.observability.log_sinks import LogWriter
 if TYPE_CHECKING:
     from tollway.config.schema import AccessLog as AccessLogSettings
     from tollway.proxy.exchange import Exchange
+    from tollway.proxy.snapshot import CompiledRoute
 
 _FLUSH_INTERVAL: Final = 0.5
 _NAMES: Final = list(FIELDS)
@@ -80,6 +81,12 @@ _now: Final = time.time
 _dumps: Final = orjson.dumps
 
 
+# The default fields' line, with route and service as one piece (`AccessLog._route_piece`).
+_DEFAULT_TEMPLATE: Final = (
+    b'{"time":%s,"client":"%s","method":"%s","path":%s,%s,"upstream":%s,"status":%s,"bytes_sent":%s,'
+    b'"bytes_received":%s,"duration_ms":%s,"upstream_ms":%s,"request_id":%s}\n'
+)
+_NO_ROUTE: Final = b'"route":null,"service":null'
 DEFAULT_MASK: Final = (
     F_TIME | F_CLIENT | F_METHOD | F_PATH | F_ROUTE | F_SERVICE | F_UPSTREAM | F_STATUS | F_BYTES_SENT
     | F_BYTES_RECEIVED | F_DURATION | F_UPSTREAM_MS | F_REQUEST_ID
@@ -97,8 +104,10 @@ class AccessLog:
     __slots__ = (
         "_buffer",
         "_buffered",
+        "_clock_offset",
         "_loop",
         "_names",
+        "_route_pieces",
         "_second",
         "_second_text",
         "_timer",
@@ -128,6 +137,8 @@ class AccessLog:
         self._second_text = b""
         self._timer: asyncio.TimerHandle | None = None
         self._names: dict[str, bytes] = {}  # config names (route, service, target) quoted once
+        self._route_pieces: dict[CompiledRoute, bytes] = {}
+        self._clock_offset = _now() - time.perf_counter()  # wall clock = perf_counter() + offset
         self.dropped_lines = 0  # batches refused by a full queue (the writer counts its own failures)
         self.sampled_out = 0
         self.pid = _SMALL[0]
@@ -154,6 +165,7 @@ class AccessLog:
         self.always_log_errors = settings.always_log_errors
         self.pid = str(os.getpid()).encode()
         self._names.clear()
+        self._route_pieces.clear()  # compiled routes of older snapshots are not kept alive
         mask = self.mask = field_mask(settings.fields)
         pieces = [_dumps(name) + b":" + _SHAPES[name] for name in _NAMES if mask & _BITS[name]]
         self.request_headers = []
@@ -191,12 +203,16 @@ class AccessLog:
     def written_total(self) -> int:
         return self.writer.written_lines
 
-    def log(self, ex: Exchange, total: float, gateway: float) -> None:
+    def log(self, ex: Exchange, total: float, gateway: float, now: float) -> None:
+        """Log a finished request; `now` is time.perf_counter() at its end (the recorder's clock)."""
         ratio = self.sample_ratio
         if ratio < 1.0 and random.random() >= ratio and not (self.always_log_errors and ex.status >= 500):
             self.sampled_out += 1
             return
-        line = self.default_line(ex, total) if self.default else self.line(ex, total, gateway)
+        wall = now + self._clock_offset
+        if int(wall) != self._second:
+            wall = self._new_second(now)
+        line = self.default_line(ex, total, wall) if self.default else self.line(ex, total, gateway, wall)
         self._buffer.append(line)
         self._buffered += len(line)
         if self._buffered >= self.buffer_size:
@@ -204,18 +220,18 @@ class AccessLog:
         elif self._timer is None:
             self._timer = self._loop.call_later(_FLUSH_INTERVAL, self.flush)
 
-    def default_line(self, ex: Exchange, total: float) -> bytes:
-        """`line` for the default fields: the values go straight into one tuple."""
+    def default_line(self, ex: Exchange, total: float, wall: float) -> bytes:
+        """`line` for the default fields: the values go straight into one tuple, the route and service
+        as one piece quoted once per route."""
         route = ex.route
         target = ex.target
         rid = ex.request_id
-        return self.template % (
-            self._timestamp(),
+        return _DEFAULT_TEMPLATE % (
+            self._second_text + _MILLIS[int((wall - self._second) * 1000.0)],
             ex.client.peer_ip,
             ex.method,
             _dumps(ex.raw_path or _target_path(ex.url)),
-            self._name(route.name) if route is not None else _NULL,
-            self._name(route.service.name) if route is not None else _NULL,
+            self._route_piece(route) if route is not None else _NO_ROUTE,
             self._name(target.label) if target is not None else _NULL,
             _int(ex.status),
             _int(ex.bytes_sent),
@@ -225,14 +241,14 @@ class AccessLog:
             b'"' + rid + b'"' if rid.isalnum() else _dumps(rid.decode("latin-1")),
         )
 
-    def line(self, ex: Exchange, total: float, gateway: float) -> bytes:
+    def line(self, ex: Exchange, total: float, gateway: float, wall: float) -> bytes:
         """One JSON line (newline included): the config's template filled with this request's values
         (one bytes formatting, in the catalogue's order; see _SHAPES for which are quoted there)."""
         mask = self.mask
         route = ex.route
         v: list[bytes] = []
         if mask & F_TIME:
-            v.append(self._timestamp())
+            v.append(self._second_text + _MILLIS[int((wall - self._second) * 1000.0)])
         if mask & F_CLIENT:
             v.append(ex.client.peer_ip)  # an IP address: nothing to escape
         if mask & F_METHOD:
@@ -308,14 +324,27 @@ class AccessLog:
         self.flush()
         self.writer.close(timeout)
 
-    def _timestamp(self) -> bytes:
-        """``"2026-11-26T18:00:00.123Z"`` (quoted): formatted once per second, then a table lookup."""
-        now = _now()
-        second = int(now)
+    def _new_second(self, now: float) -> float:
+        """The wall clock's second changed (by the perf_counter-based estimate): read the wall clock,
+        re-anchor the estimate, format the second. Timestamps are ``"2026-11-26T18:00:00.123Z"``
+        (quoted): the second formatted once, the milliseconds from a table."""
+        wall = _now()
+        self._clock_offset = wall - now
+        second = int(wall)
         if second != self._second:
             self._second = second
             self._second_text = ('"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))).encode()
-        return self._second_text + _MILLIS[int((now - second) * 1000.0)]
+        return wall
+
+    def _route_piece(self, route: CompiledRoute) -> bytes:
+        """``"route":"users","service":"users-svc"``, quoted once per compiled route."""
+        piece = self._route_pieces.get(route)
+        if piece is None:
+            if len(self._route_pieces) >= 10000:
+                self._route_pieces.clear()
+            piece = b'"route":' + _dumps(route.name) + b',"service":' + _dumps(route.service.name)
+            self._route_pieces[route] = piece
+        return piece
 
     def _name(self, name: str) -> bytes:
         """A name from the config (route, service, target), quoted once."""

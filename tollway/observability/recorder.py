@@ -81,7 +81,7 @@ class Recorder:
             ex.snapshot.trace.start(ex)  # answered by the gateway: no upstream head chose the ids
         log = self.access_log
         if log is not None:
-            log.log(ex, total, gateway)
+            log.log(ex, total, gateway, now)
         tracer = self.tracer
         if tracer is not None and ex.sampled:
             tracer.finish(ex, total, now)
