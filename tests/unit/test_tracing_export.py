@@ -79,16 +79,18 @@ def test_failing_collector_is_left_alone_then_retried(exchange):
     t.finish(exchange, 0.001, 0.0)
     t._wake.set()
     assert wait_until(lambda: t.failed == 1, timeout=5)
-    assert t.down_until > time.monotonic()
+    assert t.down
     for _ in range(10):  # while it counts as down, spans are not even built
         t.finish(exchange, 0.001, 0.0)
     assert t.dropped == 10 and len(t.queue) == 0
+    assert wait_until(lambda: exporter.batches.count(0) >= 1, timeout=5)  # an empty probe after 1 s
+    assert t.down  # the probe failed too
     exporter.result = SpanExportResult.SUCCESS
-    assert wait_until(lambda: time.monotonic() > t.down_until, timeout=5)
+    assert wait_until(lambda: not t.down, timeout=10)  # the next probe (2 s later) succeeds
     t.finish(exchange, 0.001, 0.0)
     t._wake.set()
     assert wait_until(lambda: t.exported == 1, timeout=5)
-    assert t.down_until == 0.0
+    assert t.failed == 1 and t.dropped == 10
     t.shutdown(wait=True)
 
 

@@ -85,7 +85,8 @@ CATALOG: dict[str, Entry] = {
     "tracing_spans_total": Entry(
         "counter",
         "Spans of sampled requests, by result (exported; failed: the collector refused them or was "
-        "unreachable; dropped: the export queue was full, or the collector was down at the time)",
+        "unreachable; dropped: the export queue was full, or the collector was down at the time and the span "
+        "was not built)",
         ("result",),
     ),
     # -- reported by other features, one call each (see docs/monitoring.md) --------------------------------

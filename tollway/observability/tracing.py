@@ -10,9 +10,10 @@ end and ids by then, so the Tracer/Span machinery (a sampler, an id generator, a
 per request) would only add cost — and queues it for a thread that exports batches with the
 standard OTLP/HTTP exporter. The queue is bounded: when the collector is slow, spans are dropped and
 counted (tollway_tracing_spans_total{result="dropped"}), the event loop never waits and nothing is
-logged per span. When an export fails, the collector counts as down for a while (1 s, doubling up to
-30 s): spans are then dropped before they are even built or encoded (encoding is the expensive part,
-about 50 µs a span), so a dead collector costs less than a live one.
+logged per span. When an export fails, the collector counts as down: spans are dropped before they
+are even built or encoded (encoding is the expensive part, about 50 µs a span), and the thread probes
+the collector with an empty export after 1 s, then after 2, 4 … up to 30 s, until one succeeds. So a
+dead collector costs the workers less than a live one.
 
 Attributes follow the OpenTelemetry HTTP semantic conventions for a server span (http.request.method,
 url.path, url.scheme, server.address, client.address, http.response.status_code, …) plus
@@ -72,7 +73,7 @@ class Tracer:
         self.failed = 0  # counted by the export thread
         self.dropped = 0  # counted by the event loop thread
         self.dropped_while_down = 0  # counted by the export thread
-        self.down_until = 0.0  # time.monotonic() until which the collector counts as down
+        self.down = False  # an export failed and no probe has succeeded since
         self._backoff = 0.0
         self._wake = threading.Event()
         self._stop = False
@@ -89,7 +90,7 @@ class Tracer:
     # -- event loop side ------------------------------------------------------------------------------------
     def finish(self, ex: Exchange, total: float, now: float) -> None:
         """Queue the span of a sampled request that just ended (`total` seconds long)."""
-        if len(self.queue) >= self.max_queue or (self.down_until and time.monotonic() < self.down_until):
+        if self.down or len(self.queue) >= self.max_queue:
             self.dropped += 1
             return
         self.queue.append(self.span(ex, total))
@@ -139,10 +140,31 @@ class Tracer:
 
     def _run(self) -> None:
         while not self._stop:
-            self._wake.wait(max(_SCHEDULE_DELAY, self.down_until - time.monotonic()))
+            if self.down:
+                self._wake.wait(self._backoff)  # only shutdown wakes it early
+                if not self._stop:
+                    self._probe()
+                continue
+            self._wake.wait(_SCHEDULE_DELAY)
             self._wake.clear()
             self._export_queued()
-        self._export_queued()
+        if not self.down:
+            self._export_queued()
+
+    def _send(self, batch: list[ReadableSpan]) -> bool:
+        try:
+            return self.exporter.export(batch) == SpanExportResult.SUCCESS
+        except Exception:  # an exporter bug must not kill the thread
+            return False
+
+    def _probe(self) -> None:
+        """Is the collector back? An empty export answers without building a single span."""
+        if self._send([]):
+            self._backoff = 0.0
+            self.down = False
+            log.info("span export to %s works again", self.endpoint)
+        else:
+            self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
 
     def _export_queued(self) -> None:
         queue = self.queue
@@ -150,18 +172,12 @@ class Tracer:
             batch: list[ReadableSpan] = []
             while queue and len(batch) < self.batch_size:
                 batch.append(queue.popleft())
-            try:
-                result = self.exporter.export(batch)
-            except Exception:  # an exporter bug must not kill the thread
-                result = SpanExportResult.FAILURE
-            if result == SpanExportResult.SUCCESS:
+            if self._send(batch):
                 self.exported += len(batch)
-                self._backoff = 0.0
-                self.down_until = 0.0
                 continue
             self.failed += len(batch)
-            self._backoff = min(max(1.0, self._backoff * 2), _MAX_BACKOFF)
-            self.down_until = time.monotonic() + self._backoff
+            self._backoff = 1.0
+            self.down = True  # until a probe succeeds: new spans are dropped unbuilt
             waiting = len(queue)
             queue.clear()  # spans older than the outage are not worth encoding
             self.dropped_while_down += waiting
