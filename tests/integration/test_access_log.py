@@ -1,17 +1,24 @@
 """The access log: one JSON line per request with its time, client, method, path, route, service,
 status, bytes, latencies and request id; written off the event loop, so a stuck sink never stalls
-traffic.
+traffic. Configurable fields, a file rotated under load (SIGUSR1), sampling, syslog over UDP and a Unix
+socket, and sinks that fail without touching traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import signal
+import socket
+import threading
+import urllib.request
+from pathlib import Path
 
 import pytest
 
-from tests.support import RawClient, Seen, gateway_config, request, wait_until
+from tests.support import RawClient, Seen, gateway_config, request, response, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -123,3 +130,161 @@ def test_a_stuck_log_sink_never_stalls_traffic(gateway, backend, tmp_path) -> No
     for i in range(300):
         assert request(gw.port, path=f"/{i}").status == 200
     assert len(be.seen) == 300
+
+
+def log_lines(*paths: Path) -> list[dict]:
+    lines = []
+    for path in paths:
+        text = path.read_text()
+        assert text == "" or text.endswith("\n"), f"{path} ends mid-line"
+        lines += [json.loads(line) for line in text.splitlines()]  # a torn line would not parse
+    return lines
+
+
+def metric(gw, name: str) -> float:
+    text = urllib.request.urlopen(gw.status_url + "/metrics", timeout=10).read().decode()
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_configured_fields_and_escaping(gateway, backend):
+    async def typed(seen, writer):
+        writer.write(response(201, b"{}", [("Content-Type", "application/json")]))
+        return True
+
+    be = backend(typed)
+    fields = [
+        "method", "host", "path", "query", "protocol", "route", "status", "upstream_ms", "gateway_ms",
+        "trace_id", "user_agent", "worker", "request_header.x-tricky", "request_header.x-absent",
+        "response_header.content-type",
+    ]
+    gw = gateway(gateway_config(be.url, access_log={"fields": fields}))
+    tricky = 'a "quoted" \\ value\twith tab'
+    headers = {"X-Tricky": tricky, "User-Agent": "probe/1"}
+    resp = request(gw.port, "POST", "/items/1?x=y", headers=headers, body=b"")
+    assert resp.status == 201
+    assert wait_until(lambda: len(gw.access_log()) == 1)
+    line = gw.access_log()[0]
+    assert list(line) == fields  # the catalogue's order, header fields last
+    assert line["method"] == "POST" and line["host"] == "gateway.test"
+    assert line["path"] == "/items/1" and line["query"] == "x=y" and line["protocol"] == "HTTP/1.1"
+    assert line["route"] == "all" and line["status"] == 201
+    assert line["gateway_ms"] >= 0 and line["upstream_ms"] >= 0
+    assert line["worker"] in gw.worker_pids()
+    assert re.fullmatch("[0-9a-f]{32}", line["trace_id"])
+    assert line["request_header.x-tricky"] == tricky  # escaped in the line, intact once parsed
+    assert line["request_header.x-absent"] is None
+    assert line["response_header.content-type"] == "application/json"
+    assert line["user_agent"] == "probe/1"
+
+
+def test_file_rotated_under_load_loses_and_tears_nothing(gateway, backend, tmp_path):
+    be = backend()
+    path = tmp_path / "logs" / "access.log"
+    gw = gateway(gateway_config(be.url, access_log={"path": str(path), "buffer_size": 2048}), workers=2)
+    per_thread, threads = 150, 4
+    sent: list[str] = []
+    lock = threading.Lock()
+
+    def load(t: int) -> None:
+        for i in range(per_thread):
+            client = RawClient(gw.port)  # new connections: both workers take part
+            rid = f"t{t}-{i}"
+            client.send(f"GET /n HTTP/1.1\r\nHost: a\r\nX-Request-Id: {rid}\r\n\r\n".encode())
+            assert client.read_response().status == 200
+            client.close()
+            with lock:
+                sent.append(rid)
+
+    workers = [threading.Thread(target=load, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    rotated = []
+    for n in range(1, 4):  # logrotate's way: rename, then SIGUSR1
+        assert wait_until(lambda n=n: len(sent) >= n * 120, timeout=60)
+        target = path.with_name(f"access.log.{n}")
+        os.rename(path, target)
+        rotated.append(target)
+        gw.signal(signal.SIGUSR1)
+        assert wait_until(path.exists, timeout=10)  # reopened: a fresh file at the same path
+    for w in workers:
+        w.join(60)
+    assert len(sent) == per_thread * threads
+    gw.stop()  # draining flushes what is buffered
+    ids = [line["request_id"] for line in log_lines(*rotated, path)]
+    assert sorted(ids) == sorted(sent)  # every request exactly once, across the four files
+    assert all(path.stat().st_size > 0 for path in (*rotated[1:], path))  # rotation really happened
+
+
+def test_sampling_keeps_errors(gateway, backend):
+    async def flaky(seen, writer):
+        writer.write(response(503 if seen.target.startswith("/fail") else 200))
+        return True
+
+    be = backend(flaky)
+    gw = gateway(gateway_config(be.url, access_log={"sample_ratio": 0.0}))
+    for _ in range(20):
+        request(gw.port, "GET", "/ok")
+    for _ in range(3):
+        request(gw.port, "GET", "/fail")
+    assert wait_until(lambda: len(gw.access_log()) == 3)
+    assert {line["status"] for line in gw.access_log()} == {503}
+
+
+def test_sampling_ratio(gateway, backend):
+    be = backend()
+    gw = gateway(gateway_config(be.url, access_log={"sample_ratio": 0.5}))
+    client = RawClient(gw.port)
+    for _ in range(200):
+        client.send(b"GET /n HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().status == 200
+    gw.stop()
+    assert 50 < len(gw.access_log()) < 150
+
+
+@pytest.mark.parametrize("transport", ["udp", "unix"])
+def test_syslog_rfc5424(gateway, backend, tmp_path, transport):
+    if transport == "udp":
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind(("127.0.0.1", 0))
+        address = f"udp://127.0.0.1:{sink.getsockname()[1]}"
+    else:
+        sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sink.bind(str(tmp_path / "log.sock"))
+        address = f"unix://{tmp_path / 'log.sock'}"
+    sink.settimeout(10)
+    be = backend()
+    settings = {"sink": "syslog", "syslog_address": address, "syslog_facility": 16, "syslog_app_name": "edge"}
+    gw = gateway(gateway_config(be.url, access_log=settings))
+    for i in range(3):
+        request(gw.port, "GET", f"/n/{i}")
+    messages = [sink.recv(65536).decode() for _ in range(3)]
+    sink.close()
+    pattern = re.compile(r"^<134>1 \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \S+ edge (\d+) - - (\{.*\})$")
+    paths = []
+    for message in messages:
+        m = pattern.match(message)
+        assert m is not None, message
+        assert int(m.group(1)) in gw.worker_pids()
+        paths.append(json.loads(m.group(2))["path"])
+    assert sorted(paths) == ["/n/0", "/n/1", "/n/2"]
+    assert gw.access_log() == []  # not on stdout
+
+
+def test_failing_sink_drops_and_counts_lines_without_touching_traffic(gateway, backend):
+    be = backend()
+    gw = gateway(gateway_config(be.url, access_log={"path": "/dev/full", "buffer_size": 0}))
+    for _ in range(25):
+        assert request(gw.port, "GET", "/n").status == 200  # writes fail with ENOSPC
+    assert wait_until(lambda: metric(gw, "tollway_access_log_dropped_lines_total") == 25, timeout=15)
+    assert metric(gw, "tollway_access_log_written_lines_total") == 0
+
+
+def test_unwritable_path_is_reported_and_traffic_flows(gateway, backend, tmp_path):
+    be = backend()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    gw = gateway(gateway_config(be.url, access_log={"path": str(blocker / "access.log")}))
+    assert request(gw.port, "GET", "/n").status == 200
+    gw.wait_for_output("cannot open the access log")
+    assert wait_until(lambda: metric(gw, "tollway_access_log_dropped_lines_total") == 1, timeout=15)

@@ -44,6 +44,8 @@ SECTIONS: list[tuple[str, str]] = [
     ("gateway.limits", "Limits"),
     ("gateway.timeouts", "Timeouts"),
     ("gateway.access_log", "AccessLog"),
+    ("gateway.metrics", "Metrics"),
+    ("gateway.tracing", "Tracing"),
     ("gateway.dns", "DnsSettings"),
     ("services[]", "Service"),
     ("routes[]", "Route"),

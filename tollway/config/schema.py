@@ -12,6 +12,7 @@ them into plain slotted objects (see ``tollway.proxy.snapshot``).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tollway.config.types import Cidr, Duration, ListenAddress, Name, Size, parse_hostport
+from tollway.observability.fields import DEFAULT_FIELDS, check_field
 
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
 _LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
@@ -64,12 +66,132 @@ class Timeouts(Model):
     )
 
 
+# -- observability: access log, metrics, tracing (docs/monitoring.md) ------------------------------------
 class AccessLog(Model):
-    """One JSON line per request."""
+    """One JSON line per request, written off the event loop: a slow or full sink drops lines (counted in
+    tollway_access_log_dropped_lines_total) instead of slowing traffic."""
 
-    enabled: bool = True
-    path: str = Field("-", description='file path, or "-" for standard output')
+    enabled: bool = Field(True, description="write an access log")
+    sink: Literal["stdout", "file", "syslog"] | None = Field(
+        None, description='where lines go; default: "stdout" if path is "-", else "file"'
+    )
+    path: str = Field(
+        "-", description='file path (reopened on SIGUSR1, for logrotate), or "-" for standard output'
+    )
+    fields: list[Annotated[str, AfterValidator(check_field)]] = Field(
+        default_factory=lambda: list(DEFAULT_FIELDS),
+        min_length=1,
+        description="fields of each JSON line (see docs/monitoring.md), plus request_header.<name> and "
+        "response_header.<name>",
+    )
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description="share of requests logged (1 = all)")
+    always_log_errors: bool = Field(True, description="log every 5xx answer even when sampling leaves it out")
+    syslog_address: str = Field(
+        "unix:///dev/log", description='syslog sink: "udp://host:port" or "unix:///path" (RFC 5424 datagrams)'
+    )
+    syslog_facility: int = Field(16, ge=0, le=23, description="syslog facility number (16 = local0)")
+    syslog_app_name: str = Field("tollway", min_length=1, max_length=48, description="RFC 5424 APP-NAME")
     buffer_size: Size = Field(65536, ge=0, description="bytes buffered before a write (flushed every 0.5 s)")
+
+    @model_validator(mode="after")
+    def _check_sink(self) -> AccessLog:
+        if self.sink == "file" and self.path == "-":
+            raise ValueError('sink "file" needs a path')
+        if self.sink == "syslog":
+            syslog_target(self.syslog_address)
+        return self
+
+    @property
+    def resolved_sink(self) -> str:
+        return self.sink or ("stdout" if self.path == "-" else "file")
+
+
+def syslog_target(address: str) -> tuple[str, Any]:
+    """``udp://host:port`` → ("udp", (host, port)); ``unix:///dev/log`` → ("unix", "/dev/log")."""
+    if address.startswith("unix://"):
+        path = address[len("unix://") :]
+        if not path.startswith("/"):
+            raise ValueError("syslog_address: unix:// needs an absolute path, e.g. unix:///dev/log")
+        return "unix", path
+    if address.startswith("udp://"):
+        return "udp", parse_hostport(address[len("udp://") :], 514)
+    raise ValueError('syslog_address: must be "udp://host:port" or "unix:///path"')
+
+
+# Latency buckets (seconds). Request and upstream latencies span milliseconds to a minute; the
+# gateway's own share is usually well under a millisecond, so its histogram starts lower.
+DEFAULT_LATENCY_BUCKETS = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
+]
+DEFAULT_GATEWAY_BUCKETS = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0
+]
+
+
+def _check_buckets(buckets: list[float]) -> list[float]:
+    if any(b <= a for a, b in itertools.pairwise(buckets)):
+        raise ValueError("buckets must be strictly increasing")
+    return buckets
+
+
+Buckets = Annotated[list[Annotated[float, Field(gt=0)]], AfterValidator(_check_buckets)]
+
+
+class Metrics(Model):
+    """Prometheus metrics on the status listener, merged across workers (docs/monitoring.md)."""
+
+    enabled: bool = Field(True, description="count requests and serve /metrics on the status listener")
+    status_codes: bool = Field(
+        False, description="label requests with the exact status code instead of its class (2xx, 4xx, …)"
+    )
+    latency_buckets: Buckets = Field(
+        default_factory=lambda: list(DEFAULT_LATENCY_BUCKETS),
+        min_length=1,
+        description="request and upstream latency histogram buckets, seconds (applies at start only)",
+    )
+    gateway_latency_buckets: Buckets = Field(
+        default_factory=lambda: list(DEFAULT_GATEWAY_BUCKETS),
+        min_length=1,
+        description="gateway-only latency histogram buckets, seconds (applies at start only)",
+    )
+    max_series: int = Field(
+        5000, ge=10, description="label sets per metric name; more are counted under label value 'other'"
+    )
+    collect_timeout: Duration = Field(
+        2.0, gt=0, description="how long a scrape waits for a worker before using its last numbers"
+    )
+
+
+class Tracing(Model):
+    """W3C trace context on every request, and OpenTelemetry spans over OTLP/HTTP for sampled ones."""
+
+    enabled: bool = Field(False, description="export spans (traceparent is propagated even when false)")
+    otlp_endpoint: str = Field(
+        "http://127.0.0.1:4318/v1/traces", description="OTLP/HTTP (protobuf) traces endpoint of a collector"
+    )
+    sample_ratio: float = Field(
+        0.01, ge=0.0, le=1.0, description="share of new traces recorded; a client's sampled flag is followed"
+    )
+    service_name: str = Field("tollway", min_length=1, description="service.name resource attribute")
+    propagate: bool = Field(
+        True, description="send traceparent/tracestate to backends: continue the client's trace or start one"
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="extra headers on export requests (auth)"
+    )
+    export_timeout: Duration = Field(5.0, gt=0, description="per export request; spans are dropped after it")
+    max_queue_size: int = Field(
+        2048, ge=1, description="spans waiting for export; more are dropped and counted, never waited for"
+    )
+    max_export_batch_size: int = Field(512, ge=1, description="spans per export request")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _check_endpoint(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return url
 
 
 class DnsSettings(Model):
@@ -135,6 +257,8 @@ class GatewaySettings(Model):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     access_log: AccessLog = Field(default_factory=AccessLog)
     dns: DnsSettings = Field(default_factory=DnsSettings, description="resolver of upstreams' hostnames")
+    metrics: Metrics = Field(default_factory=Metrics)
+    tracing: Tracing = Field(default_factory=Tracing)
 
 
 # -- plugins ---------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 - Success: `self.accept(ex, consumer, credential)` — the backend gets X-Consumer-Id and
   X-Consumer-Username (and any such headers the client sent are dropped first).
-- Failure: `return self.reject(ex)` — a 401 with the scheme's WWW-Authenticate challenge and the same
-  JSON message whatever was wrong (missing, unknown, expired, bad signature: a client learns nothing
-  about which part failed) — or, when `anonymous` names a consumer, the request goes on as that consumer
-  with X-Anonymous-Consumer: true.
+- Failure: `return self.reject(ex)` (or `self.reject(ex, "missing")` when no credential was sent) — a
+  401 with the scheme's WWW-Authenticate challenge and the same JSON message whatever was wrong
+  (missing, unknown, expired, bad signature: a client learns nothing about which part failed), counted
+  in tollway_auth_failures_total{plugin, route, reason} — or, when `anonymous` names a consumer, the
+  request goes on as that consumer with X-Anonymous-Consumer: true.
 - Several authentication plugins with `anonymous` set form a logical OR (Kong's convention): once one
   has identified a real consumer, the next ones let the request through without looking.
 """
@@ -18,6 +19,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from pydantic import Field
 
+from tollway.observability import metrics
 from tollway.plugins.base import Loc, Plugin, PluginConfig, PluginContext
 from tollway.plugins.consumers import Consumer, identify
 from tollway.proxy.responses import Response, error_response
@@ -61,12 +63,14 @@ class AuthPlugin(Plugin[AuthConfigT]):
     def accept(self, ex: Exchange, consumer: Consumer, credential: Any) -> None:
         identify(ex, consumer, credential)
 
-    def reject(self, ex: Exchange) -> Response | None:
+    def reject(self, ex: Exchange, reason: str = "invalid") -> Response | None:
         anonymous = self.anonymous
         if anonymous is not None:
             if ex.consumer is None:  # an earlier plugin of the OR may have set the anonymous consumer
                 identify(ex, anonymous, None, anonymous=True)
             return None
+        route = ex.route.name if ex.route is not None else ""
+        metrics.count("auth_failures_total", plugin=self.name, route=route, reason=reason)
         return error_response(401, UNAUTHORIZED_MESSAGE, ex.request_id.decode("latin-1"), self._challenge)
 
     @classmethod

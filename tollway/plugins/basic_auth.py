@@ -116,7 +116,7 @@ class BasicAuth(AuthPlugin[BasicAuthConfig]):
             return None
         header = ex.pop_header(_AUTHORIZATION) if self._hide else ex.header_bytes(_AUTHORIZATION)
         if header is None or header[:6].lower() != b"basic ":
-            return self.reject(ex)
+            return self.reject(ex, "missing")
         token = header[6:].strip()
         key = hashlib.blake2b(token, key=_SECRET, digest_size=20).digest()
         cached = self._cache.get(key)

@@ -267,7 +267,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
             return None
         token = self._take_token(ex)
         if token is None or len(token) > self.config.max_token_size:
-            return self.reject(ex)
+            return self.reject(ex, "missing" if token is None else "invalid")
         digest = hashlib.sha256(token).digest()
         cached = self._cache.get(digest)
         if cached is not None:

@@ -93,7 +93,7 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
             value = take_query_param(ex, self._query_names, self._hide)
             key = value.encode("utf-8") if value is not None else None
         if key is None:
-            return self.reject(ex)
+            return self.reject(ex, "missing")
         found = self._plain.get(key)
         if found is None and self._hashed:
             found = self._hashed.get(hashlib.sha256(key).digest())

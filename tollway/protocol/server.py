@@ -26,6 +26,7 @@ from tollway.errors import (
     RequestTimeout,
     TollwayError,
 )
+from tollway.observability.tracecontext import INVALID as INVALID_TRACEPARENT
 from tollway.protocol.deadline import Deadline
 from tollway.protocol.http1 import check_request_version, check_transfer_encoding
 from tollway.proxy.exchange import REQ_CHUNKED, REQ_LENGTH, Exchange, RequestIds
@@ -58,6 +59,8 @@ _XFP: Final = 7
 _XFH: Final = 8
 _RID: Final = 9
 _DROP: Final = 10
+_TRACEPARENT: Final = 11
+_TRACESTATE: Final = 12
 _SPECIAL: Final = {
     b"host": _HOST,
     b"connection": _CONNECTION,
@@ -69,6 +72,8 @@ _SPECIAL: Final = {
     b"x-forwarded-proto": _XFP,
     b"x-forwarded-host": _XFH,
     b"x-request-id": _RID,
+    b"traceparent": _TRACEPARENT,
+    b"tracestate": _TRACESTATE,
     b"keep-alive": _DROP,
     b"te": _DROP,
     b"trailer": _DROP,
@@ -528,3 +533,7 @@ def _special_header(ex: Exchange, kind: int, value: bytes) -> None:
         ex.x_forwarded_host = value
     elif kind == _RID and 0 < len(value) <= 200:
         ex.request_id = value
+    elif kind == _TRACEPARENT:  # sent on by tollway.observability.tracecontext
+        ex.traceparent = INVALID_TRACEPARENT if ex.traceparent else value  # repeated: invalid
+    elif kind == _TRACESTATE:
+        ex.tracestate = ex.tracestate + b"," + value if ex.tracestate else value

@@ -128,6 +128,7 @@ class Exchange:
         "max_body_size",
         "method",
         "params",
+        "parent_span_id",
         "path",
         "pipeline",
         "query",
@@ -139,11 +140,16 @@ class Exchange:
         "response_started",
         "retries",
         "route",
+        "sampled",
         "service",
         "snapshot",
+        "span_id",
         "start_time",
         "status",
         "target",
+        "trace_id",
+        "traceparent",
+        "tracestate",
         "upgrade",
         "upstream",
         "upstream_path",
@@ -172,6 +178,14 @@ class Exchange:
         self.x_forwarded_proto = b""
         self.x_forwarded_host = b""
         self.request_id = b""
+        # W3C trace context (tollway.observability.tracecontext): the client's headers as received,
+        # then this hop's ids, chosen when the upstream head is built (or when the request ends).
+        self.traceparent = b""
+        self.tracestate = b""
+        self.trace_id = b""
+        self.span_id = b""
+        self.parent_span_id = b""
+        self.sampled = False
         self.expect_continue = False
         self.keep_alive = True
         self.body_kind = REQ_NONE
@@ -416,6 +430,7 @@ class Exchange:
         if fwd_host:
             parts += (b"X-Forwarded-Host: ", fwd_host, b"\r\n")
         parts += (b"X-Request-Id: ", self.request_id, b"\r\n")
+        self.snapshot.trace.add_header(self, parts)  # traceparent, tracestate
         if self.upgrade:
             parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")
         kind = self.body_kind
@@ -995,6 +1010,8 @@ _SPECIAL_GETTERS = {
     b"x-forwarded-host": "x_forwarded_host",
     b"upgrade": "upgrade",
     b"connection": "connection_header",
+    b"traceparent": "traceparent",
+    b"tracestate": "tracestate",
 }
 
 __all__ = ["BODY_LENGTH", "Exchange", "header_field"]

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from tollway.config.schema import Consumer, GatewayConfig, GatewaySettings, Route, Service
+from tollway.observability.metrics import RouteMetrics
+from tollway.observability.tracecontext import TraceSettings
 from tollway.proxy.pipeline import Pipeline
 from tollway.router import Router
 from tollway.upstream.cluster import Cluster
@@ -53,15 +55,20 @@ class CompiledService:
 
 
 class CompiledRoute:
-    __slots__ = ("name", "pipeline", "retry_non_idempotent", "service")
+    __slots__ = ("metrics", "name", "pipeline", "retry_non_idempotent", "service")
 
     def __init__(
-        self, name: str, service: CompiledService, pipeline: Pipeline | None = None, retry_non_idempotent: bool = False
+        self,
+        name: str,
+        service: CompiledService,
+        pipeline: Pipeline | None = None,
+        retry_non_idempotent: bool = False,
     ) -> None:
         self.name = name
         self.service = service
         self.pipeline = pipeline
         self.retry_non_idempotent = retry_non_idempotent
+        self.metrics: RouteMetrics | None = None  # bound on first use (tollway.observability.recorder)
 
     def __repr__(self) -> str:
         return f"<CompiledRoute {self.name} -> {self.service.name}>"
@@ -76,6 +83,7 @@ class Snapshot:
         "server_header",
         "services",
         "settings",
+        "trace",
         "trusted_networks",
         "version",
     )
@@ -100,6 +108,7 @@ class Snapshot:
         self.trusted_networks = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in config.gateway.trusted_proxies
         )
+        self.trace = TraceSettings.from_config(config.gateway.tracing)
 
     def __repr__(self) -> str:
         return f"<Snapshot v{self.version} routes={len(self.routes)} services={len(self.services)}>"

@@ -4,9 +4,13 @@ Both ends are this program, started by the same user, so pickle is safe here and
 validated config travel as one message. Messages are tuples whose first item names the kind:
 
   supervisor → worker: ("config", version, GatewayConfig)  ("drain", timeout)  ("collect", token)
-                       ("health", {upstream: {target: state}})
+                       ("health", {upstream: {target: state}})  ("reopen_logs",)
   worker → supervisor: ("ready", version)  ("config_failed", version, text)  ("collected", token, data)
                        ("event", kind, data)
+
+("collect", token) is answered with the worker's metrics (tollway.observability.metrics snapshot
+plus "connections" and "config_version"); a draining worker also sends ("collected", 0, data) with
+its final numbers just before it exits.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ request bytes.
   changes. A bad file keeps the running config and logs exactly why.
 - It restarts a worker that dies (backing off if one keeps dying), and on SIGTERM drains: /ready turns
   503, listeners close after `drain_delay`, in-flight requests get `drain_timeout` to finish.
-- It serves the status listener (/live, /ready, /status).
+- It serves the status listener (/live, /ready, /status, /metrics): metrics are collected from every
+  worker over its channel and merged (tollway.observability.exposition).
+- SIGUSR1 (logrotate) is relayed to the workers, which reopen their access log files.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tollway.config.loader import load_file
 from tollway.config.schema import GatewayConfig
 from tollway.config.types import parse_hostport
 from tollway.errors import ConfigError
+from tollway.observability.exposition import CONTENT_TYPE, MetricsHub, resident_bytes
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.status import start_status_server
 from tollway.runtime.worker import ENV_FDS
@@ -41,6 +44,7 @@ from tollway.upstream.manager import UpstreamManager
 log = logging.getLogger("tollway.supervisor")
 _RESTART_BACKOFF_MAX = 5.0
 _STARTUP_TIMEOUT = 60.0
+_COLLECT_INTERVAL = 15.0  # background collects bound what a crashed worker's counters can lose
 
 
 @dataclass
@@ -86,6 +90,9 @@ class Supervisor:
         # Node-shared rate-limit counters (tollway.state.shared): one table for every worker, kept
         # by the supervisor so counts survive a worker restart.
         self.state_table: SharedTable | None = None
+        # Observability: merged worker metrics, and hooks for other features (docs/monitoring.md).
+        self.metrics = MetricsHub(self)
+        self.status_sections: dict[str, Callable[[], Any]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -111,12 +118,15 @@ class Supervisor:
             (signal.SIGTERM, self._on_stop_signal),
             (signal.SIGINT, self._on_stop_signal),
             (signal.SIGHUP, lambda: self.reload("SIGHUP")),
+            (signal.SIGUSR1, self.reopen_logs),
         ):
             loop.add_signal_handler(sig, handler)
         self.on_event("started", self.describe())
         watcher = loop.create_task(self._watch_file())
+        collector = loop.create_task(self._collect_periodically())
         await self._done.wait()
         watcher.cancel()
+        collector.cancel()
         return 0
 
     def describe(self) -> dict[str, Any]:
@@ -173,6 +183,7 @@ class Supervisor:
             config = self._with_overrides(load_file(self.config_path))
         except ConfigError as exc:
             self.last_reload = {"time": time.time(), "result": "failed", "version": self.version}
+            self.metrics.registry.count("config_reloads_total", result="failed")
             log.error(
                 "config reload (%s) failed; still serving version %d:\n  %s",
                 reason,
@@ -186,6 +197,7 @@ class Supervisor:
         self.upstreams.apply(config)
         self.version += 1
         self.last_reload = {"time": time.time(), "result": "ok", "version": self.version}
+        self.metrics.registry.count("config_reloads_total", result="ok")
         for handle in self.workers.values():
             if handle.channel is not None:
                 handle.channel.send(("config", self.version, config))
@@ -204,6 +216,9 @@ class Supervisor:
         for name in ("listen", "status_listen", "workers", "backlog"):
             if getattr(new.gateway, name) != getattr(old, name):
                 log.warning("gateway.%s changed: it applies at the next restart only", name)
+        for name in ("latency_buckets", "gateway_latency_buckets"):
+            if getattr(new.gateway.metrics, name) != getattr(old.metrics, name):
+                log.warning("gateway.metrics.%s changed: it applies at the next restart only", name)
 
     async def _watch_file(self) -> None:
         if self.config_path is None:
@@ -280,6 +295,7 @@ class Supervisor:
                 handler(handle, *message[1:])
 
     async def _on_worker_gone(self, handle: WorkerHandle) -> None:
+        self.metrics.worker_gone(handle.process.pid)  # its counters carry on in the merged totals
         code = await _reap(handle.process)
         if self.workers.get(handle.slot) is not handle:
             return
@@ -288,6 +304,7 @@ class Supervisor:
             return
         lived = time.monotonic() - handle.started
         log.error("worker %d (pid %d) exited with %s; restarting", handle.slot, handle.process.pid, code)
+        self.metrics.registry.count("worker_restarts_total", worker=str(handle.slot))
         self.on_event("worker_exited", {"slot": handle.slot, "pid": handle.process.pid, "code": code})
         # Back off when a worker keeps dying young, so a crash loop does not spin the CPU.
         restarts = handle.restarts + 1 if lived < 10 else 0
@@ -343,8 +360,9 @@ class Supervisor:
         return {
             "/live": lambda: (200, {"status": "live"}),
             "/ready": lambda: (200, {"status": "ready"}) if self.ready() else (503, self._not_ready()),
-            "/status": lambda: (200, self.status()),
+            "/status": self._status_page,
             "/upstreams": self._upstreams_status,
+            "/metrics": self._metrics_page,
         }
 
     async def _upstreams_status(self) -> tuple[int, dict[str, Any]]:
@@ -362,27 +380,90 @@ class Supervisor:
         return {"status": "draining" if self.draining else "starting", "config_version": self.version}
 
     def status(self) -> dict[str, Any]:
-        return {
+        """The /status document, from the supervisor's state and the workers' last collected numbers
+        (so every request to /status sees the same view, whichever worker serves traffic)."""
+        workers = []
+        connections = 0
+        for h in sorted(self.workers.values(), key=lambda h: h.slot):
+            view = self.metrics.worker_view(h.process.pid) or {}
+            alive = h.channel is not None
+            conns = int(view.get("connections", 0)) if alive else 0
+            connections += conns
+            workers.append(
+                {
+                    "slot": h.slot,
+                    "pid": h.process.pid,
+                    "alive": alive,
+                    "config_version": h.ready_version,
+                    "uptime_seconds": round(time.monotonic() - h.started, 3),
+                    "restarts": h.restarts,
+                    "connections": conns,
+                    "requests": _requests_in(view),
+                    "resident_memory_bytes": resident_bytes(h.process.pid) if alive else 0,
+                }
+            )
+        doc: dict[str, Any] = {
             "version": __version__,
+            "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 3),
             "draining": self.draining,
+            "ready": self.ready(),
             "config": {
                 "version": self.version,
                 "path": str(self.config_path) if self.config_path else None,
                 "last_reload": self.last_reload,
             },
-            "workers": [
-                {
-                    "slot": h.slot,
-                    "pid": h.process.pid,
-                    "alive": h.channel is not None,
-                    "config_version": h.ready_version,
-                    "uptime_seconds": round(time.monotonic() - h.started, 3),
-                }
-                for h in sorted(self.workers.values(), key=lambda h: h.slot)
-            ],
+            "connections": {"active": connections},
+            "workers": workers,
             "upstreams": self.upstreams.summary(),
         }
+        for name, section in self.status_sections.items():
+            try:
+                doc[name] = section()
+            except Exception as exc:  # one broken section must not take /status down
+                doc[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return doc
+
+    async def _status_page(self) -> tuple[int, dict[str, Any]]:
+        await self.metrics.collect(self.config.gateway.metrics.collect_timeout)
+        return 200, self.status()
+
+    async def _metrics_page(self) -> tuple[Any, ...]:
+        if not self.config.gateway.metrics.enabled:
+            return 404, {"message": "metrics are disabled (gateway.metrics.enabled)"}
+        await self.metrics.collect(self.config.gateway.metrics.collect_timeout)
+        return 200, self.metrics.render(), CONTENT_TYPE
+
+    # -- observability hooks (docs/monitoring.md) ----------------------------------------------------------
+    def add_collector(self, collector: Any) -> None:
+        """Expose more metrics on /metrics: any prometheus_client collector (an object whose
+        `collect()` yields metric families), called at each scrape in the supervisor."""
+        self.metrics.extra_collectors.append(collector)
+
+    def add_status_section(self, name: str, section: Callable[[], Any]) -> None:
+        """Add a key to /status (e.g. "upstreams": a health summary); `section()` returns JSON-able data."""
+        self.status_sections[name] = section
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: every worker reopens its access log file (after logrotate renamed it)."""
+        log.info("SIGUSR1: reopening access logs")
+        for handle in self.workers.values():
+            if handle.channel is not None:
+                handle.channel.send(("reopen_logs",))
+
+    def on_worker_collected(self, handle: WorkerHandle, token: int, data: dict[str, Any]) -> None:
+        self.metrics.received(handle.slot, handle.process.pid, token, data)
+
+    async def _collect_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(_COLLECT_INTERVAL)
+            if self.config.gateway.metrics.enabled:
+                await self.metrics.collect(self.config.gateway.metrics.collect_timeout)
+
+
+def _requests_in(view: dict[str, Any]) -> int:
+    """Requests a worker answered, from its collected numbers."""
+    return sum(sum(route[0].values()) for route in view.get("routes", {}).values())
 
 
 def _listen_socket(host: str, port: int, backlog: int) -> socket.socket:

@@ -20,7 +20,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from tollway.config.schema import GatewayConfig
-from tollway.observability.access_log import AccessLog
+from tollway.observability.worker_side import WorkerObservability
 from tollway.protocol.server import ClientConnection
 from tollway.proxy.exchange import RequestIds
 from tollway.proxy.snapshot import Snapshot, build_snapshot
@@ -58,7 +58,9 @@ class Worker:
         self.pools: dict[tuple[object, ...], Pool] = {}
         self.pool_settings = PoolSettings()
         self.upstreams = UpstreamRegistry(loop, self._send, self._upstream_targets_changed)
-        self.access_log: AccessLog | None = None
+        self.connections_accepted = 0
+        self.observability = WorkerObservability(loop)  # metrics, access log, tracing
+        self.recorder = self.observability.recorder
         self.servers: list[asyncio.AbstractServer] = []
         self._error_log: dict[tuple[str, str], tuple[float, int]] = {}
         self.request_ids = RequestIds(os.urandom(8).hex().encode())
@@ -106,7 +108,7 @@ class Worker:
         first = self.snapshot is None
         self.snapshot = snapshot
         self.upstreams.activate(snapshot.clusters)
-        self._reopen_access_log(config)
+        self.observability.apply(config)
         self._close_unused_pools(snapshot)
         if first:
             self._configured.set()
@@ -131,8 +133,9 @@ class Worker:
         for pool in self.pools.values():
             pool.close()
         self.upstreams.close()
-        if self.access_log is not None:
-            self.access_log.close()
+        if self.channel is not None:  # final numbers, so a drained worker's counts are not lost
+            self.channel.send(("collected", 0, self.observability.collect(self)))
+        self.observability.close()
         self._stopped.set()
 
     def _supervisor_gone(self) -> None:
@@ -174,17 +177,18 @@ class Worker:
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
+        self.connections_accepted += 1
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
 
     def request_finished(self, ex: Exchange) -> None:
-        if self.access_log is not None:
-            self.access_log.log(ex)
+        self.recorder.finished(ex)  # metrics, access log, span
 
     def upstream_error(self, ex: Exchange, error: UpstreamError) -> None:
-        """Log a backend failure; during an outage each distinct failure is logged once per interval
-        with the number of repeats, not once per request (metrics count every one)."""
+        """Count a backend failure (metrics), and log it; during an outage each distinct failure is logged
+        once per interval with the number of repeats, not once per request (metrics count every one)."""
+        self.observability.upstream_error(ex, error)
         target = ex.target.label if ex.target is not None else "-"
         key = (target, error.message)
         now = self.loop.time()
@@ -207,17 +211,17 @@ class Worker:
         request_id = ex.request_id.decode("latin-1") if ex is not None and ex.request_id else "-"
         log.error("%s (request %s)", message, request_id, exc_info=error)
 
-    # -- internals ------------------------------------------------------------------------------------
-    def _reopen_access_log(self, config: GatewayConfig) -> None:
-        settings = config.gateway.access_log
-        current = self.access_log
-        if current is not None and settings.enabled and current.path == settings.path:
-            current.buffer_size = settings.buffer_size
-            return
-        if current is not None:
-            current.close()
-        self.access_log = AccessLog(self.loop, settings) if settings.enabled else None
+    # -- observability (tollway.observability.worker_side) -------------------------------------------------
+    def on_collect(self, token: int) -> None:
+        """The supervisor is answering a scrape or /status: send this worker's numbers."""
+        if self.channel is not None:
+            self.channel.send(("collected", token, self.observability.collect(self)))
 
+    def on_reopen_logs(self) -> None:
+        """SIGUSR1 reached the supervisor (logrotate): reopen the access log file."""
+        self.observability.reopen_logs()
+
+    # -- internals ------------------------------------------------------------------------------------
     def _apply_pool_limits(self, config: GatewayConfig) -> None:
         """Pools outlive snapshots: a changed response-head limit is applied to the existing ones too."""
         limit = config.gateway.limits.max_response_header_size
@@ -259,6 +263,7 @@ def main() -> int:
     listeners = [socket.socket(fileno=int(fd)) for fd in listen_fds]
     worker = Worker(loop, int(index_text), channel, listeners)
     loop.add_signal_handler(signal.SIGTERM, _drain_on_signal, worker)
+    loop.add_signal_handler(signal.SIGUSR1, worker.on_reopen_logs)  # logrotate may signal workers too
     try:
         loop.run_until_complete(worker.run())
     finally:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tollway.config.types import parse_hostport
+from tollway.observability import metrics
 from tollway.upstream.health import CheckResult, CheckState, probe
 from tollway.upstream.registry import Record, TargetKey, address_label, is_ip, target_records
 
@@ -126,6 +127,7 @@ class UpstreamManager:
     ) -> None:
         key = (upstream, name, address)
         self.ejections[key] = Ejection(time.monotonic() + duration, count, reason, time.time())
+        metrics.count("upstream_ejections_total", upstream=upstream, target=name, address=address)
         self._broadcast(("upstream_eject", upstream, name, address, duration, count, reason), slot)
 
     def ejection(self, key: TargetKey) -> Ejection | None:
@@ -329,6 +331,17 @@ class UpstreamManager:
             "upstreams": [self._upstream_json(u, stats) for u in self.upstreams.values()],
             "workers_reporting": len(stats),
         }
+
+    def target_states(self) -> list[tuple[str, str, str, str]]:
+        """(upstream, target, address, state) of every target; state is healthy, unhealthy or ejected
+        (tollway_upstream_target_health)."""
+        out = []
+        for upstream in self.upstreams.values():
+            for key in self._target_keys(upstream):
+                ejected = self.ejection(key) is not None
+                state = "unhealthy" if self.health(key) is False else "ejected" if ejected else "healthy"
+                out.append((*key, state))
+        return out
 
     def summary(self) -> dict[str, Any]:
         """Per upstream: targets, and how many are available, unhealthy, ejected (for /status)."""
