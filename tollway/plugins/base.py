@@ -96,11 +96,20 @@ class PluginContext:
     whole configuration, a logger, and `shared()` to build something once per config version for every
     instance of a plugin (a credential index must not be built once per route)."""
 
-    def __init__(self, consumers: Consumers, config: GatewayConfig) -> None:
+    def __init__(self, consumers: Consumers, config: GatewayConfig, attachment: str = "global") -> None:
         self.consumers = consumers
         self.config = config
+        # Where the instance being built is attached: "global", or "route=a", "service=s,consumer=c"...
+        # Stable across reloads, so state keyed by it (a rate limit's counters) survives them.
+        self.attachment = attachment
         self.log = logging.getLogger("tollway.plugins")
         self._shared: dict[Any, Any] = {}
+
+    def for_instance(self, attachment: str) -> PluginContext:
+        """The same context for one instance attached at `attachment` (shares `shared()`)."""
+        other = PluginContext(self.consumers, self.config, attachment)
+        other._shared = self._shared
+        return other
 
     def shared(self, key: Any, factory: Callable[[], Any]) -> Any:
         if key not in self._shared:

@@ -42,7 +42,8 @@ BUILTIN: dict[str, str] = {
     "request-size-limit": "tollway.plugins.request_size_limit:RequestSizeLimit",
     "request-transformer": "tollway.plugins.request_transformer:RequestTransformer",
     "response-transformer": "tollway.plugins.response_transformer:ResponseTransformer",
-    # "rate-limiting": added by the rate-limiting work (limits band)
+    "rate-limiting": "tollway.plugins.rate_limiting:RateLimiting",
+    "concurrency-limit": "tollway.plugins.concurrency_limit:ConcurrencyLimit",
 }
 
 

@@ -103,6 +103,7 @@ class Exchange:
         "_connect_task",
         "_dechunk",
         "_held",
+        "_on_finish",
         "_outcome",
         "_pending_head",
         "_replay",
@@ -210,6 +211,7 @@ class Exchange:
         self._awaiting_body = False  # proceed() waits for a whole body to transform
         self._resp_body: list[bytes] | None = None  # a response body buffered for a transform
         self._resp_headers: list[tuple[bytes, bytes, bool]] | None = None  # added to the response
+        self._on_finish: list[Callable[[Exchange], None]] | None = None  # see on_finish()
         self.target: Target | None = None
         self.upstream: UpstreamConnection | None = None
         self.upstream_start = 0.0
@@ -795,9 +797,29 @@ class Exchange:
         pipeline = self.pipeline
         if pipeline is not None and pipeline.has_log:
             pipeline.run_log(self)
+        if self._on_finish is not None:
+            self._run_on_finish()
         if self._held:
             self._release_target(self._outcome)
         self.client.exchange_finished(self)
+
+    def on_finish(self, callback: Callable[[Exchange], None]) -> None:
+        """Have `callback(ex)` run once when this request ends, however it ends (response sent, gateway
+        answer, client gone): for what must be released even if a later plugin or the consumer's own
+        pipeline takes over (a concurrency slot). Runs after the log phase; exceptions are logged."""
+        if self._on_finish is None:
+            self._on_finish = [callback]
+        else:
+            self._on_finish.append(callback)
+
+    def _run_on_finish(self) -> None:
+        callbacks = self._on_finish or ()
+        self._on_finish = None
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception as exc:
+                self.client.worker.log_exception("on_finish callback failed", exc, self)
 
     # -- conveniences for plugins and logs ----------------------------------------------------------------
     @property
@@ -870,6 +892,15 @@ class Exchange:
     def set_response_header(self, name: str, value: str) -> None:
         """Like add_response_header, but replacing any field of that name the response has."""
         self._response_header(name, value, True)
+
+    def add_response_fields(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """Add header fields the caller built itself, already valid (names are tokens, values have no
+        control characters): no per-request validation, for fields a plugin makes from numbers."""
+        extra = self._resp_headers
+        if extra is None:
+            extra = self._resp_headers = []
+        for name, value in fields:
+            extra.append((name, value, False))
 
     def _response_header(self, name: str, value: str, replace: bool) -> None:
         field = header_field(name, value)

@@ -1,0 +1,127 @@
+"""concurrency-limit: at most `limit` requests in flight per key on the node (all its workers together).
+
+A request takes a slot in the access phase and gives it back when it ends, however it ends — response
+sent, the gateway's own answer, the client gone (`Exchange.on_finish`) — so WebSockets and long
+downloads hold their slot for as long as they run. Over the limit: 429 with Retry-After: 1. Counts are
+leased (docs/rate-limiting.md, "Concurrency"): a worker that dies cannot leave slots taken forever;
+they vanish within two leases, while live workers renew theirs every lease/3.
+
+Policies are kept per counter identity across config reloads, so requests admitted under the old
+config release into the same count and one renewal timer serves each limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from tollway.config.types import Duration
+from tollway.plugins.base import HeaderName, Plugin, PluginConfig, PluginContext
+from tollway.plugins.limiting import (
+    HEADER_NAME_DESCRIPTION,
+    KEY_DESCRIPTION,
+    DecisionCounters,
+    HeaderSettings,
+    KeyBuilder,
+    KeyParts,
+)
+from tollway.proxy.responses import Response
+from tollway.state import headers as rl_headers
+from tollway.state.limits import LocalPolicy
+from tollway.state.shared import node_table
+from tollway.state.spec import Decision, LimitSpec
+
+if TYPE_CHECKING:
+    from tollway.proxy.exchange import Exchange
+
+
+class ConcurrencyLimitConfig(PluginConfig):
+    limit: int = Field(ge=0, description="requests in flight at once per key on the node")
+    key: KeyParts = Field(["consumer"], description=KEY_DESCRIPTION)  # type: ignore[assignment]
+    header_name: HeaderName | None = Field(None, description=HEADER_NAME_DESCRIPTION)
+    name: str = Field(
+        "concurrency", pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,63}$", description="the limit's name in headers"
+    )
+    lease: Duration = Field(
+        30.0, ge=1, description="a dead worker's slots are freed within two leases (live workers renew)"
+    )
+    headers: HeaderSettings = Field(default_factory=HeaderSettings, description="response headers sent")
+    scope: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._:-]{1,64}$",
+        description="counts are per plugin instance; instances with the same scope share them",
+    )
+
+
+class _Held:
+    """One counter identity's policy in this worker, kept across reloads, with its renewal timer."""
+
+    __slots__ = ("policy", "renewal")
+
+    def __init__(self, policy: LocalPolicy) -> None:
+        self.policy = policy
+        self.renewal: Any = None
+
+
+_POLICIES: dict[str, _Held] = {}  # LimitSpec.ident -> the worker's policy for it
+
+
+def _policy_for(spec: LimitSpec) -> _Held:
+    held = _POLICIES.get(spec.ident)
+    table = node_table()
+    if held is not None and held.policy.limit.table is not table:  # (tests install tables of their own)
+        if held.renewal is not None:
+            held.renewal.cancel()
+        held = None
+    if held is None or held.policy.spec != spec:
+        policy = LocalPolicy(spec, table)
+        if held is not None:  # same counters, new limit: keep what this worker holds, renew it here
+            policy.limit.held = held.policy.limit.held  # type: ignore[attr-defined]
+            if held.renewal is not None:
+                held.renewal.cancel()
+        held = _POLICIES[spec.ident] = _Held(policy)
+    return held
+
+
+class ConcurrencyLimit(Plugin[ConcurrencyLimitConfig]):
+    name = "concurrency-limit"
+    priority = 1100  # after rate-limiting: a request refused by a rate limit never takes a slot
+
+    def __init__(self, config: ConcurrencyLimitConfig, context: PluginContext) -> None:
+        super().__init__(config, context)
+        scope = config.scope or f"concurrency-limit@{context.attachment}"
+        self.spec = LimitSpec(config.name, config.limit, config.lease, "concurrency", scope=scope)
+        self._held = _policy_for(self.spec)
+        self._keys = KeyBuilder(list(config.key), config.header_name)
+        self._counters = DecisionCounters(self.name)
+        h = config.headers
+        self._ietf, self._legacy, self._per_limit = h.ietf, h.legacy, h.per_limit
+        self._policy_value = rl_headers.ratelimit_policy([self.spec])
+
+    def access(self, ex: Exchange) -> Response | None:
+        held = self._held
+        if held.renewal is None:  # first request of this limit in this worker: the loop is running
+            held.renewal = held.policy.start_renewal(asyncio.get_running_loop())
+        policy = held.policy
+        key = self._keys.key(ex)
+        decision = policy.check(key, time.time())
+        assert isinstance(decision, Decision)  # a local policy never waits
+        fields = rl_headers.response_headers(
+            [decision],
+            ietf=self._ietf,
+            legacy=self._legacy,
+            per_limit=self._per_limit,
+            policy_value=self._policy_value,
+        )
+        if fields:
+            ex.add_response_fields(fields)
+        if decision.allowed:
+            ex.on_finish(lambda _ex: policy.release(key, time.time()))
+            self._counters.count(ex, "allowed")
+            return None
+        self._counters.count(ex, "limited")
+        status, body = rl_headers.denial_body([decision], ex.request_id.decode("latin-1"))
+        return Response(status, body, [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)])

@@ -1,0 +1,219 @@
+"""rate-limiting: several limits at once (per second, minute, hour, day or any window), counted per key,
+node-exact (`local`), cluster-wide on Redis (`redis`), or cluster-wide with quota taken in slices
+(`batched`) — docs/plugins/rate-limiting.md for the options, docs/rate-limiting.md for the accuracy of
+each policy and what happens when Redis fails.
+
+The counting is `tollway.state`; this plugin chooses the key, builds the policies once per config, and
+turns decisions into headers and answers: RateLimit / RateLimit-Policy (IETF draft) on every response,
+optionally X-RateLimit-*, and 429 with Retry-After and a JSON body when a limit is reached (503 when a
+fail-closed limit cannot reach Redis). Counters live outside the plugin object, keyed by where the
+instance is attached and the limit's name, window and algorithm, so a config reload keeps the counts.
+
+Cost per request (`local`, one limit): the key, one shared-table check (~1 µs), the headers; no
+coroutine. `redis` awaits one script per request; `batched` awaits only when its node reserve is empty.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from tollway.config.types import Duration
+from tollway.plugins.base import HeaderName, Plugin, PluginConfig, PluginContext
+from tollway.plugins.limiting import (
+    HEADER_NAME_DESCRIPTION,
+    KEY_DESCRIPTION,
+    DecisionCounters,
+    HeaderSettings,
+    KeyBuilder,
+    KeyParts,
+)
+from tollway.proxy.responses import Response
+from tollway.state import headers as rl_headers
+from tollway.state.limits import Policy, build_policy, check_all
+from tollway.state.redis_client import backend_for
+from tollway.state.spec import Decision, LimitSpec
+
+if TYPE_CHECKING:
+    from tollway.proxy.exchange import Exchange
+
+Algorithm = Literal["fixed", "sliding", "gcra"]
+_LIMIT_NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,63}$"
+_SHORTHANDS = (("second", 1.0), ("minute", 60.0), ("hour", 3600.0), ("day", 86400.0))
+_REDIS_SCHEMES = ("redis", "redis+sentinel", "redis+cluster")
+
+
+class LimitConfig(PluginConfig):
+    limit: int = Field(ge=0, description="units admitted per window (0: every request is refused)")
+    window: Duration = Field(gt=0, description='the window, e.g. 1, "90s", "1h", "1d"')
+    name: str | None = Field(
+        None,
+        pattern=_LIMIT_NAME,
+        description="the limit's name in the RateLimit headers and 429 bodies (default: second, minute, "
+        'hour or day for those windows, else e.g. "90s")',
+    )
+    algorithm: Algorithm | None = Field(None, description="fixed, sliding or gcra (default: the plugin's)")
+    burst: int = Field(0, ge=0, description="gcra only: units a client may spend at once (default: limit)")
+
+
+class RedisSettings(PluginConfig):
+    url: str = Field(
+        description="redis://[user:password@]host[:port][/db], redis+sentinel://s1:26379,s2:26379/service[/db] "
+        "or redis+cluster://n1:7000,n2:7000"
+    )
+    timeout: Duration = Field(0.25, gt=0, description="longest wait for a reply before Redis counts as down")
+    connect_timeout: Duration = Field(0.25, gt=0, description="longest wait for a connection")
+    prefix: str = Field("tw:", pattern=r"^[A-Za-z0-9:_.-]{0,32}$", description="prefix of every key")
+
+    @model_validator(mode="after")
+    def _url(self) -> RedisSettings:
+        scheme, sep, rest = self.url.partition("://")
+        if not sep or scheme not in _REDIS_SCHEMES:
+            raise ValueError(f"redis.url must start with {', '.join(s + '://' for s in _REDIS_SCHEMES)}")
+        if not rest.rpartition("@")[2].partition("/")[0]:
+            raise ValueError("redis.url names no host")
+        return self
+
+
+class BatchSettings(PluginConfig):
+    slice_interval: Duration | None = Field(
+        None, gt=0, description="how long a slice should last at the node's rate (default: min(1s, window/10))"
+    )
+    max_slice: int | None = Field(None, ge=1, description="largest slice taken at once (default: limit/10)")
+
+
+class RateLimitingConfig(PluginConfig):
+    second: int | None = Field(None, ge=0, description="shorthand: this many requests per second")
+    minute: int | None = Field(None, ge=0, description="shorthand: this many requests per minute")
+    hour: int | None = Field(None, ge=0, description="shorthand: this many requests per hour")
+    day: int | None = Field(None, ge=0, description="shorthand: this many requests per day")
+    limits: list[LimitConfig] = Field(default_factory=list, description="limits with any window")
+    algorithm: Algorithm = Field("fixed", description="fixed, sliding or gcra: for limits that name none")
+    key: KeyParts = Field(["consumer"], description=KEY_DESCRIPTION)  # type: ignore[assignment]
+    header_name: HeaderName | None = Field(None, description=HEADER_NAME_DESCRIPTION)
+    policy: Literal["local", "redis", "batched"] = Field(
+        "local",
+        description="local: one exact count per node (all workers); redis: exact across nodes, a round "
+        "trip per request; batched: Redis quota taken in slices, most requests without a round trip",
+    )
+    redis: RedisSettings | None = Field(None, description="the Redis of the redis and batched policies")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="batched policy tuning")
+    on_failure: Literal["open", "closed"] = Field(
+        "open",
+        description="when Redis is unreachable: open (node-local limits decide) or closed (503)",
+    )
+    cost: int = Field(1, ge=1, description="units each request counts")
+    headers: HeaderSettings = Field(default_factory=HeaderSettings, description="response headers sent")
+    scope: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._:-]{1,64}$",
+        description="counters are per plugin instance; instances with the same scope share them",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RateLimitingConfig:
+        specs = self.limit_specs("")
+        if not specs:
+            raise ValueError("no limit: set second, minute, hour, day or limits")
+        names = [s.name for s in specs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"limit names must be unique; repeated: {', '.join(duplicates)}")
+        if self.policy != "local" and self.redis is None:
+            raise ValueError(f"policy {self.policy!r} needs `redis: {{url: ...}}`")
+        if "header" in self.key and not self.header_name:
+            raise ValueError("the `header` key part needs `header_name`")
+        return self
+
+    def limit_specs(self, scope: str) -> list[LimitSpec]:
+        specs = [
+            LimitSpec(name, count, window, self.algorithm, scope=scope)
+            for name, window in _SHORTHANDS
+            if (count := getattr(self, name)) is not None
+        ]
+        for item in self.limits:
+            name = item.name or _window_name(item.window)
+            algorithm = item.algorithm or self.algorithm
+            specs.append(LimitSpec(name, item.limit, item.window, algorithm, item.burst, scope))
+        return specs
+
+
+class RateLimiting(Plugin[RateLimitingConfig]):
+    name = "rate-limiting"
+    priority = 1200  # limits band: after authentication (the consumer is known), before transformations
+
+    def __init__(self, config: RateLimitingConfig, context: PluginContext) -> None:
+        super().__init__(config, context)
+        scope = config.scope or f"rate-limiting@{context.attachment}"
+        self.specs = config.limit_specs(scope)
+        self.policies: list[Policy] = [self._policy(spec) for spec in self.specs]
+        self._keys = KeyBuilder(list(config.key), config.header_name)
+        self._cost = config.cost
+        self._counters = DecisionCounters(self.name)
+        h = config.headers
+        self._ietf, self._legacy, self._per_limit = h.ietf, h.legacy, h.per_limit
+        self._policy_value = rl_headers.ratelimit_policy(self.specs)
+
+    def _policy(self, spec: LimitSpec) -> Policy:
+        config = self.config
+        if config.policy == "local" or config.redis is None:
+            return build_policy(spec, "local")
+        redis = config.redis
+        backend = backend_for(redis.url, timeout=redis.timeout, connect_timeout=redis.connect_timeout)
+        if config.policy == "redis":
+            return build_policy(spec, "redis", backend, on_failure=config.on_failure, prefix=redis.prefix)
+        return build_policy(
+            spec,
+            "batched",
+            backend,
+            on_failure=config.on_failure,
+            prefix=redis.prefix,
+            slice_interval=config.batch.slice_interval,
+            max_slice=config.batch.max_slice,
+        )
+
+    def access(self, ex: Exchange) -> Response | None | Awaitable[Response | None]:
+        result = check_all(self.policies, self._keys.key(ex), time.time(), self._cost)
+        if isinstance(result, list):
+            return self._decided(ex, result)
+        return self._decided_later(ex, result)
+
+    async def _decided_later(self, ex: Exchange, pending: Awaitable[list[Decision]]) -> Response | None:
+        return self._decided(ex, await pending)
+
+    def _decided(self, ex: Exchange, decisions: list[Decision]) -> Response | None:
+        fields = rl_headers.response_headers(
+            decisions,
+            ietf=self._ietf,
+            legacy=self._legacy,
+            per_limit=self._per_limit,
+            policy_value=self._policy_value,
+        )
+        if fields:
+            ex.add_response_fields(fields)
+        for decision in decisions:
+            if not decision.allowed:
+                return self._deny(ex, decisions)
+        self._counters.count(ex, "allowed")
+        return None
+
+    def _deny(self, ex: Exchange, decisions: list[Decision]) -> Response:
+        request_id = ex.request_id.decode("latin-1")
+        status, body = rl_headers.denial_body(decisions, request_id)
+        self._counters.count(ex, "error" if status == 503 else "limited")
+        return Response(
+            status,
+            body,
+            [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)],
+        )
+
+
+def _window_name(window: float) -> str:
+    for name, seconds in _SHORTHANDS:
+        if window == seconds:
+            return name
+    return f"{window:g}s"
+
