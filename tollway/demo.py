@@ -30,6 +30,14 @@ from rich.table import Table
 _LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 _STATUS = re.compile(r"status http://([\d.]+):(\d+)")
 INSTANCES = ("users-a", "users-b")
+CLIENT_LIMIT = 5  # requests a minute per client: the seed's example
+RATE_LIMIT = {
+    "name": "rate-limiting",
+    "config": {"minute": CLIENT_LIMIT, "key": "ip", "algorithm": "gcra"},
+}
+# The scripted clients: distinct loopback addresses (all of 127/8 reaches this host on Linux), so each
+# has its own limit — and yours, from 127.0.0.1, is untouched by the demo's traffic.
+CLIENTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6")
 
 
 @dataclass
@@ -81,7 +89,7 @@ def demo_config(services: list[Process], gateway_port: int) -> dict[str, Any]:
             }
         ],
         "services": [{"name": "users", "upstream": "users", "read_timeout": "10s"}],
-        "routes": [{"name": "users", "service": "users", "paths": ["/users"]}],
+        "routes": [{"name": "users", "service": "users", "paths": ["/users"], "plugins": [RATE_LIMIT]}],
     }
 
 
@@ -177,43 +185,89 @@ def _port_free(port: int) -> bool:
 def _scripted_traffic(console: Console, port: int, count: int) -> None:
     plan = _request_plan(count)
     table = Table(title="Requests through the gateway", show_edge=False, pad_edge=False)
-    for column in ("#", "request", "status", "served by", "ms"):
-        table.add_column(column, justify="right" if column in ("#", "ms") else "left")
+    for column in ("#", "client", "request", "status", "served by", "limit left", "ms"):
+        table.add_column(column, justify="right" if column in ("#", "ms", "limit left") else "left")
     served: Counter[str] = Counter()
-    for number, (method, path, body) in enumerate(plan, 1):
-        status, instance, elapsed = _send(port, method, path, body)
-        served[instance] += 1
-        table.add_row(str(number), f"{method} {path}", str(status), instance, f"{elapsed * 1000:.1f}")
+    limited: Counter[str] = Counter()
+    retry_after = ""
+    for number, (client, method, path, body) in enumerate(plan, 1):
+        answer = _send(port, client, method, path, body)
+        served[answer.instance] += 1
+        if answer.status == 429:
+            limited[client] += 1
+            retry_after = answer.retry_after
+        status = f"[red]{answer.status}[/red]" if answer.status == 429 else str(answer.status)
+        row = (str(number), client, f"{method} {path}", status, answer.instance, answer.remaining)
+        table.add_row(*row, f"{answer.elapsed * 1000:.1f}")
     console.print(table)
     spread = " · ".join(f"{name} {served[name]}" for name in INSTANCES)
-    console.print(f"Round-robin spread over both instances: [bold]{spread}[/bold]\n")
+    console.print(f"Round-robin spread over both instances: [bold]{spread}[/bold]")
+    for client, denied in limited.items():
+        console.print(
+            f"Rate limit: client {client} sent more than {CLIENT_LIMIT} requests in a minute and got "
+            f"[bold]{denied} × 429[/bold] (Retry-After: {retry_after} s), answered by the gateway"
+        )
+    console.print()
 
 
-def _request_plan(count: int) -> list[tuple[str, str, bytes | None]]:
-    """Reads of the seeded users, one write, then reads that include the new user."""
-    plan: list[tuple[str, str, bytes | None]] = []
+def _request_plan(count: int) -> list[tuple[str, str, str, bytes | None]]:
+    """(client, method, path, body): the first client asks for two more than its limit (the last two
+    get 429); the others share the rest within their limits: reads, one PUT, reads that see it."""
+    first = min(count, CLIENT_LIMIT + 2)
+    plan: list[tuple[str, str, str, bytes | None]] = [
+        (CLIENTS[0], "GET", f"/users/{(i % 2) + 1}", None) for i in range(first)
+    ]
     carol = json.dumps({"name": "carol", "email": "carol@example.com"}).encode()
-    for i in range(count):
-        if i == 2:
-            plan.append(("PUT", "/users/3", carol))
+    others = CLIENTS[1:]
+    for i in range(count - first):
+        client = others[i % len(others)]
+        if i == 0:
+            plan.append((client, "PUT", "/users/3", carol))
         else:
-            plan.append(("GET", f"/users/{(i % 3) + 1 if i > 2 else (i % 2) + 1}", None))
+            plan.append((client, "GET", f"/users/{(i % 3) + 1}", None))
     return plan
 
 
-def _send(port: int, method: str, path: str, body: bytes | None) -> tuple[int, str, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+@dataclass
+class Answer:
+    status: int
+    instance: str  # the X-Instance header: which user service answered ("gateway": none did)
+    remaining: str  # r= of the RateLimit header: requests this client has left
+    retry_after: str
+    elapsed: float
+
+
+def _send(port: int, client: str, method: str, path: str, body: bytes | None) -> Answer:
     headers = {"Content-Type": "application/json"} if body else {}
     start = time.perf_counter()
+    conn = _connect(port, client)
     try:
         conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         resp.read()
-        return resp.status, resp.getheader("X-Instance", "gateway"), time.perf_counter() - start
     except OSError as exc:
         raise DemoError(f"{method} {path} failed: {exc}") from exc
     finally:
         conn.close()
+    remaining = re.search(r";r=(\d+)", resp.getheader("RateLimit", ""))
+    return Answer(
+        resp.status,
+        resp.getheader("X-Instance", "gateway"),
+        remaining.group(1) if remaining else "",
+        resp.getheader("Retry-After", ""),
+        time.perf_counter() - start,
+    )
+
+
+def _connect(port: int, client: str) -> http.client.HTTPConnection:
+    """A connection from `client`'s address; from the default one where the system has no such
+    loopback address (then the scripted clients share one limit)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(client, 0))
+    try:
+        conn.connect()
+    except OSError:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    return conn
 
 
 # -- output ----------------------------------------------------------------------------------------------
@@ -227,6 +281,10 @@ def _print_setup(
     console.print(
         f"  gateway on [bold]http://127.0.0.1:{gateway.port}[/bold] (2 workers) → upstream "
         f'"users", round-robin over both instances'
+    )
+    console.print(
+        f"  rate limit: {CLIENT_LIMIT} requests a minute per client address (rate-limiting plugin, "
+        "local policy: one exact count shared by both workers)"
     )
     console.print(f"  config: {config}   status: http://127.0.0.1:{status_port}/status\n")
 
@@ -243,4 +301,10 @@ def _print_try_it(console: Console, port: int, status_port: int) -> None:
     console.print(
         f"  curl -i {base}/nothing-here        # 404 from the gateway, JSON with a request id", markup=False
     )
+    console.print(
+        f"  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' {base}/users/1; done"
+        f"   # 5 x 200, then 429",
+        markup=False,
+    )
     console.print(f"  curl http://127.0.0.1:{status_port}/status", markup=False)
+    console.print(f"  curl http://127.0.0.1:{status_port}/metrics   # Prometheus", markup=False)

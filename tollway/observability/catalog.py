@@ -131,6 +131,33 @@ CATALOG: dict[str, Entry] = {
         "Rate-limit decisions by plugin, route and decision (allowed, limited, error)",
         ("plugin", "route", "decision"),
     ),
+    "rate_limit_redis_up": Entry(
+        "gauge",
+        "1 while the rate limiter's Redis answers, 0 during an outage (the lowest over workers: 0 as soon "
+        "as one worker sees it down); decisions then fall back per plugin (fail-open or fail-closed)",
+        ("backend",),
+        merge="min",
+    ),
+    "rate_limit_redis_outages_total": Entry(
+        "counter", "Redis outages begun (each is logged once, not once per request)", ("backend",)
+    ),
+    "rate_limit_redis_fallbacks_total": Entry(
+        "counter", "Rate-limit decisions taken without Redis because it was unreachable", ("backend",)
+    ),
+    "rate_limit_redis_commands_total": Entry(
+        "counter",
+        "Commands sent to the rate limiter's Redis (divide by rate_limit_decisions_total for commands "
+        "per request: about 1 for the redis policy, far less for batched)",
+        ("backend",),
+    ),
+    "rate_limit_redis_errors_total": Entry(
+        "counter", "Redis calls that failed (refused, reset, timed out, error reply)", ("backend",)
+    ),
+    "rate_limit_table_evictions_total": Entry(
+        "counter",
+        "Live keys pushed out of the node's shared limit table because their bucket was full: those keys "
+        "restart from zero (enlarge TOLLWAY_STATE_SLOTS)",
+    ),
     "auth_failures_total": Entry(
         "counter",
         "Requests rejected (401) by an authentication plugin, by reason (missing: no credential; invalid: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 from tollway.observability.access_log import AccessLog
@@ -146,6 +147,7 @@ class WorkerObservability:
             registry.counter("tracing_spans_total", result="exported").value = exported
             registry.counter("tracing_spans_total", result="failed").value = failed
             registry.counter("tracing_spans_total", result="dropped").value = dropped_spans
+        self._collect_limits()
         data = registry.snapshot()
         data["connections"] = len(worker.connections)
         data["config_version"] = worker.snapshot.version if worker.snapshot is not None else 0
@@ -183,6 +185,28 @@ class WorkerObservability:
                 self.registry.counter(metric, upstream=name, **labels).inc(self._delta(key, value))
                 seen[key] = value
         self._upstream_seen = seen
+
+    def _collect_limits(self) -> None:
+        """The rate limiter's Redis backends and node table (tollway.state; its counters are cumulative
+        per process and survive config reloads). Nothing is reported until a limit uses them; the module
+        is not imported for it (an idle worker's memory)."""
+        limits = sys.modules.get("tollway.state.limits")
+        if limits is None:
+            return
+        snapshot = limits.stats_snapshot()
+        registry = self.registry
+        for backend, stats in snapshot["redis"].items():
+            registry.gauge("rate_limit_redis_up", backend=backend).set(0.0 if stats["down"] else 1.0)
+            for metric, field in (
+                ("rate_limit_redis_outages_total", "outages"),
+                ("rate_limit_redis_fallbacks_total", "fallbacks"),
+                ("rate_limit_redis_commands_total", "commands"),
+                ("rate_limit_redis_errors_total", "errors"),
+            ):
+                registry.counter(metric, backend=backend).value = stats.get(field, 0)
+        table = snapshot["table"]
+        if table:
+            registry.counter("rate_limit_table_evictions_total").value = table.get("evicted_live", 0)
 
     def _delta(self, key: tuple[str, ...], value: int) -> int:
         previous = self._upstream_seen.get(key, 0)

@@ -452,7 +452,8 @@ class Standalone(RedisBackend):
 
     @property
     def name(self) -> str:
-        return self.client.address
+        client = self.client
+        return client.address if not client.db else f"{client.address}/{client.db}"
 
     async def script(self, script: Script, key: bytes, args: Sequence[Arg]) -> Any:
         return await self.client.evalsha(script, (key,), args)
