@@ -69,9 +69,13 @@ class RedisHealth:
     `errors` (failed Redis calls), `last_error`.
     """
 
-    def __init__(self, name: str, probe_interval: float = 0.5) -> None:
+    def __init__(self, name: str, probe_interval: float = 0.5, backend: RedisBackend | None = None) -> None:
         self.name = name
         self.probe_interval = probe_interval
+        # While down, a background PING every probe_interval ends the outage even when no request asks
+        # Redis (a batched node spending a reserve another worker fetched never would).
+        self.backend = backend
+        self._prober: asyncio.Task[None] | None = None
         self.down_since: float | None = None
         self.retry_at = 0.0
         self.outages = 0
@@ -105,12 +109,40 @@ class RedisHealth:
             self.down_since = now
             self.outages += 1
             self._fallbacks_at_outage = self.fallbacks
+            self._start_prober()
             log.error(
                 "redis %s unreachable (%s): rate limits fall back (fail-open: node-local limits; "
                 "fail-closed: 503) until it answers again",
                 self.name,
                 self.last_error,
             )
+
+    def _start_prober(self) -> None:
+        if self.backend is None or self._prober is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (a synchronous caller): requests still probe, one per interval
+        self._prober = loop.create_task(self._probe())
+
+    async def _probe(self) -> None:
+        backend = self.backend
+        assert backend is not None
+        try:
+            while self.down_since is not None:
+                await asyncio.sleep(self.probe_interval)
+                if self.down_since is None:
+                    break
+                try:
+                    await backend.call("PING")
+                except RedisClosed:
+                    return  # closed on purpose: nobody needs it any more
+                except RedisError:
+                    continue
+                self.recovered()
+        finally:
+            self._prober = None
 
     def recovered(self) -> None:
         if self.down_since is not None:
@@ -140,7 +172,7 @@ def health_of(backend: RedisBackend) -> RedisHealth:
     """The backend's health tracker in this process (created on first use)."""
     health = getattr(backend, "health", None)
     if health is None:
-        health = RedisHealth(backend.name)
+        health = RedisHealth(backend.name, backend=backend)
         backend.health = health  # type: ignore[attr-defined]
     return health
 
