@@ -108,6 +108,7 @@ class Exchange:
         "_pending_head",
         "_replay",
         "_resp_body",
+        "_resp_extra",
         "_resp_headers",
         "_retried",
         "_retry_timer",
@@ -211,6 +212,7 @@ class Exchange:
         self._awaiting_body = False  # proceed() waits for a whole body to transform
         self._resp_body: list[bytes] | None = None  # a response body buffered for a transform
         self._resp_headers: list[tuple[bytes, bytes, bool]] | None = None  # added to the response
+        self._resp_extra = b""  # those fields as header lines, once the backend's head is in
         self._on_finish: list[Callable[[Exchange], None]] | None = None  # see on_finish()
         self.target: Target | None = None
         self.upstream: UpstreamConnection | None = None
@@ -510,15 +512,27 @@ class Exchange:
                 self.fail(error)
                 return
         if self._resp_headers is not None:
-            self._add_response_headers(head.headers)
+            self._resp_extra = self._response_fields(head)
         if self.response_body_transform is not None:
             self._resp_body = []  # the head goes out with the transformed body (upstream_complete)
             return
         self._pending_head = self._build_response_head(head, raw)
 
+    def _response_fields(self, head: ResponseHead) -> bytes:
+        """Header lines plugins added, for the head's `extra`: appending bytes keeps the head on its
+        fast path (re-serialised only when a field replaces one the backend sent)."""
+        parts: list[bytes] = []
+        for name, value, replace in self._resp_headers or ():
+            if replace:
+                lname = name.lower()
+                headers = head.headers
+                headers[:] = [h for h in headers if h[0].lower() != lname]
+            parts += (name, b": ", value, b"\r\n")
+        return b"".join(parts)
+
     def _build_response_head(self, head: ResponseHead, raw: bytes) -> bytes:
         kind = head.body_kind
-        extra = b""
+        extra = self._resp_extra
         if kind == BODY_CHUNKED or kind == BODY_UNTIL_CLOSE:  # noqa: SIM109 - two int compares when compiled
             if self.version == 1:
                 extra = b"Transfer-Encoding: chunked\r\n"  # chunks pass through, or we frame them
