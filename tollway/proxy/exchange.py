@@ -988,20 +988,6 @@ def _breaker_message(upstream: str, limit: str) -> str:
     )
 
 
-# Response headers never passed to the client: hop-by-hop, plus the framing we set ourselves.
-_RESPONSE_SKIP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"trailer",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
 _SPECIAL_GETTERS = {
     b"host": "host",
     b"x-request-id": "request_id",
