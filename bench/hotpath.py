@@ -93,8 +93,11 @@ def main() -> None:
     extra = "".join(f"{h}\r\n" for h in args.header).encode()
     request = b"GET " + args.path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n" + extra + b"\r\n"
     runs = [measure(None, args.config, args.requests, request, args.warmup) for _ in range(args.repeat)]
-    print(f"hot path: {min(runs):.2f} µs/request (best of {args.repeat}; runs: "
-          + ", ".join(f"{r:.2f}" for r in runs) + ")")
+    print(
+        f"hot path: {min(runs):.2f} µs/request (best of {args.repeat}; runs: "
+        + ", ".join(f"{r:.2f}" for r in runs)
+        + ")"
+    )
 
 
 if __name__ == "__main__":

@@ -277,7 +277,7 @@ class Exchange:
         lower = url[:8].lower()
         for scheme in (b"http://", b"https://"):
             if lower.startswith(scheme):
-                rest = url[len(scheme):]
+                rest = url[len(scheme) :]
                 end = len(rest)
                 for delimiter in (b"/", b"?"):
                     found = rest.find(delimiter)
