@@ -156,54 +156,59 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def _gateway_pairs(
+    args: argparse.Namespace, a: Path, b: Path, a_path: str = "/user/1", b_path: str = "/user/1"
+) -> list[tuple[float, float]]:
+    """The gateway's CPU µs/req under config `a` and under config `b`, one pair per round (a round
+    missing either figure is left out)."""
+    pairs = []
+    for _ in range(args.rounds):  # alternate, so drift hits both alike
+        ra = run_harness(["gateway"], args.seconds, args.connections, a, path=a_path)
+        rb = run_harness(["gateway"], args.seconds, args.connections, b, path=b_path)
+        if "gateway" in ra and "gateway" in rb:
+            pairs.append((float(ra["gateway"]["cpu_us"]), float(rb["gateway"]["cpu_us"])))
+    return pairs
+
+
+def _pairs_table(
+    heading: str, a_label: str, b_label: str, bar: str, pairs: list[tuple[float, float]]
+) -> list[str]:
+    """A markdown section: one row per round with the b/a ratio, then the bar with the median ratio."""
+    lines = [
+        f"### {heading}",
+        "",
+        f"| round | {a_label} CPU µs/req | {b_label} CPU µs/req | ratio |",
+        "|---|---|---|---|",
+    ]
+    for i, (a, b) in enumerate(pairs, 1):
+        lines.append(f"| {i} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
+    if pairs:
+        lines += ["", f"Bar: {bar} (median ratio {statistics.median(b / a for a, b in pairs):.2f})."]
+    return lines
+
+
 def routes(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         small, large = routes_config(10, Path(tmp)), routes_config(10_000, Path(tmp))
-        pairs = []
-        for _ in range(args.rounds):  # alternate, so drift hits both alike
-            a = run_harness(["gateway"], args.seconds, args.connections, small, path="/svc5/user/1")
-            b = run_harness(["gateway"], args.seconds, args.connections, large, path="/svc5000/user/1")
-            if "gateway" in a and "gateway" in b:
-                pairs.append((float(a["gateway"]["cpu_us"]), float(b["gateway"]["cpu_us"])))
-    lines = [
-        "### Routes: 10 vs 10,000 prefix routes (request hits /svc5/ or /svc5000/)",
-        "",
-        "| round | 10 routes CPU µs/req | 10,000 routes CPU µs/req | ratio |",
-        "|---|---|---|---|",
-    ]
-    for i, (a, b) in enumerate(pairs, 1):
-        lines.append(f"| {i} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
-    if pairs:
-        lines += [
-            "",
-            f"Bar: 10,000 routes ≤ 1.1× the CPU of 10 routes (median ratio "
-            f"{statistics.median(b / a for a, b in pairs):.2f}).",
-        ]
-    return lines
+        pairs = _gateway_pairs(args, small, large, a_path="/svc5/user/1", b_path="/svc5000/user/1")
+    return _pairs_table(
+        "Routes: 10 vs 10,000 prefix routes (request hits /svc5/ or /svc5000/)",
+        "10 routes",
+        "10,000 routes",
+        "10,000 routes ≤ 1.1× the CPU of 10 routes",
+        pairs,
+    )
 
 
 def leastconn4(args: argparse.Namespace) -> list[str]:
-    pairs = []
-    for _ in range(args.rounds):  # alternate, so drift hits both alike
-        a = run_harness(["gateway"], args.seconds, args.connections, HERE / "passthrough.yaml")
-        b = run_harness(["gateway"], args.seconds, args.connections, HERE / "leastconn4.yaml")
-        if "gateway" in a and "gateway" in b:
-            pairs.append((float(a["gateway"]["cpu_us"]), float(b["gateway"]["cpu_us"])))
-    lines = [
-        "### Upstreams: least-connections over four targets with health checks vs one-target pass-through",
-        "",
-        "| round | pass-through CPU µs/req | least-connections ×4 CPU µs/req | ratio |",
-        "|---|---|---|---|",
-    ]
-    for i, (a, b) in enumerate(pairs, 1):
-        lines.append(f"| {i} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
-    if pairs:
-        lines += [
-            "",
-            f"Bar: ≤ 1.1× the CPU of the pass-through (median ratio "
-            f"{statistics.median(b / a for a, b in pairs):.2f}).",
-        ]
-    return lines
+    pairs = _gateway_pairs(args, HERE / "passthrough.yaml", HERE / "leastconn4.yaml")
+    return _pairs_table(
+        "Upstreams: least-connections over four targets with health checks vs one-target pass-through",
+        "pass-through",
+        "least-connections ×4",
+        "≤ 1.1× the CPU of the pass-through",
+        pairs,
+    )
 
 
 def chain(args: argparse.Namespace) -> list[str]:

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 from pathlib import Path
-from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tests/
+
+from tests.memory_transport import CountingTransport
 from tollway.config.loader import load_file, load_text
 from tollway.protocol.server import ClientConnection
 from tollway.runtime.worker import Worker
@@ -35,39 +38,6 @@ RESPONSE = (
 )
 
 
-class MemoryTransport:
-    """Just enough of an asyncio transport: records what is written."""
-
-    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 50000)) -> None:
-        self.peer = peer
-        self.written = 0
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written += len(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 def measure(
     config_text: str | None, config_file: Path | None, requests: int, request: bytes, warmup: int = 2000
 ) -> float:
@@ -78,14 +48,14 @@ def measure(
     worker.pool_settings = PoolSettings(max_requests=0)  # one warm connection for the whole run
     worker.apply_config(1, config)
     client = ClientConnection(worker)
-    client.connection_made(MemoryTransport())  # type: ignore[arg-type]
+    client.connection_made(CountingTransport())  # type: ignore[arg-type]
     # One warm upstream connection idle in each pool of the first service's cluster (one pool when every
     # target has the same address); each request is answered on the connection its exchange took.
     cluster = next(iter(worker.snapshot.services.values())).cluster
     for pool in cluster.pools:
         pool.settings = worker.pool_settings  # an upstream's own pools too: one connection for the run
         upstream = UpstreamConnection(pool)
-        upstream.connection_made(MemoryTransport((pool.host, pool.port)))  # type: ignore[arg-type]
+        upstream.connection_made(CountingTransport((pool.host, pool.port)))  # type: ignore[arg-type]
         pool.active += 1
         pool.release(upstream)
     if len(cluster.pools) == 1:
@@ -123,8 +93,11 @@ def main() -> None:
     extra = "".join(f"{h}\r\n" for h in args.header).encode()
     request = b"GET " + args.path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n" + extra + b"\r\n"
     runs = [measure(None, args.config, args.requests, request, args.warmup) for _ in range(args.repeat)]
-    print(f"hot path: {min(runs):.2f} µs/request (best of {args.repeat}; runs: "
-          + ", ".join(f"{r:.2f}" for r in runs) + ")")
+    print(
+        f"hot path: {min(runs):.2f} µs/request (best of {args.repeat}; runs: "
+        + ", ".join(f"{r:.2f}" for r in runs)
+        + ")"
+    )
 
 
 if __name__ == "__main__":

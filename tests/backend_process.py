@@ -46,9 +46,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, nam
             data = json.dumps(payload).encode()
             writer.write(
                 b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
-                b"X-Instance: %s\r\nContent-Length: %d\r\n\r\n"
-                % (code, name.encode(), len(data))
-                + data
+                b"X-Instance: %s\r\nContent-Length: %d\r\n\r\n" % (code, name.encode(), len(data)) + data
             )
             await writer.drain()
             if headers.get("connection", "").lower() == "close":

@@ -262,17 +262,15 @@ class RecordingReader:
         self.sink = sink
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
-        try:
-            data = await self.reader.readuntil(separator)
-        except asyncio.IncompleteReadError as exc:
-            self.sink += exc.partial
-            raise
-        self.sink += data
-        return data
+        return await self._recorded(self.reader.readuntil(separator))
 
     async def readexactly(self, n: int) -> bytes:
+        return await self._recorded(self.reader.readexactly(n))
+
+    async def _recorded(self, read: Awaitable[bytes]) -> bytes:
+        """What `read` returns, recorded; on a short read, the partial bytes are recorded too."""
         try:
-            data = await self.reader.readexactly(n)
+            data = await read
         except asyncio.IncompleteReadError as exc:
             self.sink += exc.partial
             raise

@@ -154,8 +154,20 @@ def test_configured_fields_and_escaping(gateway, backend):
 
     be = backend(typed)
     fields = [
-        "method", "host", "path", "query", "protocol", "route", "status", "upstream_ms", "gateway_ms",
-        "trace_id", "user_agent", "worker", "request_header.x-tricky", "request_header.x-absent",
+        "method",
+        "host",
+        "path",
+        "query",
+        "protocol",
+        "route",
+        "status",
+        "upstream_ms",
+        "gateway_ms",
+        "trace_id",
+        "user_agent",
+        "worker",
+        "request_header.x-tricky",
+        "request_header.x-absent",
         "response_header.content-type",
     ]
     gw = gateway(gateway_config(be.url, access_log={"fields": fields}))

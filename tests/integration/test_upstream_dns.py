@@ -122,8 +122,12 @@ async def test_the_hosts_file_comes_first(stub, hosts_file):
 
 
 async def test_srv_records_give_ports_weights_and_backups(stub):
-    stub.set("_app._tcp.svc.test", "SRV", ["10 60 8001 a.svc.test.", "10 20 8002 b.svc.test.",
-                                           "20 0 8003 c.svc.test."], ttl=30)
+    stub.set(
+        "_app._tcp.svc.test",
+        "SRV",
+        ["10 60 8001 a.svc.test.", "10 20 8002 b.svc.test.", "20 0 8003 c.svc.test."],
+        ttl=30,
+    )
     stub.set("a.svc.test", "A", ["127.0.0.1"], ttl=5)
     stub.set("b.svc.test", "A", ["127.0.0.2"])
     stub.set("c.svc.test", "A", ["127.0.0.3"])
@@ -146,14 +150,18 @@ def _dns_options(**kw: Any) -> Any:
 # -- the supervisor's loop: TTLs and DNS failover ------------------------------------------------------------
 async def test_answers_follow_ttls_and_failures_keep_the_last_good_set(stub, caplog):
     stub.set("api.test", "A", ["127.0.0.1"], ttl=1)
-    config = validate({
-        "gateway": {"dns": {"nameservers": [stub.address], "hosts_file": None, "timeout": 0.5}},
-        "upstreams": [{
-            "name": "api",
-            "targets": [{"target": "api.test:8080"}],
-            "dns": {"min_ttl": 0.1, "error_ttl": 0.2, "record_types": ["A"]},
-        }],
-    })
+    config = validate(
+        {
+            "gateway": {"dns": {"nameservers": [stub.address], "hosts_file": None, "timeout": 0.5}},
+            "upstreams": [
+                {
+                    "name": "api",
+                    "targets": [{"target": "api.test:8080"}],
+                    "dns": {"min_ttl": 0.1, "error_ttl": 0.2, "record_types": ["A"]},
+                }
+            ],
+        }
+    )
     sent: list[tuple[Any, ...]] = []
     manager = UpstreamManager(lambda message, skip: sent.append(message), lambda: [])
     await manager.start(config)

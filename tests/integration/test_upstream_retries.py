@@ -263,6 +263,7 @@ def test_active_checks_run_once_per_node_with_the_configured_request(gateway, ba
     be = backend()
     active = {"http_path": "/healthz", "host": "health.internal", "interval": 0.2, "healthy_threshold": 1}
     gw = gateway(upstream_config([f"127.0.0.1:{be.port}"], healthchecks={"active": active}), workers=2)
+
     def probes() -> list[Seen]:
         return [s for s in be.seen if s.target == "/healthz"]
 

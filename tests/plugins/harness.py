@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.memory_transport import MemoryTransport
 from tollway.config.loader import validate
 from tollway.protocol.server import ClientConnection
 from tollway.runtime.worker import Worker
@@ -24,37 +25,6 @@ from tollway.upstream.connection import UpstreamConnection
 from tollway.upstream.pool import PoolSettings
 
 BACKEND_URL = "http://127.0.0.1:9"
-
-
-class MemoryTransport:
-    def __init__(self, peer: tuple[str, int]) -> None:
-        self.peer = peer
-        self.data = bytearray()
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 @dataclass

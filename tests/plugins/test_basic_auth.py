@@ -12,7 +12,7 @@ import bcrypt
 import pytest
 from pydantic import ValidationError
 
-from tests.plugins.harness import MemoryTransport
+from tests.memory_transport import MemoryTransport
 from tests.support import ROOT, gateway_config, request
 from tollway.plugins.basic_auth import BasicAuthConfig, BasicCredential
 from tollway.plugins.passwords import check_hash, hash_password, verifier

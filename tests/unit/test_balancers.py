@@ -32,8 +32,13 @@ PICKS = 10_000
 class Ctx:
     """What balancers read from a request."""
 
-    def __init__(self, ip: str = "10.0.0.1", path: str = "/", headers: dict[str, str] | None = None,
-                 consumer: Any = None) -> None:
+    def __init__(
+        self,
+        ip: str = "10.0.0.1",
+        path: str = "/",
+        headers: dict[str, str] | None = None,
+        consumer: Any = None,
+    ) -> None:
         self.client_ip = ip
         self.path = path
         self.headers = {k.lower(): v for k, v in (headers or {}).items()}
@@ -102,8 +107,12 @@ def test_consistent_hashing_spreads_keys_by_weight(loop, hash_on):
     counts: Counter[str] = Counter()
     for i in range(PICKS):
         key = f"key-{i}"
-        ctx = Ctx(ip=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", path=f"/items/{i}",
-                  headers={"k": key, "cookie": f"a=1; k={key}"}, consumer=type("C", (), {"username": key})())
+        ctx = Ctx(
+            ip=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
+            path=f"/items/{i}",
+            headers={"k": key, "cookie": f"a=1; k={key}"},
+            consumer=type("C", (), {"username": key})(),
+        )
         target = cluster.pick(ctx)
         assert target is not None
         counts[target.label] += 1
@@ -248,8 +257,9 @@ def test_retry_picks_another_target_then_a_backup(loop):
     assert cluster.pick_retry(Ctx(), [a, b, backup]) is None
 
 
-@pytest.mark.parametrize("balancer", [RoundRobin(), WeightedRandom(), LeastConnections(), LatencyP2C(),
-                                      ConsistentHash()])
+@pytest.mark.parametrize(
+    "balancer", [RoundRobin(), WeightedRandom(), LeastConnections(), LatencyP2C(), ConsistentHash()]
+)
 def test_no_available_target_is_none(loop, balancer):
     balancer.build([])
     balancer.reset([])

@@ -184,7 +184,7 @@ async def test_hub_waits_for_every_worker_then_merges():
     async def answer() -> None:
         await asyncio.sleep(0.01)
         for handle in sup.workers.values():
-            (kind, token), = handle.channel.sent
+            ((kind, token),) = handle.channel.sent
             assert kind == "collect"
             hub.received(handle.slot, handle.process.pid, token, worker_snapshot(10, 1))
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.memory_transport import MemoryTransport
 from tollway.config.loader import load_text
 from tollway.errors import UpstreamConnectError, UpstreamTimeout
 from tollway.protocol.server import ClientConnection
@@ -26,49 +27,6 @@ routes: [{name: all, service: backend, paths: ["/"]}]
 """
 GET = b"GET /x HTTP/1.1\r\nHost: gw.test\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-class MemoryTransport:
-    """Just enough of an asyncio transport: records writes and the reading state."""
-
-    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 50000)) -> None:
-        self.peer = peer
-        self.data = bytearray()
-        self.closing = False
-        self.aborted = False
-        self.reading = True
-        self.on_write: Callable[[bytes], None] | None = None
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-        if self.on_write is not None:
-            self.on_write(data)
-
-    def take(self) -> bytes:
-        out = bytes(self.data)
-        self.data.clear()
-        return out
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = self.aborted = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
 
 
 class FakeLoop:

@@ -48,24 +48,39 @@ def test_defaults_are_the_documented_ones():
 @pytest.mark.parametrize(
     ("upstream", "message"),
     [
-        ("{name: u, algorithm: consistent-hashing, hash_on: header, targets: [{target: 'a:1'}]}",
-         'upstreams[0] "u": hash_key: required when hash_on is \'header\''),
-        ("{name: u, targets: [{target: 'a:1'}, {target: 'a:1'}]}",
-         "targets[1]: duplicate target 'a:1' (give one a distinct name)"),
+        (
+            "{name: u, algorithm: consistent-hashing, hash_on: header, targets: [{target: 'a:1'}]}",
+            "upstreams[0] \"u\": hash_key: required when hash_on is 'header'",
+        ),
+        (
+            "{name: u, targets: [{target: 'a:1'}, {target: 'a:1'}]}",
+            "targets[1]: duplicate target 'a:1' (give one a distinct name)",
+        ),
         ("{name: u, targets: [{target: nohost}]}", "target: 'nohost' must be host:port"),
         ("{name: u, targets: [{target: '_x._tcp.a:80', srv: true}]}", "an SRV name has no port"),
         ("{name: u, algorithm: fastest, targets: [{target: 'a:1'}]}", "algorithm: Input should be"),
-        ("{name: u, targets: [{target: 'a:1'}], healthchecks: {active: {expected_statuses: [700]}}}",
-         "700: a status code is from 100 to 599"),
-        ("{name: u, targets: [{target: 'a:1'}], healthchecks: {active: {http_path: health}}}",
-         'http_path: must start with "/"'),
-        ("{name: u, targets: [{target: 'a:1'}], healthchecks: {passive: {base_ejection_time: 60s, "
-         "max_ejection_time: 10s}}}", "max_ejection_time: must not be less than base_ejection_time"),
-        ("{name: u, targets: [{target: 'a:1'}], retries: {backoff: {base: 1s, max: 10ms}}}",
-         "max: must not be less than base"),
+        (
+            "{name: u, targets: [{target: 'a:1'}], healthchecks: {active: {expected_statuses: [700]}}}",
+            "700: a status code is from 100 to 599",
+        ),
+        (
+            "{name: u, targets: [{target: 'a:1'}], healthchecks: {active: {http_path: health}}}",
+            'http_path: must start with "/"',
+        ),
+        (
+            "{name: u, targets: [{target: 'a:1'}], healthchecks: {passive: {base_ejection_time: 60s, "
+            "max_ejection_time: 10s}}}",
+            "max_ejection_time: must not be less than base_ejection_time",
+        ),
+        (
+            "{name: u, targets: [{target: 'a:1'}], retries: {backoff: {base: 1s, max: 10ms}}}",
+            "max: must not be less than base",
+        ),
         ("{name: u, targets: [{target: 'a:1'}], retries: {retry_on: [reset]}}", "retries.retry_on[0]"),
-        ("{name: u, targets: [{target: 'a:1'}], circuit_breaker: {max_conections: 5}}",
-         "circuit_breaker.max_conections: unknown field"),
+        (
+            "{name: u, targets: [{target: 'a:1'}], circuit_breaker: {max_conections: 5}}",
+            "circuit_breaker.max_conections: unknown field",
+        ),
     ],
 )
 def test_errors_name_the_field(upstream, message):
@@ -83,9 +98,16 @@ def test_nameservers_are_checked():
 
 
 def test_target_records():
-    u = Upstream.model_validate({"name": "u", "targets": [
-        {"target": "10.0.0.1:80", "weight": 5}, {"target": "api.test:8080", "backup": True},
-        {"target": "_s._tcp.api.test", "srv": True}]})
+    u = Upstream.model_validate(
+        {
+            "name": "u",
+            "targets": [
+                {"target": "10.0.0.1:80", "weight": 5},
+                {"target": "api.test:8080", "backup": True},
+                {"target": "_s._tcp.api.test", "srv": True},
+            ],
+        }
+    )
     ip, name, srv = u.targets
     assert target_records(ip, None) == [("10.0.0.1", 80, 5, False)]
     assert target_records(name, None) == [("api.test", 8080, 100, True)]  # by name until DNS answers
@@ -99,14 +121,18 @@ def test_a_new_worker_starts_with_the_supervisors_state():
     loop = asyncio.new_event_loop()
     try:
         registry = UpstreamRegistry(loop)
-        registry.on_message((
-            "upstream_state",
-            {("u", "api.test:80"): [("10.0.0.7", 80, -1, False), ("10.0.0.8", 80, -1, False)]},
-            {("u", "api.test:80", "10.0.0.7:80"): False},
-            {("u", "api.test:80", "10.0.0.8:80"): (12.0, 2, "5 consecutive failures")},
-        ))
-        config = load_text("upstreams: [{name: u, targets: [{target: 'api.test:80'}]}]\n"
-                           "services: [{name: s, upstream: u}]\nroutes: [{name: r, service: s, paths: [/]}]")
+        registry.on_message(
+            (
+                "upstream_state",
+                {("u", "api.test:80"): [("10.0.0.7", 80, -1, False), ("10.0.0.8", 80, -1, False)]},
+                {("u", "api.test:80", "10.0.0.7:80"): False},
+                {("u", "api.test:80", "10.0.0.8:80"): (12.0, 2, "5 consecutive failures")},
+            )
+        )
+        config = load_text(
+            "upstreams: [{name: u, targets: [{target: 'api.test:80'}]}]\n"
+            "services: [{name: s, upstream: u}]\nroutes: [{name: r, service: s, paths: [/]}]"
+        )
 
         def pool_for(host, port, tls, sni, settings=None, owner=None):
             return Pool(loop, host, port, settings or PoolSettings())

@@ -62,8 +62,14 @@ def cluster_of(
 ) -> Cluster:
     state = registry.upstream_state("u")
     targets = [
-        Target("127.0.0.1", 9000 + i, 100, Pool(loop, "127.0.0.1", 9000 + i, PoolSettings()),
-               state=state.target_state(f"t{i}", f"127.0.0.1:{9000 + i}"), key=f"t{i}")
+        Target(
+            "127.0.0.1",
+            9000 + i,
+            100,
+            Pool(loop, "127.0.0.1", 9000 + i, PoolSettings()),
+            state=state.target_state(f"t{i}", f"127.0.0.1:{9000 + i}"),
+            key=f"t{i}",
+        )
         for i in range(n)
     ]
     balancers = LeastConnections(), LeastConnections()

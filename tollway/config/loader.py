@@ -70,9 +70,7 @@ def load_text(text: str, source: str = "<config>") -> GatewayConfig:
     return config
 
 
-def validate(
-    data: Any, source: str = "<config>", lines: dict[Loc, int] | None = None
-) -> GatewayConfig:
+def validate(data: Any, source: str = "<config>", lines: dict[Loc, int] | None = None) -> GatewayConfig:
     """Validate an already-parsed document (a dict, as from YAML, JSON or a config store)."""
     if data is None:
         data = {}
@@ -173,9 +171,7 @@ def _check_plugins(config: GatewayConfig) -> Iterator[Issue]:
 
 
 # -- formatting -------------------------------------------------------------------------------------
-def format_issues(
-    issues: Iterable[Issue], data: Any, source: str, lines: dict[Loc, int]
-) -> list[str]:
+def format_issues(issues: Iterable[Issue], data: Any, source: str, lines: dict[Loc, int]) -> list[str]:
     out = []
     for issue in issues:
         line = _nearest_line(lines, issue.loc)
@@ -251,7 +247,7 @@ def _clean_message(err: Any) -> str:
     msg = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     if err["type"] == "extra_forbidden":
         return "unknown field (check its spelling)"
     if err["type"] == "missing":

@@ -45,9 +45,7 @@ class Limits(Model):
     max_request_line: Size = Field(8192, ge=64, description="request line length [414]")
     max_header_size: Size = Field(32768, ge=256, description="total size of the request head [431]")
     max_headers: int = Field(100, ge=1, le=10000, description="number of request header fields [431]")
-    max_body_size: Size = Field(
-        100 * 1024 * 1024, ge=0, description="request body size, 0 = unlimited [413]"
-    )
+    max_body_size: Size = Field(100 * 1024 * 1024, ge=0, description="request body size, 0 = unlimited [413]")
     max_response_header_size: Size = Field(
         65536, ge=256, description="size of a backend's response head; larger is a backend error [502]"
     )
@@ -58,9 +56,7 @@ class Timeouts(Model):
 
     client_header: Duration = Field(10.0, gt=0, description="time to receive a request head [408]")
     client_body: Duration = Field(60.0, gt=0, description="idle time between request body reads [408]")
-    client_send: Duration = Field(
-        60.0, gt=0, description="idle time writing to a client that stops reading"
-    )
+    client_send: Duration = Field(60.0, gt=0, description="idle time writing to a client that stops reading")
     keepalive: Duration = Field(
         60.0, ge=0, description="idle keep-alive connection lifetime; 0 = no keep-alive"
     )
@@ -120,12 +116,15 @@ def syslog_target(address: str) -> tuple[str, Any]:
 
 # Latency buckets (seconds). Request and upstream latencies span milliseconds to a minute; the
 # gateway's own share is usually well under a millisecond, so its histogram starts lower.
+# (Kept one line per list: easier to compare than one value per line.)
+# fmt: off
 DEFAULT_LATENCY_BUCKETS = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
 ]
 DEFAULT_GATEWAY_BUCKETS = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0
 ]
+# fmt: on
 
 
 def _check_buckets(buckets: list[float]) -> list[float]:
@@ -237,12 +236,22 @@ def parse_nameserver(text: str) -> tuple[str, int]:
 class GatewaySettings(Model):
     """Settings of the gateway node. `listen`, `status_listen` and `workers` apply at start only."""
 
-    listen: list[ListenAddress] = Field(default_factory=lambda: ["0.0.0.0:8000"], min_length=1)
+    listen: list[ListenAddress] = Field(
+        default_factory=lambda: ["0.0.0.0:8000"],
+        min_length=1,
+        description='addresses clients connect to: "host:port", "[::1]:port", ":port" (all interfaces); '
+        "every worker listens on each; `tollway run --listen` replaces them",
+    )
     status_listen: ListenAddress | None = Field(
         "127.0.0.1:8100", description="the status listener (/live, /ready, /status); null turns it off"
     )
-    workers: int | Literal["auto"] = "auto"
-    backlog: int = Field(4096, ge=1)
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description='worker processes; "auto" = one per CPU core; `tollway run --workers` overrides it',
+    )
+    backlog: int = Field(
+        4096, ge=1, description="queue length of connections not yet accepted, per listening socket"
+    )
     trusted_proxies: list[Cidr] = Field(
         default_factory=list,
         description="clients whose X-Forwarded-For / -Proto / -Host are believed and extended",
@@ -253,12 +262,16 @@ class GatewaySettings(Model):
     )
     watch_interval: Duration = Field(1.0, ge=0, description="config file change polling; 0 = SIGHUP only")
     server_header: str | None = Field(None, description="Server header on gateway answers; null = none")
-    limits: Limits = Field(default_factory=Limits)
-    timeouts: Timeouts = Field(default_factory=Timeouts)
-    access_log: AccessLog = Field(default_factory=AccessLog)
+    limits: Limits = Field(default_factory=Limits, description="request size limits")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="client-side timeouts")
+    access_log: AccessLog = Field(
+        default_factory=AccessLog, description="the JSON access log (one line per request)"
+    )
     dns: DnsSettings = Field(default_factory=DnsSettings, description="resolver of upstreams' hostnames")
-    metrics: Metrics = Field(default_factory=Metrics)
-    tracing: Tracing = Field(default_factory=Tracing)
+    metrics: Metrics = Field(
+        default_factory=Metrics, description="Prometheus metrics at /metrics on the status listener"
+    )
+    tracing: Tracing = Field(default_factory=Tracing, description="W3C trace context and OTLP span export")
 
 
 # -- plugins ---------------------------------------------------------------------------------------------
@@ -266,19 +279,34 @@ class PluginInstance(Model):
     """A plugin with its configuration. Inside a route, service or consumer it applies there; at the top
     level it applies globally unless `route`, `service` or `consumer` narrows it."""
 
-    name: str = Field(min_length=1)
-    config: dict[str, Any] = Field(default_factory=dict)
-    enabled: bool = True
-    route: str | None = None
-    service: str | None = None
-    consumer: str | None = None
+    name: str = Field(
+        min_length=1,
+        description='a built-in plugin ("key-auth"), the name of an installed entry point, or '
+        '"package.module:Class"',
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="the plugin's options, validated by its own schema (docs/plugins)"
+    )
+    enabled: bool = Field(
+        True,
+        description="false: the plugin does not run where this instance applies, even if a less specific "
+        "instance of it would",
+    )
+    route: str | None = Field(None, description="top level only: apply to this route only (a route name)")
+    service: str | None = Field(
+        None, description="top level only: apply to this service's routes only (a service name)"
+    )
+    consumer: str | None = Field(
+        None,
+        description="top level only: apply to this consumer's requests only, once authenticated (a username)",
+    )
 
 
 # -- services, routes, upstreams, consumers -------------------------------------------------------------
 class Service(Model):
     """Where traffic goes: a backend URL, or an upstream (a named group of targets) plus a base path."""
 
-    name: Name
+    name: Name = Field(description="unique; routes refer to it, logs and metrics show it")
     url: str | None = Field(None, description="http://host:port/base-path")
     upstream: str | None = Field(None, description="name of an upstream")
     path: str = Field("", description="base path prepended to the forwarded path (with `upstream`)")
@@ -286,10 +314,14 @@ class Service(Model):
         "backend",
         description='"backend" (the target\'s host:port), "preserve" (the client\'s Host) or a literal value',
     )
-    connect_timeout: Duration = Field(5.0, gt=0)
+    connect_timeout: Duration = Field(
+        5.0, gt=0, description="time to open a new connection to the backend, TLS handshake included [504]"
+    )
     read_timeout: Duration = Field(60.0, gt=0, description="time between bytes from the backend [504]")
     write_timeout: Duration = Field(60.0, gt=0, description="time between bytes to the backend [504]")
-    plugins: list[PluginInstance] = Field(default_factory=list)
+    plugins: list[PluginInstance] = Field(
+        default_factory=list, description="plugins on every route of this service"
+    )
 
     @model_validator(mode="after")
     def _one_destination(self) -> Service:
@@ -382,17 +414,35 @@ class Route(Model):
     (matched at the start of the path; named groups become parameters).
     """
 
-    name: Name
-    service: str
-    hosts: list[HostPattern] = Field(default_factory=list)
-    paths: list[PathPattern] = Field(default_factory=list)
-    methods: list[Method] = Field(default_factory=list)
-    headers: dict[str, str | list[str]] = Field(default_factory=dict)
-    query: dict[str, str | list[str]] = Field(default_factory=dict)
+    name: Name = Field(
+        description="unique; top-level plugins refer to it (`route`), logs and metrics show it"
+    )
+    service: str = Field(description="name of the service matched requests go to")
+    hosts: list[HostPattern] = Field(
+        default_factory=list,
+        description='request hosts: "api.example.com", "*.example.com" or "example.*" (no port); empty = any',
+    )
+    paths: list[PathPattern] = Field(
+        default_factory=list,
+        description='"/prefix", "=/exact", "/users/{id}" template or "~regex" (see above); empty = any',
+    )
+    methods: list[Method] = Field(
+        default_factory=list, description="HTTP methods (HEAD is not implied by GET); empty = any"
+    )
+    headers: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description='header name -> value, "~regex" or a list of them (any matches); an absent header never '
+        "matches",
+    )
+    query: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description='query parameter -> value, "~regex" or a list of them (any matches); an absent parameter '
+        "never matches",
+    )
     strip_path: bool = Field(False, description="remove the matched path prefix before forwarding")
     rewrite: str | None = Field(None, description="forwarded path template, e.g. /v2/users/{id}")
     priority: int = Field(0, description="higher wins over every other precedence rule")
-    plugins: list[PluginInstance] = Field(default_factory=list)
+    plugins: list[PluginInstance] = Field(default_factory=list, description="plugins on this route")
     plugin_order: list[str] | None = Field(None, description="explicit plugin order for this route")
     retry_non_idempotent: bool = Field(
         False, description="let the upstream retry POST/PATCH (and other non-idempotent) requests once sent"
@@ -506,7 +556,7 @@ def _expand_statuses(items: list[int | str]) -> list[int]:
     for item in items:
         if isinstance(item, str):
             if not _STATUS_CLASS.match(item.lower()):
-                raise ValueError(f"{item!r}: use a status code (like 503) or a class (like \"5xx\")")
+                raise ValueError(f'{item!r}: use a status code (like 503) or a class (like "5xx")')
             base = int(item[0]) * 100
             out.update(range(base, base + 100))
         elif 100 <= item <= 599:
@@ -654,7 +704,9 @@ class Healthchecks(Model):
     """Active probes (from the supervisor) and passive outlier detection (on live traffic)."""
 
     active: ActiveHealthcheck | None = Field(None, description="active probes; null (default) = none")
-    passive: PassiveHealthcheck = Field(default_factory=PassiveHealthcheck)
+    passive: PassiveHealthcheck = Field(
+        default_factory=PassiveHealthcheck, description="outlier detection on live traffic (on by default)"
+    )
 
 
 class RetryBudget(Model):
@@ -693,8 +745,10 @@ class Retries(Model):
         default_factory=list,
         description="backend statuses that are retried, e.g. [502, 503]",
     )
-    budget: RetryBudget = Field(default_factory=RetryBudget)
-    backoff: Backoff = Field(default_factory=Backoff)
+    budget: RetryBudget = Field(
+        default_factory=RetryBudget, description="retries allowed relative to requests"
+    )
+    backoff: Backoff = Field(default_factory=Backoff, description="random delay before each retry")
     replay_limit: Size = Field(
         65536, ge=0, description="largest request body kept to be sent again; a larger one is never retried"
     )
@@ -751,7 +805,7 @@ _HASH_ON = Literal["ip", "header", "cookie", "consumer", "path"]
 class Upstream(Model):
     """A named group of targets that services send traffic to, with how to balance, check and retry."""
 
-    name: Name
+    name: Name = Field(description="unique; services refer to it (`upstream`), metrics show it")
     algorithm: Literal["round-robin", "random", "least-connections", "consistent-hashing", "latency"] = Field(
         "round-robin", description="how a target is picked (docs/upstreams.md)"
     )
@@ -787,21 +841,30 @@ class Upstream(Model):
 class Consumer(Model):
     """Who is calling: identified by a credential of an authentication plugin."""
 
-    username: Name
+    username: Name = Field(
+        description="unique; top-level plugins refer to it (`consumer`); backends get X-Consumer-Username"
+    )
     id: str | None = Field(None, description="sent to backends as X-Consumer-Id (default: the username)")
     groups: list[str] = Field(default_factory=list, description="ACL groups")
     credentials: dict[str, list[dict[str, Any]]] = Field(
         default_factory=dict, description="per authentication plugin, e.g. key-auth: [{key: ...}]"
     )
-    plugins: list[PluginInstance] = Field(default_factory=list)
+    plugins: list[PluginInstance] = Field(
+        default_factory=list,
+        description="plugins on this consumer's requests, once an authentication plugin identified it",
+    )
 
 
 class GatewayConfig(Model):
     """A whole configuration: node settings plus every entity."""
 
-    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
-    services: list[Service] = Field(default_factory=list)
-    routes: list[Route] = Field(default_factory=list)
-    upstreams: list[Upstream] = Field(default_factory=list)
-    consumers: list[Consumer] = Field(default_factory=list)
-    plugins: list[PluginInstance] = Field(default_factory=list)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings, description="node settings")
+    services: list[Service] = Field(default_factory=list, description="where traffic goes")
+    routes: list[Route] = Field(default_factory=list, description="which requests go to which service")
+    upstreams: list[Upstream] = Field(
+        default_factory=list, description="named groups of targets services send to"
+    )
+    consumers: list[Consumer] = Field(default_factory=list, description="who is calling")
+    plugins: list[PluginInstance] = Field(
+        default_factory=list, description="global plugins, unless route, service or consumer narrows one"
+    )

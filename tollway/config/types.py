@@ -22,13 +22,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
 def parse_duration(value: Any) -> float:
     """``"250ms"`` → 0.25; numbers are seconds."""
     if isinstance(value, bool):
-        raise ValueError("must be a duration such as 5, \"5s\" or \"250ms\"")
+        raise ValueError('must be a duration such as 5, "5s" or "250ms"')
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
-        raise ValueError("must be a duration such as 5, \"5s\" or \"250ms\"")
+        raise ValueError('must be a duration such as 5, "5s" or "250ms"')
     if seconds < 0:
         raise ValueError("must not be negative")
     return seconds
@@ -37,14 +37,14 @@ def parse_duration(value: Any) -> float:
 def parse_size(value: Any) -> int:
     """``"64k"`` → 65536, ``"10mb"`` → 10485760; numbers are bytes."""
     if isinstance(value, bool):
-        raise ValueError("must be a size such as 1024, \"64k\" or \"10mb\"")
+        raise ValueError('must be a size such as 1024, "64k" or "10mb"')
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (m := _SIZE.match(value)):
         unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
         size = int(m.group(1)) * _SIZE_UNITS[unit]
     else:
-        raise ValueError("must be a size such as 1024, \"64k\" or \"10mb\"")
+        raise ValueError('must be a size such as 1024, "64k" or "10mb"')
     if size < 0:
         raise ValueError("must not be negative")
     return size

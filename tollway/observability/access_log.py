@@ -88,8 +88,19 @@ _DEFAULT_TEMPLATE: Final = (
 )
 _NO_ROUTE: Final = b'"route":null,"service":null'
 DEFAULT_MASK: Final = (
-    F_TIME | F_CLIENT | F_METHOD | F_PATH | F_ROUTE | F_SERVICE | F_UPSTREAM | F_STATUS | F_BYTES_SENT
-    | F_BYTES_RECEIVED | F_DURATION | F_UPSTREAM_MS | F_REQUEST_ID
+    F_TIME
+    | F_CLIENT
+    | F_METHOD
+    | F_PATH
+    | F_ROUTE
+    | F_SERVICE
+    | F_UPSTREAM
+    | F_STATUS
+    | F_BYTES_SENT
+    | F_BYTES_RECEIVED
+    | F_DURATION
+    | F_UPSTREAM_MS
+    | F_REQUEST_ID
 )
 
 

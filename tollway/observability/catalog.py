@@ -105,7 +105,8 @@ CATALOG: dict[str, Entry] = {
         source="supervisor",
     ),
     "upstream_target_requests_total": Entry(
-        "counter", "Tries sent to each target (a retried request counts once per target tried)",
+        "counter",
+        "Tries sent to each target (a retried request counts once per target tried)",
         ("upstream", "target", "address"),
     ),
     "upstream_target_failures_total": Entry(
@@ -166,30 +167,49 @@ CATALOG: dict[str, Entry] = {
     ),
     # -- the supervisor ------------------------------------------------------------------------------------
     "build_info": Entry(
-        "gauge", "Always 1; the labels name the build", ("version", "python"), merge="max",
+        "gauge",
+        "Always 1; the labels name the build",
+        ("version", "python"),
+        merge="max",
         source="supervisor",
     ),
     "start_time_seconds": Entry("gauge", "Unix time the gateway started", merge="max", source="supervisor"),
-    "config_version": Entry("gauge", "Version of the config being served (1 at start, +1 per reload)",
-                            merge="max", source="supervisor"),
+    "config_version": Entry(
+        "gauge",
+        "Version of the config being served (1 at start, +1 per reload)",
+        merge="max",
+        source="supervisor",
+    ),
     "config_last_reload_timestamp_seconds": Entry(
         "gauge", "Unix time of the last reload attempt (or of the start)", merge="max", source="supervisor"
     ),
     "config_last_reload_success": Entry(
-        "gauge", "1 if the last reload attempt applied, 0 if the file was rejected", merge="max",
+        "gauge",
+        "1 if the last reload attempt applied, 0 if the file was rejected",
+        merge="max",
         source="supervisor",
     ),
-    "config_reloads_total": Entry("counter", "Reload attempts by result (ok, failed)", ("result",),
-                                  source="supervisor"),
-    "workers": Entry("gauge", "Worker processes by state (alive, ready: serving the current config)",
-                     ("state",), merge="max", source="supervisor"),
-    "worker_restarts_total": Entry("counter", "Workers restarted after exiting unexpectedly", ("worker",),
-                                   source="supervisor"),
-    "worker_resident_memory_bytes": Entry("gauge", "Resident memory of each worker process", ("worker",),
-                                          merge="max", source="supervisor"),
+    "config_reloads_total": Entry(
+        "counter", "Reload attempts by result (ok, failed)", ("result",), source="supervisor"
+    ),
+    "workers": Entry(
+        "gauge",
+        "Worker processes by state (alive, ready: serving the current config)",
+        ("state",),
+        merge="max",
+        source="supervisor",
+    ),
+    "worker_restarts_total": Entry(
+        "counter", "Workers restarted after exiting unexpectedly", ("worker",), source="supervisor"
+    ),
+    "worker_resident_memory_bytes": Entry(
+        "gauge", "Resident memory of each worker process", ("worker",), merge="max", source="supervisor"
+    ),
     "metrics_collect_timeouts_total": Entry(
-        "counter", "Scrapes for which a worker did not answer in time (its previous numbers were used)",
-        ("worker",), source="supervisor",
+        "counter",
+        "Scrapes for which a worker did not answer in time (its previous numbers were used)",
+        ("worker",),
+        source="supervisor",
     ),
 }
 

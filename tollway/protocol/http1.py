@@ -47,9 +47,7 @@ _RESPONSE_SPECIAL = re.compile(
     re.IGNORECASE,
 )
 # Fields that are rare in responses and need the general path when present.
-_RARE_SPECIAL = re.compile(
-    rb"\r\n(?:transfer-encoding|keep-alive|te|trailer|upgrade|proxy-[a-z-]*)[ \t]*:"
-)
+_RARE_SPECIAL = re.compile(rb"\r\n(?:transfer-encoding|keep-alive|te|trailer|upgrade|proxy-[a-z-]*)[ \t]*:")
 _HEADER_LINE = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
@@ -361,7 +359,7 @@ class ChunkedDecoder:
                 if len(self._line) > 4096:
                     raise UpstreamProtocolError("upstream sent an oversized chunk header")
                 return end
-            line = self._line + data[pos:nl + 1]
+            line = self._line + data[pos : nl + 1]
             self._line = b""
             pos = nl + 1
             self._on_line(line)

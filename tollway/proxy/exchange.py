@@ -281,7 +281,7 @@ class Exchange:
         lower = url[:8].lower()
         for scheme in (b"http://", b"https://"):
             if lower.startswith(scheme):
-                rest = url[len(scheme):]
+                rest = url[len(scheme) :]
                 end = len(rest)
                 for delimiter in (b"/", b"?"):
                     found = rest.find(delimiter)
@@ -1033,20 +1033,6 @@ def _breaker_message(upstream: str, limit: str) -> str:
     )
 
 
-# Response headers never passed to the client: hop-by-hop, plus the framing we set ourselves.
-_RESPONSE_SKIP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"trailer",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
 _SPECIAL_GETTERS = {
     b"host": "host",
     b"x-request-id": "request_id",

@@ -43,8 +43,9 @@ class Breaker:
         )
 
     def admit(self, pools: list[Pool], pool: Pool) -> str:
-        """"" if a new connection to `pool` may open now, else the name of the limit in the way. At the
-        connection limit an idle connection to another target is closed to make room, if there is one."""
+        """The empty string if a new connection to `pool` may open now, else the name of the limit in the
+        way. At the connection limit an idle connection to another target is closed to make room, if there
+        is one."""
         if self.max_pending and self.pending >= self.max_pending:
             self.overflow_pending += 1
             return "max-pending-requests"
@@ -67,8 +68,17 @@ class UpstreamState:
     """One upstream in one worker: target states and counters that outlive config rebuilds.
     `generation` changes whenever a target's availability changes; clusters refresh on the next pick."""
 
-    __slots__ = ("breaker", "budget", "generation", "hooks", "name", "no_target", "retries",
-                 "retries_refused", "targets")
+    __slots__ = (
+        "breaker",
+        "budget",
+        "generation",
+        "hooks",
+        "name",
+        "no_target",
+        "retries",
+        "retries_refused",
+        "targets",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -183,7 +183,11 @@ class UpstreamManager:
         if change is False:
             log.warning(
                 "upstream %s: target %s (%s) is unhealthy after %d failed checks: %s",
-                upstream, name, address, state.failures, result.describe(),
+                upstream,
+                name,
+                address,
+                state.failures,
+                result.describe(),
             )
         elif change is True:
             log.warning("upstream %s: target %s (%s) is healthy again", upstream, name, address)
@@ -249,7 +253,10 @@ class UpstreamManager:
                 if error != last_error:
                     log.warning(
                         "upstream %s: resolving %s failed (%s); keeping the last good set (%d addresses)",
-                        key[0], target, error, kept,
+                        key[0],
+                        target,
+                        error,
+                        kept,
                     )
                 last_error = error
                 self.dns_info[key] = {**self.dns_info.get(key, {}), "error": error, "failed_at": time.time()}
@@ -410,8 +417,11 @@ class UpstreamManager:
         if upstream.algorithm == "consistent-hashing":
             body["hash_on"] = upstream.hash_on
             body["hash_key"] = upstream.hash_key
-        dns = {spec.key: self.dns_info[(upstream.name, spec.key)] for spec in upstream.targets
-               if (upstream.name, spec.key) in self.dns_info}
+        dns = {
+            spec.key: self.dns_info[(upstream.name, spec.key)]
+            for spec in upstream.targets
+            if (upstream.name, spec.key) in self.dns_info
+        }
         if dns:
             body["dns"] = dns
         return body

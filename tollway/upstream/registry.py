@@ -204,7 +204,11 @@ class UpstreamRegistry:
         """Passive detection in this worker ejected a target: apply it, and tell the other workers."""
         log.warning(
             "upstream %s: target %s (%s) ejected for %.1fs: %s",
-            upstream.name, state.name, state.address, duration, reason,
+            upstream.name,
+            state.name,
+            state.address,
+            duration,
+            reason,
         )
         self._apply_ejection(upstream, state, duration, reason)
         name, address, count = state.name, state.address, state.ejections

@@ -25,8 +25,18 @@ class RetryBudget:
     """Counts requests and retries per second in a ring of `window` one-second buckets. `tick` (once a
     second, from the worker) moves the current second into the ring."""
 
-    __slots__ = ("_index", "_requests", "_retries", "_sum_requests", "_sum_retries", "ratio", "requests",
-                 "reserve", "retries", "window")
+    __slots__ = (
+        "_index",
+        "_requests",
+        "_retries",
+        "_sum_requests",
+        "_sum_retries",
+        "ratio",
+        "requests",
+        "reserve",
+        "retries",
+        "window",
+    )
 
     def __init__(self, ratio: float = 0.2, min_per_second: float = 10.0, window: int = 10) -> None:
         self.ratio = ratio

@@ -15,7 +15,6 @@ from tollway.upstream.target import Target
 class LeastConnections(Balancer):
     __slots__ = ()
 
-
     def pick(self, ctx: Any, exclude: list[Target] | None) -> Target | None:
         best: Target | None = None
         best_load = 0  # in-flight of best; loads are compared by cross-multiplying with weights

@@ -13,7 +13,6 @@ from tollway.upstream.target import Target
 class RoundRobin(Balancer):
     __slots__ = ()
 
-
     def pick(self, ctx: Any, exclude: list[Target] | None) -> Target | None:
         best: Target | None = None
         total = 0

@@ -13,7 +13,6 @@ from tollway.upstream.target import Target
 class WeightedRandom(Balancer):
     __slots__ = ("_cumulative", "_total")
 
-
     def __init__(self) -> None:
         super().__init__()
         self._cumulative: list[float] = []
