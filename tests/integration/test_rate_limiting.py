@@ -134,11 +134,25 @@ def test_accuracy_three_nodes_two_workers_each(
     local_limit = 300
     backend_url = backend(ok).url
     routes = [
-        limited_route("redis", {"minute": LIMIT, "key": "route", "policy": "redis",
-                                "redis": {"url": f"redis://{host}:{port}/0", "prefix": prefix}}),
+        limited_route(
+            "redis",
+            {
+                "minute": LIMIT,
+                "key": "route",
+                "policy": "redis",
+                "redis": {"url": f"redis://{host}:{port}/0", "prefix": prefix},
+            },
+        ),
         # db 1: its own backend in the metrics, so its commands are counted apart from the redis policy's
-        limited_route("batched", {"minute": LIMIT, "key": "route", "policy": "batched",
-                                  "redis": {"url": f"redis://{host}:{port}/1", "prefix": prefix}}),
+        limited_route(
+            "batched",
+            {
+                "minute": LIMIT,
+                "key": "route",
+                "policy": "batched",
+                "redis": {"url": f"redis://{host}:{port}/1", "prefix": prefix},
+            },
+        ),
         limited_route("local", {"minute": local_limit, "key": "route"}),
     ]
     cfg = gateway_config(backend_url, routes=routes)
@@ -166,7 +180,9 @@ def test_accuracy_three_nodes_two_workers_each(
             assert counts[429] == sum(counts.values()) - local_limit > 0, (node_port, counts)
 
         decisions = sum(
-            metric(node, "rate_limit_decisions_total", plugin="rate-limiting", route="redis", decision="allowed")
+            metric(
+                node, "rate_limit_decisions_total", plugin="rate-limiting", route="redis", decision="allowed"
+            )
             for node in nodes
         )
         assert decisions == LIMIT
@@ -194,8 +210,16 @@ def test_redis_stopped_mid_test_fail_open_and_fail_closed(gateway: Any, backend:
     url = f"redis://127.0.0.1:{redis_port}"
     routes = [
         limited_route("open", {"hour": 20, "key": "route", "policy": "redis", "redis": {"url": url}}),
-        limited_route("closed", {"hour": 1000, "key": "route", "policy": "batched", "on_failure": "closed",
-                                 "redis": {"url": url}}),
+        limited_route(
+            "closed",
+            {
+                "hour": 1000,
+                "key": "route",
+                "policy": "batched",
+                "on_failure": "closed",
+                "redis": {"url": url},
+            },
+        ),
     ]
     cfg = gateway_config(backend(ok).url, routes=routes)
     cfg["gateway"]["access_log"] = {"enabled": False}

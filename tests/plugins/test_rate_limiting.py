@@ -28,7 +28,9 @@ def own_node_table() -> Iterator[SharedTable]:
     table.close()
 
 
-def config(plugin: dict[str, Any], consumers: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+def config(
+    plugin: dict[str, Any], consumers: list[dict[str, Any]] | None = None, **extra: Any
+) -> dict[str, Any]:
     return {
         "services": [{"name": "backend", "url": "http://127.0.0.1:9"}],
         "routes": [{**ROUTE, **extra}],
@@ -197,8 +199,10 @@ def test_cost_counts_several_units(harness: Any) -> None:
 
 
 def test_gcra_refills_over_time(harness: Any) -> None:
-    plugin = {"name": "rate-limiting", "config": {"limits": [{"limit": 10, "window": 1, "burst": 2}],
-                                                 "algorithm": "gcra"}}
+    plugin = {
+        "name": "rate-limiting",
+        "config": {"limits": [{"limit": 10, "window": 1, "burst": 2}], "algorithm": "gcra"},
+    }
     gw = harness(config(plugin))
     assert [gw.request("GET", "/users").status for _ in range(3)] == [200, 200, 429]
     time.sleep(0.25)  # 10/s refills one unit every 0.1 s
@@ -211,10 +215,18 @@ def test_counts_survive_a_config_reload_and_instances_do_not_share(harness: Any)
     two_routes = {
         "services": [{"name": "backend", "url": "http://127.0.0.1:9"}],
         "routes": [
-            {"name": "a", "paths": ["/a"], "service": "backend",
-             "plugins": [{"name": "rate-limiting", "config": {"hour": 1, "key": "ip"}}]},
-            {"name": "b", "paths": ["/b"], "service": "backend",
-             "plugins": [{"name": "rate-limiting", "config": {"hour": 1, "key": "ip"}}]},
+            {
+                "name": "a",
+                "paths": ["/a"],
+                "service": "backend",
+                "plugins": [{"name": "rate-limiting", "config": {"hour": 1, "key": "ip"}}],
+            },
+            {
+                "name": "b",
+                "paths": ["/b"],
+                "service": "backend",
+                "plugins": [{"name": "rate-limiting", "config": {"hour": 1, "key": "ip"}}],
+            },
         ],
     }
     gw = harness(two_routes)
@@ -229,8 +241,10 @@ def test_counts_survive_a_config_reload_and_instances_do_not_share(harness: Any)
 def test_a_global_instance_counts_once_across_routes(harness: Any) -> None:
     cfg = {
         "services": [{"name": "backend", "url": "http://127.0.0.1:9"}],
-        "routes": [{"name": "a", "paths": ["/a"], "service": "backend"},
-                   {"name": "b", "paths": ["/b"], "service": "backend"}],
+        "routes": [
+            {"name": "a", "paths": ["/a"], "service": "backend"},
+            {"name": "b", "paths": ["/b"], "service": "backend"},
+        ],
         "plugins": [{"name": "rate-limiting", "config": {"hour": 2, "key": "ip"}}],
     }
     gw = harness(cfg)

@@ -84,7 +84,9 @@ class PluginSet:
         cls = resolve(instance.name)
         plugin = None
         if instance.enabled:
-            where = [f"{k}={v}" for k, v in (("route", route), ("service", service), ("consumer", consumer)) if v]
+            where = [
+                f"{k}={v}" for k, v in (("route", route), ("service", service), ("consumer", consumer)) if v
+            ]
             context = self.context.for_instance(",".join(where) or "global")
             plugin = cls(cls.config_model.model_validate(instance.config), context)
         return Configured(cls.name, plugin, route, service, consumer)

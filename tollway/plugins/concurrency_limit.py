@@ -43,7 +43,9 @@ class ConcurrencyLimitConfig(PluginConfig):
     key: KeyParts = Field(["consumer"], description=KEY_DESCRIPTION)  # type: ignore[assignment]
     header_name: HeaderName | None = Field(None, description=HEADER_NAME_DESCRIPTION)
     name: str = Field(
-        "concurrency", pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,63}$", description="the limit's name in headers"
+        "concurrency",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,63}$",
+        description="the limit's name in headers",
     )
     lease: Duration = Field(
         30.0, ge=1, description="a dead worker's slots are freed within two leases (live workers renew)"
@@ -124,4 +126,6 @@ class ConcurrencyLimit(Plugin[ConcurrencyLimitConfig]):
             return None
         self._counters.count(ex, "limited")
         status, body = rl_headers.denial_body([decision], ex.request_id.decode("latin-1"))
-        return Response(status, body, [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)])
+        return Response(
+            status, body, [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)]
+        )

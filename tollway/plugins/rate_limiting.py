@@ -61,8 +61,8 @@ class LimitConfig(PluginConfig):
 
 class RedisSettings(PluginConfig):
     url: str = Field(
-        description="redis://[user:password@]host[:port][/db], redis+sentinel://s1:26379,s2:26379/service[/db] "
-        "or redis+cluster://n1:7000,n2:7000"
+        description="redis://[user:password@]host[:port][/db], "
+        "redis+sentinel://s1:26379,s2:26379/service[/db] or redis+cluster://n1:7000,n2:7000"
     )
     timeout: Duration = Field(0.25, gt=0, description="longest wait for a reply before Redis counts as down")
     connect_timeout: Duration = Field(0.25, gt=0, description="longest wait for a connection")
@@ -80,7 +80,9 @@ class RedisSettings(PluginConfig):
 
 class BatchSettings(PluginConfig):
     slice_interval: Duration | None = Field(
-        None, gt=0, description="how long a slice should last at the node's rate (default: min(1s, window/10))"
+        None,
+        gt=0,
+        description="how long a slice should last at the node's rate (default: min(1s, window/10))",
     )
     max_slice: int | None = Field(None, ge=1, description="largest slice taken at once (default: limit/10)")
 
@@ -175,7 +177,7 @@ class RateLimiting(Plugin[RateLimitingConfig]):
             max_slice=config.batch.max_slice,
         )
 
-    def access(self, ex: Exchange) -> Response | None | Awaitable[Response | None]:
+    def access(self, ex: Exchange) -> Response | Awaitable[Response | None] | None:
         result = check_all(self.policies, self._keys.key(ex), time.time(), self._cost)
         if isinstance(result, list):
             return self._decided(ex, result)
@@ -216,4 +218,3 @@ def _window_name(window: float) -> str:
         if window == seconds:
             return name
     return f"{window:g}s"
-
