@@ -5,7 +5,8 @@ Scenarios (each a gateway config; the harness's backend is nginx on 127.0.0.1:90
   routes       10 vs 10,000 prefix routes (/svcN/)       the router's cost must not grow with routes
   leastconn4   least-connections over four targets with   vs one-target pass-through (upstream layer)
                active health checks (bench/leastconn4.yaml)
-  chain        1,000 routes + key-auth (10,000 consumers) + correlation-id + access log, beside nginx-chain
+  chain        1,000 routes + key-auth (10,000 consumers) + correlation-id + access log, beside nginx-chain:
+               without a rate limit, with a local one, with a batched Redis one (+ Redis commands/request)
   observability  pass-through with metrics + access log file, and + tracing at 1% to a dead collector,
                vs plain pass-through (bench/passthrough-observed.yaml, passthrough-traced.yaml)
   idle-rss     resident memory of an idle worker
@@ -211,40 +212,72 @@ def leastconn4(args: argparse.Namespace) -> list[str]:
     )
 
 
+CHAIN_VARIANTS = (
+    # (name, rate_limit, bar): issue 4's chain without a limit, issue 5's with a never-tripping one
+    ("no rate limit", None, 2.0),
+    ("local rate limit", "local", 2.0),
+    ("batched redis rate limit", "batched", 2.5),
+)
+
+
 def chain(args: argparse.Namespace) -> list[str]:
     """The common chain (bench/gen_chain.py) beside nginx-chain: key-auth over 10,000 consumers, 1,000
-    routes, correlation-id, a JSON access log to a file."""
+    routes, correlation-id, a JSON access log to a file — without a rate limit, with a local one and
+    with a batched Redis one (each never trips, like nginx-chain's limit_req). For the batched variant,
+    Redis commands per request: EVALSHA/EVAL calls (INFO commandstats) over access log lines."""
     from gen_chain import chain_config  # bench/ is on sys.path when this script runs
 
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "chain.yaml"
-        config.write_text(yaml.safe_dump(chain_config(f"{tmp}/access.log"), sort_keys=False))
-        rounds = [
-            run_harness(
-                ["nginx-chain", "gateway"],
-                args.seconds,
-                args.connections,
-                config,
-                path="/svc500/user/1",
-                header="apikey: key-42",
-            )
-            for _ in range(args.rounds)
-        ]
     lines = [
-        "### Chain: 1,000 routes, key-auth over 10,000 consumers, correlation-id, JSON access log",
+        "### Chain: 1,000 routes, key-auth over 10,000 consumers, correlation-id, JSON access log, "
+        "rate limit",
         "",
-        "| round | nginx-chain CPU µs/req | tollway CPU µs/req | ratio | tollway errors |",
-        "|---|---|---|---|---|",
+        "| round | variant | nginx-chain CPU µs/req | tollway CPU µs/req | ratio | Redis cmds/req | errors |",
+        "|---|---|---|---|---|---|---|",
     ]
-    ratios = []
-    for i, r in enumerate(rounds, 1):
-        if "gateway" in r and "nginx-chain" in r:
-            a, b = float(r["nginx-chain"]["cpu_us"]), float(r["gateway"]["cpu_us"])
-            ratios.append(b / a)
-            lines.append(f"| {i} | {a:.1f} | {b:.1f} | {b / a:.2f} | {r['gateway']['errors'] or 'none'} |")
-    if ratios:
-        lines += ["", f"Bar: CPU ≤ 2× nginx-chain (median ratio {statistics.median(ratios):.2f})."]
+    ratios: dict[str, list[float]] = {name: [] for name, _, _ in CHAIN_VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(1, args.rounds + 1):
+            for name, rate_limit, _ in CHAIN_VARIANTS:
+                log = Path(tmp) / "access.log"
+                log.unlink(missing_ok=True)
+                config = Path(tmp) / "chain.yaml"
+                config.write_text(yaml.safe_dump(chain_config(str(log), rate_limit), sort_keys=False))
+                before = _redis_script_calls()
+                r = run_harness(
+                    ["nginx-chain", "gateway"],
+                    args.seconds,
+                    args.connections,
+                    config,
+                    path="/svc500/user/1",
+                    header="apikey: key-42",
+                )
+                per_request = "—"
+                if rate_limit == "batched":
+                    requests = sum(1 for _ in log.open()) if log.exists() else 0
+                    per_request = f"{(_redis_script_calls() - before) / max(requests, 1):.4f}"
+                if "gateway" in r and "nginx-chain" in r:
+                    a, b = float(r["nginx-chain"]["cpu_us"]), float(r["gateway"]["cpu_us"])
+                    ratios[name].append(b / a)
+                    errors = r["gateway"]["errors"] or "none"
+                    row = f"| {i} | {name} | {a:.1f} | {b:.1f} | {b / a:.2f} | {per_request} | {errors} |"
+                    lines.append(row)
+    lines.append("")
+    for name, _, bar in CHAIN_VARIANTS:
+        if ratios[name]:
+            median = statistics.median(ratios[name])
+            lines.append(f"- {name}: median ratio {median:.2f} (bar ≤ {bar:g}× nginx-chain)")
     return lines
+
+
+def _redis_script_calls(host: str = "127.0.0.1", port: int = 6379) -> int:
+    """EVALSHA + EVAL calls the Redis server has run (INFO commandstats)."""
+    out = subprocess.run(
+        ["redis-cli", "-h", host, "-p", str(port), "info", "commandstats"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return sum(int(m) for m in re.findall(r"cmdstat_eval(?:sha)?:calls=(\d+)", out))
 
 
 _BENCH_LOG = Path("/tmp/tollway-bench-access.log")
