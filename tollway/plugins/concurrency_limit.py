@@ -101,7 +101,8 @@ class ConcurrencyLimit(Plugin[ConcurrencyLimitConfig]):
         self._counters = DecisionCounters(self.name)
         h = config.headers
         self._ietf, self._legacy, self._per_limit = h.ietf, h.legacy, h.per_limit
-        self._policy_value = rl_headers.ratelimit_policy([self.spec])
+        policy = rl_headers.ratelimit_policy([self.spec]).encode("latin-1")
+        self._policy_field = (b"RateLimit-Policy", policy)
 
     def access(self, ex: Exchange) -> Response | None:
         held = self._held
@@ -111,21 +112,17 @@ class ConcurrencyLimit(Plugin[ConcurrencyLimitConfig]):
         key = self._keys.key(ex)
         decision = policy.check(key, time.time())
         assert isinstance(decision, Decision)  # a local policy never waits
-        fields = rl_headers.response_headers(
-            [decision],
-            ietf=self._ietf,
-            legacy=self._legacy,
-            per_limit=self._per_limit,
-            policy_value=self._policy_value,
-        )
-        if fields:
-            ex.add_response_fields(fields)
+        if self._ietf:
+            value = rl_headers.ratelimit([decision]).encode("latin-1")
+            ex.add_response_fields([self._policy_field, (b"RateLimit", value)])
+        if self._legacy:
+            ex.add_response_fields(rl_headers.legacy_headers([decision], self._per_limit))
         if decision.allowed:
             ex.on_finish(lambda _ex: policy.release(key, time.time()))
             self._counters.count(ex, "allowed")
             return None
         self._counters.count(ex, "limited")
         status, body = rl_headers.denial_body([decision], ex.request_id.decode("latin-1"))
-        return Response(
-            status, body, [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)]
-        )
+        headers = [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)]
+        headers.append((b"Retry-After", rl_headers.retry_after([decision]).encode("latin-1")))
+        return Response(status, body, headers)

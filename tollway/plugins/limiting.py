@@ -131,16 +131,19 @@ class DecisionCounters:
 
     def __init__(self, plugin: str) -> None:
         self._plugin = plugin
-        self._handles: dict[tuple[str, str], Counter] = {}
+        self._handles: dict[str, dict[str, Counter]] = {}  # decision -> route -> handle
 
     def __repr__(self) -> str:
         return f"<DecisionCounters {self._plugin}>"
 
     def count(self, ex: Exchange, decision: str) -> None:
         route = ex.route.name if ex.route is not None else ""
-        handle = self._handles.get((route, decision))
+        handles = self._handles.get(decision)
+        if handles is None:
+            handles = self._handles[decision] = {}
+        handle = handles.get(route)
         if handle is None:
-            handle = self._handles[(route, decision)] = metrics.counter(
+            handle = handles[route] = metrics.counter(
                 "rate_limit_decisions_total", plugin=self._plugin, route=route, decision=decision
             )
-        handle.inc()
+        handle.value += 1

@@ -157,7 +157,8 @@ class RateLimiting(Plugin[RateLimitingConfig]):
         self._counters = DecisionCounters(self.name)
         h = config.headers
         self._ietf, self._legacy, self._per_limit = h.ietf, h.legacy, h.per_limit
-        self._policy_value = rl_headers.ratelimit_policy(self.specs)
+        self._policy_field = (b"RateLimit-Policy", rl_headers.ratelimit_policy(self.specs).encode("latin-1"))
+        self._single = self.policies[0] if len(self.policies) == 1 else None
 
     def _policy(self, spec: LimitSpec) -> Policy:
         config = self.config
@@ -178,7 +179,14 @@ class RateLimiting(Plugin[RateLimitingConfig]):
         )
 
     def access(self, ex: Exchange) -> Response | Awaitable[Response | None] | None:
-        result = check_all(self.policies, self._keys.key(ex), time.time(), self._cost)
+        key = self._keys.key(ex)
+        single = self._single
+        if single is not None:  # the common case: one limit, no list to check all-or-nothing
+            one = single.check(key, time.time(), self._cost)
+            if isinstance(one, Decision):
+                return self._decided(ex, [one])
+            return self._decided_later(ex, _as_list(one))
+        result = check_all(self.policies, key, time.time(), self._cost)
         if isinstance(result, list):
             return self._decided(ex, result)
         return self._decided_later(ex, result)
@@ -187,15 +195,11 @@ class RateLimiting(Plugin[RateLimitingConfig]):
         return self._decided(ex, await pending)
 
     def _decided(self, ex: Exchange, decisions: list[Decision]) -> Response | None:
-        fields = rl_headers.response_headers(
-            decisions,
-            ietf=self._ietf,
-            legacy=self._legacy,
-            per_limit=self._per_limit,
-            policy_value=self._policy_value,
-        )
-        if fields:
-            ex.add_response_fields(fields)
+        if self._ietf:
+            value = rl_headers.ratelimit(decisions).encode("latin-1")
+            ex.add_response_fields([self._policy_field, (b"RateLimit", value)])
+        if self._legacy:
+            ex.add_response_fields(rl_headers.legacy_headers(decisions, self._per_limit))
         for decision in decisions:
             if not decision.allowed:
                 return self._deny(ex, decisions)
@@ -206,11 +210,13 @@ class RateLimiting(Plugin[RateLimitingConfig]):
         request_id = ex.request_id.decode("latin-1")
         status, body = rl_headers.denial_body(decisions, request_id)
         self._counters.count(ex, "error" if status == 503 else "limited")
-        return Response(
-            status,
-            body,
-            [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)],
-        )
+        headers = [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)]
+        headers.append((b"Retry-After", rl_headers.retry_after(decisions).encode("latin-1")))
+        return Response(status, body, headers)
+
+
+async def _as_list(pending: Awaitable[Decision]) -> list[Decision]:
+    return [await pending]
 
 
 def _window_name(window: float) -> str:

@@ -127,22 +127,21 @@ class RedisHealth:
         self._prober = loop.create_task(self._probe())
 
     async def _probe(self) -> None:
+        # (no try/finally: mypyc mis-compiles a return inside one — tests/unit/test_compiled_rules.py)
         backend = self.backend
         assert backend is not None
-        try:
-            while self.down_since is not None:
-                await asyncio.sleep(self.probe_interval)
-                if self.down_since is None:
-                    break
-                try:
-                    await backend.call("PING")
-                except RedisClosed:
-                    return  # closed on purpose: nobody needs it any more
-                except RedisError:
-                    continue
-                self.recovered()
-        finally:
-            self._prober = None
+        while self.down_since is not None:
+            await asyncio.sleep(self.probe_interval)
+            if self.down_since is None:
+                break
+            try:
+                await backend.call("PING")
+            except RedisClosed:
+                break  # closed on purpose: nobody needs it any more
+            except RedisError:
+                continue
+            self.recovered()
+        self._prober = None
 
     def recovered(self) -> None:
         if self.down_since is not None:

@@ -138,3 +138,24 @@ async def test_batched_spends_its_reserve_then_falls_back_and_recovers(
         assert records(caplog, "reachable again") == 1
     finally:
         policy.close()
+
+
+async def test_an_outage_ends_without_traffic_when_redis_returns(
+    servers: ServerSet, table: SharedTable, quick_backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that only spends a batched reserve never calls Redis itself: the background probe (a
+    PING every probe_interval while down) must still notice that Redis is back."""
+    caplog.set_level(logging.INFO, LOGGER)
+    server = servers.start()
+    backend = quick_backend(server.port)
+    policy = RedisPolicy(LimitSpec("hour", 5, 3600), backend, table=table, on_failure="open")
+    server.stop()
+    assert (await resolve(policy.check("alice", time.time()))).degraded == "fail-open"
+    health = policy.health
+    assert health.down
+    server.start()
+    deadline = time.monotonic() + 10
+    while health.down:  # no check is made meanwhile
+        assert time.monotonic() < deadline, "the outage never ended without traffic"
+        await asyncio.sleep(0.05)
+    assert records(caplog, "reachable again") == 1
