@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.state_support import SHARED_REDIS, RedisServer, ping
 from tests.support import Backend, Gateway, LoopThread, Responder
 from tollway._build import stale_modules
 
@@ -59,3 +60,19 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     yield start
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """The shared Redis at 127.0.0.1:6379, or — when none answers there — one started for the session
+    (fails, never skips, when neither is possible)."""
+    if ping(*SHARED_REDIS):
+        yield SHARED_REDIS
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis-session"))
+    try:
+        server.start()
+    except Exception as exc:
+        pytest.fail(f"no Redis at 127.0.0.1:6379 and starting redis-server failed: {exc}")
+    yield server.address
+    server.stop()

@@ -19,34 +19,19 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.state_support import SHARED_REDIS, RedisServer, ServerSet, cleanup_prefix, free_port, ping
+from tests.state_support import ServerSet, cleanup_prefix, free_port
 from tests.support import Gateway, gateway_config, response, wait_until
 
 pytestmark = pytest.mark.integration
 
 LIMIT = 1000
 CLIENTS = 20
-
-
-@pytest.fixture(scope="module")
-def redis_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    if ping(*SHARED_REDIS):
-        yield SHARED_REDIS
-        return
-    server = RedisServer(tmp_path_factory.mktemp("redis-rl"))
-    try:
-        server.start()
-    except Exception as exc:
-        pytest.fail(f"no Redis at 127.0.0.1:6379 and starting redis-server failed: {exc}")
-    yield server.address
-    server.stop()
 
 
 async def ok(seen: Any, writer: Any) -> bool:

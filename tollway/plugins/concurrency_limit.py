@@ -19,29 +19,19 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from tollway.config.types import Duration
-from tollway.plugins.base import HeaderName, Plugin, PluginConfig, PluginContext
-from tollway.plugins.limiting import (
-    HEADER_NAME_DESCRIPTION,
-    KEY_DESCRIPTION,
-    DecisionCounters,
-    HeaderSettings,
-    KeyBuilder,
-    KeyParts,
-)
-from tollway.proxy.responses import Response
-from tollway.state import headers as rl_headers
+from tollway.plugins.base import Plugin, PluginContext
+from tollway.plugins.limiting import KeyBuilder, LimitAnswers, LimitPluginConfig
 from tollway.state.limits import LocalPolicy
 from tollway.state.shared import node_table
 from tollway.state.spec import Decision, LimitSpec
 
 if TYPE_CHECKING:
     from tollway.proxy.exchange import Exchange
+    from tollway.proxy.responses import Response
 
 
-class ConcurrencyLimitConfig(PluginConfig):
+class ConcurrencyLimitConfig(LimitPluginConfig):
     limit: int = Field(ge=0, description="requests in flight at once per key on the node")
-    key: KeyParts = Field(["consumer"], description=KEY_DESCRIPTION)  # type: ignore[assignment]
-    header_name: HeaderName | None = Field(None, description=HEADER_NAME_DESCRIPTION)
     name: str = Field(
         "concurrency",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,63}$",
@@ -49,12 +39,6 @@ class ConcurrencyLimitConfig(PluginConfig):
     )
     lease: Duration = Field(
         30.0, ge=1, description="a dead worker's slots are freed within two leases (live workers renew)"
-    )
-    headers: HeaderSettings = Field(default_factory=HeaderSettings, description="response headers sent")
-    scope: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z0-9._:-]{1,64}$",
-        description="counts are per plugin instance; instances with the same scope share them",
     )
 
 
@@ -98,11 +82,7 @@ class ConcurrencyLimit(Plugin[ConcurrencyLimitConfig]):
         self.spec = LimitSpec(config.name, config.limit, config.lease, "concurrency", scope=scope)
         self._held = _policy_for(self.spec)
         self._keys = KeyBuilder(list(config.key), config.header_name)
-        self._counters = DecisionCounters(self.name)
-        h = config.headers
-        self._ietf, self._legacy, self._per_limit = h.ietf, h.legacy, h.per_limit
-        policy = rl_headers.ratelimit_policy([self.spec]).encode("latin-1")
-        self._policy_field = (b"RateLimit-Policy", policy)
+        self._answers = LimitAnswers(self.name, [self.spec], config.headers)
 
     def access(self, ex: Exchange) -> Response | None:
         held = self._held
@@ -112,17 +92,7 @@ class ConcurrencyLimit(Plugin[ConcurrencyLimitConfig]):
         key = self._keys.key(ex)
         decision = policy.check(key, time.time())
         assert isinstance(decision, Decision)  # a local policy never waits
-        if self._ietf:
-            value = rl_headers.ratelimit([decision]).encode("latin-1")
-            ex.add_response_fields([self._policy_field, (b"RateLimit", value)])
-        if self._legacy:
-            ex.add_response_fields(rl_headers.legacy_headers([decision], self._per_limit))
-        if decision.allowed:
+        denied = self._answers.decided(ex, [decision])
+        if denied is None:
             ex.on_finish(lambda _ex: policy.release(key, time.time()))
-            self._counters.count(ex, "allowed")
-            return None
-        self._counters.count(ex, "limited")
-        status, body = rl_headers.denial_body([decision], ex.request_id.decode("latin-1"))
-        headers = [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)]
-        headers.append((b"Retry-After", rl_headers.retry_after([decision]).encode("latin-1")))
-        return Response(status, body, headers)
+        return denied

@@ -1,5 +1,6 @@
-"""What the two limit plugins (`rate-limiting`, `concurrency-limit`) share: the key a request is counted
-under, the response-header options, and the decision metrics.
+"""What the two limit plugins (`rate-limiting`, `concurrency-limit`) share: their common options
+(`LimitPluginConfig`), the key a request is counted under (`KeyBuilder`), and what becomes of a decision
+(`LimitAnswers`: RateLimit headers, the 429/503, the decision metrics).
 
 Keys. A limit counts per key, built from parts of the request — `consumer`, `credential`, `ip`,
 `header`, `path`, `route`, `service` — joined when several are named (`[consumer, route]`: each consumer
@@ -17,12 +18,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field
 
 from tollway.observability import metrics
-from tollway.plugins.base import PluginConfig
+from tollway.plugins.base import HeaderName, PluginConfig
 from tollway.plugins.netutil import real_client_ip
+from tollway.proxy.responses import Response
+from tollway.state import headers as rl_headers
 
 if TYPE_CHECKING:
     from tollway.observability.metrics import Counter
     from tollway.proxy.exchange import Exchange
+    from tollway.state.spec import Decision, LimitSpec
 
 KeyPart = Literal["consumer", "credential", "ip", "header", "path", "route", "service"]
 KEY_PARTS: tuple[str, ...] = ("consumer", "credential", "ip", "header", "path", "route", "service")
@@ -44,11 +48,22 @@ class HeaderSettings(PluginConfig):
     )
 
 
-KEY_DESCRIPTION = (
-    "what is counted separately: one or more of consumer, credential, ip, header, path, route, service "
-    "(joined); a part the request lacks falls back to the client IP"
-)
-HEADER_NAME_DESCRIPTION = "the request header whose value is the key's `header` part"
+class LimitPluginConfig(PluginConfig):
+    """The options every limit plugin has: the key, the headers, the counters' scope."""
+
+    key: KeyParts = Field(  # type: ignore[assignment]
+        ["consumer"],
+        description="what is counted separately: one or more of consumer, credential, ip, header, path, "
+        "route, service (joined); a part the request lacks falls back to the client IP",
+    )
+    header_name: HeaderName | None = Field(None, description="the request header of the `header` key part")
+    headers: HeaderSettings = Field(default_factory=HeaderSettings, description="response headers sent")
+    scope: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._:-]{1,64}$",
+        description="counts belong to the plugin instance (where it is attached); instances with the same "
+        "scope share them",
+    )
 
 
 class KeyBuilder:
@@ -123,18 +138,42 @@ def _service(ex: Exchange) -> str:
     return service.name if service is not None else ""
 
 
-class DecisionCounters:
-    """tollway_rate_limit_decisions_total{plugin, route, decision}: a counter handle per (route,
-    decision), made on first use (routes are bounded by the config)."""
+class LimitAnswers:
+    """What a limit plugin does with its decisions, built once per config: the RateLimit headers on
+    every response, the 429 (or 503) when a limit says no, and
+    tollway_rate_limit_decisions_total{plugin, route, decision} — a counter handle per (decision, route),
+    made on first use (routes are bounded by the config)."""
 
-    __slots__ = ("_handles", "_plugin")
+    __slots__ = ("_handles", "_ietf", "_legacy", "_per_limit", "_plugin", "_policy_field")
 
-    def __init__(self, plugin: str) -> None:
+    def __init__(self, plugin: str, specs: list[LimitSpec], settings: HeaderSettings) -> None:
         self._plugin = plugin
+        self._ietf, self._legacy, self._per_limit = settings.ietf, settings.legacy, settings.per_limit
+        self._policy_field = (b"RateLimit-Policy", rl_headers.ratelimit_policy(specs).encode("latin-1"))
         self._handles: dict[str, dict[str, Counter]] = {}  # decision -> route -> handle
 
     def __repr__(self) -> str:
-        return f"<DecisionCounters {self._plugin}>"
+        return f"<LimitAnswers {self._plugin}>"
+
+    def decided(self, ex: Exchange, decisions: list[Decision]) -> Response | None:
+        """Headers for this request's response; the denial if any limit denied, else None."""
+        if self._ietf:
+            value = rl_headers.ratelimit(decisions).encode("latin-1")
+            ex.add_response_fields([self._policy_field, (b"RateLimit", value)])
+        if self._legacy:
+            ex.add_response_fields(rl_headers.legacy_headers(decisions, self._per_limit))
+        for decision in decisions:
+            if not decision.allowed:
+                return self._deny(ex, decisions)
+        self.count(ex, "allowed")
+        return None
+
+    def _deny(self, ex: Exchange, decisions: list[Decision]) -> Response:
+        status, body = rl_headers.denial_body(decisions, ex.request_id.decode("latin-1"))
+        self.count(ex, "error" if status == 503 else "limited")
+        headers = [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)]
+        headers.append((b"Retry-After", rl_headers.retry_after(decisions).encode("latin-1")))
+        return Response(status, body, headers)
 
     def count(self, ex: Exchange, decision: str) -> None:
         route = ex.route.name if ex.route is not None else ""

@@ -22,23 +22,15 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from tollway.config.types import Duration
-from tollway.plugins.base import HeaderName, Plugin, PluginConfig, PluginContext
-from tollway.plugins.limiting import (
-    HEADER_NAME_DESCRIPTION,
-    KEY_DESCRIPTION,
-    DecisionCounters,
-    HeaderSettings,
-    KeyBuilder,
-    KeyParts,
-)
-from tollway.proxy.responses import Response
-from tollway.state import headers as rl_headers
+from tollway.plugins.base import Plugin, PluginConfig, PluginContext
+from tollway.plugins.limiting import KeyBuilder, LimitAnswers, LimitPluginConfig
 from tollway.state.limits import Policy, build_policy, check_all
 from tollway.state.redis_client import backend_for
 from tollway.state.spec import Decision, LimitSpec
 
 if TYPE_CHECKING:
     from tollway.proxy.exchange import Exchange
+    from tollway.proxy.responses import Response
 
 Algorithm = Literal["fixed", "sliding", "gcra"]
 _LIMIT_NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,63}$"
@@ -87,15 +79,13 @@ class BatchSettings(PluginConfig):
     max_slice: int | None = Field(None, ge=1, description="largest slice taken at once (default: limit/10)")
 
 
-class RateLimitingConfig(PluginConfig):
+class RateLimitingConfig(LimitPluginConfig):
     second: int | None = Field(None, ge=0, description="shorthand: this many requests per second")
     minute: int | None = Field(None, ge=0, description="shorthand: this many requests per minute")
     hour: int | None = Field(None, ge=0, description="shorthand: this many requests per hour")
     day: int | None = Field(None, ge=0, description="shorthand: this many requests per day")
     limits: list[LimitConfig] = Field(default_factory=list, description="limits with any window")
     algorithm: Algorithm = Field("fixed", description="fixed, sliding or gcra: for limits that name none")
-    key: KeyParts = Field(["consumer"], description=KEY_DESCRIPTION)  # type: ignore[assignment]
-    header_name: HeaderName | None = Field(None, description=HEADER_NAME_DESCRIPTION)
     policy: Literal["local", "redis", "batched"] = Field(
         "local",
         description="local: one exact count per node (all workers); redis: exact across nodes, a round "
@@ -108,12 +98,6 @@ class RateLimitingConfig(PluginConfig):
         description="when Redis is unreachable: open (node-local limits decide) or closed (503)",
     )
     cost: int = Field(1, ge=1, description="units each request counts")
-    headers: HeaderSettings = Field(default_factory=HeaderSettings, description="response headers sent")
-    scope: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z0-9._:-]{1,64}$",
-        description="counters are per plugin instance; instances with the same scope share them",
-    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RateLimitingConfig:
@@ -154,10 +138,7 @@ class RateLimiting(Plugin[RateLimitingConfig]):
         self.policies: list[Policy] = [self._policy(spec) for spec in self.specs]
         self._keys = KeyBuilder(list(config.key), config.header_name)
         self._cost = config.cost
-        self._counters = DecisionCounters(self.name)
-        h = config.headers
-        self._ietf, self._legacy, self._per_limit = h.ietf, h.legacy, h.per_limit
-        self._policy_field = (b"RateLimit-Policy", rl_headers.ratelimit_policy(self.specs).encode("latin-1"))
+        self._answers = LimitAnswers(self.name, self.specs, config.headers)
         self._single = self.policies[0] if len(self.policies) == 1 else None
 
     def _policy(self, spec: LimitSpec) -> Policy:
@@ -195,24 +176,7 @@ class RateLimiting(Plugin[RateLimitingConfig]):
         return self._decided(ex, await pending)
 
     def _decided(self, ex: Exchange, decisions: list[Decision]) -> Response | None:
-        if self._ietf:
-            value = rl_headers.ratelimit(decisions).encode("latin-1")
-            ex.add_response_fields([self._policy_field, (b"RateLimit", value)])
-        if self._legacy:
-            ex.add_response_fields(rl_headers.legacy_headers(decisions, self._per_limit))
-        for decision in decisions:
-            if not decision.allowed:
-                return self._deny(ex, decisions)
-        self._counters.count(ex, "allowed")
-        return None
-
-    def _deny(self, ex: Exchange, decisions: list[Decision]) -> Response:
-        request_id = ex.request_id.decode("latin-1")
-        status, body = rl_headers.denial_body(decisions, request_id)
-        self._counters.count(ex, "error" if status == 503 else "limited")
-        headers = [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)]
-        headers.append((b"Retry-After", rl_headers.retry_after(decisions).encode("latin-1")))
-        return Response(status, body, headers)
+        return self._answers.decided(ex, decisions)
 
 
 async def _as_list(pending: Awaitable[Decision]) -> list[Decision]:

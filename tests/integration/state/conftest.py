@@ -9,25 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.state_support import SHARED_REDIS, RedisServer, ServerSet, cleanup_prefix, ping
+from tests.state_support import ServerSet, cleanup_prefix
 from tollway.state.redis_client import RedisClient, Standalone
 from tollway.state.shared import SharedTable
-
-
-@pytest.fixture(scope="session")
-def redis_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    """The shared Redis at 127.0.0.1:6379, or — when none answers there — one started for the session
-    (fails, never skips, when neither is possible)."""
-    if ping(*SHARED_REDIS):
-        yield SHARED_REDIS
-        return
-    server = RedisServer(tmp_path_factory.mktemp("redis-session"))
-    try:
-        server.start()
-    except Exception as exc:
-        pytest.fail(f"no Redis at 127.0.0.1:6379 and starting redis-server failed: {exc}")
-    yield server.address
-    server.stop()
 
 
 @pytest.fixture
