@@ -535,7 +535,7 @@ class Exchange:
         extra = self._resp_extra
         if kind == BODY_CHUNKED or kind == BODY_UNTIL_CLOSE:  # noqa: SIM109 - two int compares when compiled
             if self.version == 1:
-                extra = b"Transfer-Encoding: chunked\r\n"  # chunks pass through, or we frame them
+                extra += b"Transfer-Encoding: chunked\r\n"  # chunks pass through, or we frame them
             else:
                 self.keep_alive = False  # an HTTP/1.0 client learns the end from the close
                 if kind == BODY_CHUNKED:
