@@ -74,6 +74,8 @@ def test_concurrency_limit_schema() -> None:
         validate(config({"name": "concurrency-limit", "config": {}}))
     with pytest.raises(ConfigError, match="lease"):
         validate(config({"name": "concurrency-limit", "config": {"limit": 2, "lease": 0.1}}))
+    with pytest.raises(ConfigError, match="needs `header_name`"):
+        validate(config({"name": "concurrency-limit", "config": {"limit": 2, "key": "header"}}))
     validate(config({"name": "concurrency-limit", "config": {"limit": 2, "key": "ip"}}))
 
 
@@ -101,6 +103,20 @@ def test_five_per_minute_then_429_with_headers_and_json(harness: Any) -> None:
     assert (denied.header("ratelimit") or "").startswith('"minute";r=0;t=')
     assert denied.header("content-type") == "application/json"
     assert decisions("limited") == before + 1
+
+
+def test_headers_reach_chunked_and_length_delimited_responses_alike(harness: Any) -> None:
+    """Plugin-added fields ride after the backend's head, whatever framing the client gets."""
+    gw = harness(config({"name": "rate-limiting", "config": {"hour": 5, "key": "ip"}}))
+    chunked = gw.request(
+        "GET", "/users", backend=(200, [("Transfer-Encoding", "chunked")], b"2\r\nok\r\n0\r\n\r\n")
+    )
+    assert chunked.status == 200
+    assert chunked.header("transfer-encoding") == "chunked"
+    assert chunked.header("ratelimit-policy") == '"hour";q=5;w=3600'
+    assert (chunked.header("ratelimit") or "").startswith('"hour";r=4;t=')
+    plain = gw.request("GET", "/users", backend=(200, [], b"ok"))
+    assert (plain.header("ratelimit") or "").startswith('"hour";r=3;t=')
 
 
 def test_each_client_ip_has_its_own_count(harness: Any) -> None:

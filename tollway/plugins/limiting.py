@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, model_validator
 
 from tollway.observability import metrics
 from tollway.plugins.base import HeaderName, PluginConfig
@@ -65,6 +65,12 @@ class LimitPluginConfig(PluginConfig):
         "scope share them",
     )
 
+    @model_validator(mode="after")
+    def _header_part_named(self) -> LimitPluginConfig:
+        if "header" in self.key and not self.header_name:
+            raise ValueError("the `header` key part needs `header_name`")
+        return self
+
 
 class KeyBuilder:
     """Builds a request's limit key from the configured parts (chosen once per config)."""
@@ -72,8 +78,6 @@ class KeyBuilder:
     __slots__ = ("_credentials", "_getters", "_header", "_single")
 
     def __init__(self, parts: list[str], header_name: str | None) -> None:
-        if "header" in parts and not header_name:
-            raise ValueError("the `header` key part needs `header_name`")
         self._header = header_name or ""
         self._credentials: dict[int, tuple[Any, str]] = {}
         getters: dict[str, Callable[[Exchange], str]] = {

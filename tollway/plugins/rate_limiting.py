@@ -110,8 +110,6 @@ class RateLimitingConfig(LimitPluginConfig):
             raise ValueError(f"limit names must be unique; repeated: {', '.join(duplicates)}")
         if self.policy != "local" and self.redis is None:
             raise ValueError(f"policy {self.policy!r} needs `redis: {{url: ...}}`")
-        if "header" in self.key and not self.header_name:
-            raise ValueError("the `header` key part needs `header_name`")
         return self
 
     def limit_specs(self, scope: str) -> list[LimitSpec]:
@@ -165,18 +163,15 @@ class RateLimiting(Plugin[RateLimitingConfig]):
         if single is not None:  # the common case: one limit, no list to check all-or-nothing
             one = single.check(key, time.time(), self._cost)
             if isinstance(one, Decision):
-                return self._decided(ex, [one])
+                return self._answers.decided(ex, [one])
             return self._decided_later(ex, _as_list(one))
         result = check_all(self.policies, key, time.time(), self._cost)
         if isinstance(result, list):
-            return self._decided(ex, result)
+            return self._answers.decided(ex, result)
         return self._decided_later(ex, result)
 
     async def _decided_later(self, ex: Exchange, pending: Awaitable[list[Decision]]) -> Response | None:
-        return self._decided(ex, await pending)
-
-    def _decided(self, ex: Exchange, decisions: list[Decision]) -> Response | None:
-        return self._answers.decided(ex, decisions)
+        return self._answers.decided(ex, await pending)
 
 
 async def _as_list(pending: Awaitable[Decision]) -> list[Decision]:
