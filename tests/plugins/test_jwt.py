@@ -314,6 +314,34 @@ def test_token_in_query_cookie_or_custom_header(harness):
     assert cookie.upstream.header("cookie") == "theme=dark; lang=en"
 
 
+@pytest.mark.parametrize(
+    "where",
+    ["header and query", "two authorization headers", "two query parameters", "header and cookie"],
+)
+def test_two_different_tokens_are_ambiguous(harness, where):
+    gw = harness(config(query_param_names=["jwt"], cookie_names=["session"]))
+    alice, bob = token(sub="alice"), token(sub="bob")  # both valid on their own
+    request = {
+        "header and query": (f"/p?jwt={bob}", [("Authorization", f"Bearer {alice}")]),
+        "two authorization headers": ("/p", [("Authorization", f"Bearer {alice}"), ("Authorization", bob)]),
+        "two query parameters": (f"/p?jwt={alice}&jwt={bob}", []),
+        "header and cookie": ("/p", [("Authorization", f"Bearer {alice}"), ("Cookie", f"session={bob}")]),
+    }[where]
+    result = gw.request("GET", request[0], request[1])
+    assert result.status == 401, where
+    assert result.upstream is None
+    assert result.header("www-authenticate") == 'Bearer realm="tollway"'
+
+
+def test_the_same_token_twice_is_one_token(harness):
+    gw = harness(config(query_param_names=["jwt"]))
+    t = token()
+    result = gw.request("GET", f"/p?jwt={t}", bearer(t))
+    assert result.status == 200
+    assert result.upstream.target == "/p"  # both copies hidden from the backend
+    assert result.upstream.header("authorization") is None
+
+
 def test_anonymous_on_a_bad_token(harness):
     seen = harness(config(anonymous="guest")).request("GET", "/", bearer(token(exp=NOW - 3600))).upstream
     assert seen.header("x-consumer-username") == "guest"

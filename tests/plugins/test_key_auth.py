@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 
 import pytest
 from pydantic import ValidationError
 
-from tests.support import gateway_config, request
+from tests.support import RawClient, gateway_config, request
 from tollway.plugins.key_auth import KeyAuthConfig, KeyCredential
 
 CONSUMERS = [
@@ -32,7 +34,7 @@ def test_schema_defaults_and_limits():
     assert conf.key_in_query is False  # keys in URLs end up in logs
     with pytest.raises(ValidationError, match="not a valid header name"):
         KeyAuthConfig(key_names=["api key"])
-    with pytest.raises(ValidationError, match="at least one of key_in_header or key_in_query"):
+    with pytest.raises(ValidationError, match="at least one of key_in_header, key_in_query or key_in_body"):
         KeyAuthConfig(key_in_header=False)
     with pytest.raises(ValidationError):
         KeyAuthConfig(key_names=[])
@@ -176,3 +178,131 @@ def test_key_auth_through_a_real_gateway(gateway, backend):
     assert seen.header("x-consumer-username") == "alice"
     assert seen.header("apikey") is None
     assert len(be.seen) == 2  # the 401 never reached the backend
+
+
+# -- ambiguity, header spellings, keys in bodies ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/x?apikey=alice-key&apikey=bob-key", []),
+        ("/x?apikey=alice-key&apikey=alice-key", []),  # even the same key twice: 401, not "first wins"
+        ("/x", [("apikey", "alice-key"), ("apikey", "bob-key")]),
+        ("/x", [("api-key", "alice-key"), ("API_KEY", "alice-key")]),  # "_" and "-": the same header
+    ],
+)
+def test_a_key_name_sent_twice_is_ambiguous(harness, path, headers):
+    gw = harness(config(key_names=["apikey", "api-key"], key_in_query=True))
+    result = gw.request("GET", path, headers)
+    assert result.status == 401
+    assert result.upstream is None
+    assert result.header("www-authenticate") == 'Key realm="tollway"'
+
+
+def test_ambiguous_keys_fall_back_to_the_anonymous_consumer(harness):
+    seen = harness(config(key_in_query=True, anonymous="guest")).request(
+        "GET", "/x?apikey=alice-key&apikey=b"
+    )
+    assert seen.upstream.header("x-consumer-username") == "guest"
+
+
+def test_header_names_treat_underscore_and_hyphen_alike(harness):
+    gw = harness(config(key_names=["x_api_key"]))
+    for name in ("X-Api-Key", "x_api_key", "X_API-KEY"):
+        result = gw.request("GET", "/x", {name: "alice-key"})
+        assert result.status == 200, name
+        assert result.upstream.header(name) is None  # hidden whatever its spelling
+    hyphen = harness(config(key_names=["x-api-key"]))
+    assert hyphen.request("GET", "/x", {"X_Api_Key": "alice-key"}).status == 200
+    # two names in order: the first one sent wins, the other is forwarded untouched
+    both = harness(config(key_names=["x-api-key", "apikey"]))
+    result = both.request("GET", "/x", [("apikey", "bob-key"), ("x_api_key", "alice-key")])
+    assert result.upstream.header("x-consumer-username") == "alice"
+    assert result.upstream.header("apikey") == "bob-key"
+
+
+FORM = [("Content-Type", "application/x-www-form-urlencoded")]
+JSON = [("Content-Type", "application/json")]
+
+
+def test_schema_of_key_in_body():
+    assert KeyAuthConfig(key_in_header=False, key_in_body=True).max_body_size == 65536
+    assert KeyAuthConfig(key_in_body=True, max_body_size="1k").max_body_size == 1024
+
+
+def test_key_in_a_form_body(harness):
+    gw = harness(config(key_in_body=True))
+    result = gw.request("POST", "/x", FORM, body=b"a=1&apikey=alice-key&b=two+words")
+    assert result.status == 200
+    assert result.upstream.header("x-consumer-username") == "alice"
+    assert result.upstream.body == b"a=1&b=two+words"  # hidden from the backend
+    assert result.upstream.header("content-length") == str(len(b"a=1&b=two+words"))
+    assert gw.request("POST", "/x", FORM, body=b"apikey=alice-key&apikey=bob-key").status == 401
+    assert gw.request("POST", "/x", FORM, body=b"apikey=wrong").status == 401
+    kept = harness(config(key_in_body=True, hide_credentials=False))
+    assert kept.request("POST", "/x", FORM, body=b"apikey=alice-key").upstream.body == b"apikey=alice-key"
+
+
+def test_key_in_a_json_body(harness):
+    gw = harness(config(key_in_body=True))
+    result = gw.request("POST", "/x", JSON, body=b'{"apikey": "bob-key", "n": 1}')
+    assert result.status == 200
+    assert result.upstream.header("x-consumer-username") == "bob"
+    assert result.upstream.json() == {"n": 1}
+    for body in (b'["apikey"]', b"{not json", b'{"apikey": 5}'):
+        assert gw.request("POST", "/x", JSON, body=body).status == 401
+
+
+def test_bodies_not_searched_for_a_key(harness):
+    gw = harness(config(key_in_body=True, max_body_size=32))
+    big = b"apikey=alice-key&pad=" + b"x" * 64
+    assert gw.request("POST", "/x", FORM, body=big).status == 401  # over max_body_size: not read
+    text = [("Content-Type", "text/plain")]
+    assert gw.request("POST", "/x", text, body=b"apikey=alice-key").status == 401
+    chunked = [*FORM, ("Transfer-Encoding", "chunked")]
+    assert gw.request("POST", "/x", chunked, body=b"10\r\napikey=alice-key\r\n0\r\n\r\n").status == 401
+    # a header key still works, and the body then is not read at all
+    result = gw.request("POST", "/x", [*FORM, ("apikey", "alice-key")], body=big)
+    assert result.status == 200 and result.upstream.body == big
+
+
+@pytest.mark.integration
+def test_key_in_body_through_a_real_gateway(gateway, backend):
+    be = backend()
+    cfg = gateway_config(
+        be.url,
+        routes=[
+            {
+                "name": "api",
+                "service": "backend",
+                "paths": ["/api"],
+                "plugins": [{"name": "key-auth", "config": {"key_in_body": True, "key_in_query": True}}],
+            }
+        ],
+    )
+    cfg["consumers"] = CONSUMERS
+    gw = gateway(cfg)
+    # the body arrives after the head, in two pieces, with Expect: 100-continue
+    client = RawClient(gw.port)
+    body = b"apikey=alice-key&order=42"
+    client.send(
+        b"POST /api/orders HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    assert client.read_response().status == 100
+    client.send(body[:10])
+    time.sleep(0.05)
+    client.send(body[10:])
+    result = client.read_response()
+    client.close()
+    assert result.status == 200
+    seen = be.seen[-1]
+    assert seen.body == b"order=42"
+    assert seen.header("x-consumer-username") == "alice"
+    assert seen.header("content-length") == "8"
+    assert request(gw.port, "POST", "/api/x?apikey=alice-key&apikey=bob-key").status == 401
+    json_body = b'{"apikey": "bob-key", "item": "x"}'
+    ok = request(gw.port, "POST", "/api/x", {"Content-Type": "application/json"}, json_body)
+    assert ok.status == 200
+    assert be.seen[-1].header("x-consumer-username") == "bob"
+    assert json.loads(be.seen[-1].body) == {"item": "x"}
+    assert len(be.seen) == 2  # the ambiguous request never reached the backend

@@ -79,12 +79,11 @@ class AuthPlugin(Plugin[AuthConfigT]):
             yield ("anonymous",), f"unknown consumer {config.anonymous!r}"
 
 
-def take_query_param(ex: Exchange, names: frozenset[str], hide: bool) -> str | None:
-    """The first query parameter named one of `names` (decoded); with `hide`, removed from the request."""
-    for name, value in parse_qsl(ex.query, keep_blank_values=True):
-        if name in names:
-            if hide:
-                kept = [p for p in ex.query.split("&") if unquote_plus(p.partition("=")[0]) not in names]
-                ex.set_query("&".join(kept))
-            return value
-    return None
+def query_params(ex: Exchange, names: frozenset[str], hide: bool) -> list[tuple[str, str]]:
+    """Every query parameter named one of `names`, decoded, in order; with `hide`, all of them are
+    removed from the request. More than one is ambiguous: which one would the client mean?"""
+    found = [(name, value) for name, value in parse_qsl(ex.query, keep_blank_values=True) if name in names]
+    if found and hide:
+        kept = [p for p in ex.query.split("&") if unquote_plus(p.partition("=")[0]) not in names]
+        ex.set_query("&".join(kept))
+    return found

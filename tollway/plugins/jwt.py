@@ -12,6 +12,9 @@ HS*, credentials with a public key or JWKS only the asymmetric family that fits 
 signature, exp/nbf outside `clock_skew`, a wrong iss or aud, a missing required claim, an exp further
 away than `maximum_expiration`, and tokens over `max_token_size`.
 
+A request carrying two different tokens (header and query, two Authorization fields...) is refused: the
+gateway will not guess which one the client means.
+
 Verifying costs 30-90 µs, so a verified token's consumer and forwarded headers are cached by
 SHA-256(token) — bounded LRU, until the token's exp — and a repeat costs a hash and a dict lookup.
 """
@@ -34,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import Field, field_validator, model_validator
 
 from tollway.config.types import Duration, Size
-from tollway.plugins.auth import AuthConfig, AuthPlugin, take_query_param
+from tollway.plugins.auth import AuthConfig, AuthPlugin, query_params
 from tollway.plugins.base import HeaderName, Loc, PluginConfig, PluginContext
 from tollway.plugins.consumers import Consumer, identify
 from tollway.plugins.jwks import JwksSource, source_for
@@ -214,6 +217,10 @@ class _Signer:
         self.key = key
 
 
+# _take_token's answer when a request carries different tokens (compared by identity: never a token).
+_MANY_TOKENS = b"<several different tokens>"
+
+
 class _Invalid(Exception):
     """The token is refused (the client is told nothing more than 401)."""
 
@@ -266,6 +273,8 @@ class JwtAuth(AuthPlugin[JwtConfig]):
         if self.anonymous is not None and ex.credential is not None:
             return None
         token = self._take_token(ex)
+        if token is _MANY_TOKENS:
+            return self.reject(ex, "ambiguous")
         if token is None or len(token) > self.config.max_token_size:
             return self.reject(ex, "missing" if token is None else "invalid")
         digest = hashlib.sha256(token).digest()
@@ -386,33 +395,43 @@ class JwtAuth(AuthPlugin[JwtConfig]):
 
     # -- finding the token ----------------------------------------------------------------------------
     def _take_token(self, ex: Exchange) -> bytes | None:
+        """The token, from every place configured: None if there is none, or if different tokens were
+        sent (header and query, two headers...): which one would the client mean? (Kong's rule.)"""
+        tokens: list[bytes] = []
         for lname in self._headers:
-            value = ex.pop_header(lname) if self._hide else ex.header_bytes(lname)
-            if value is not None:
-                if value[:7].lower() == b"bearer ":
-                    return value[7:].strip()
-                return value.strip()
+            for value in self._header_values(ex, lname):
+                tokens.append(value[7:].strip() if value[:7].lower() == b"bearer " else value.strip())
         if self._query and ex.query:
-            param = take_query_param(ex, self._query, self._hide)
-            if param is not None:
-                return param.encode("utf-8")
+            tokens += [value.encode("utf-8") for _, value in query_params(ex, self._query, self._hide)]
         if self._cookies:
-            return self._from_cookie(ex)
-        return None
+            tokens += self._from_cookies(ex)
+        if not tokens:
+            return None
+        token = tokens[0]
+        for other in tokens:
+            if other != token:
+                return _MANY_TOKENS
+        return token
 
-    def _from_cookie(self, ex: Exchange) -> bytes | None:
+    def _header_values(self, ex: Exchange, lname: bytes) -> list[bytes]:
+        values = [value for name, value in ex.headers if name.lower() == lname]
+        if values and self._hide:
+            ex.headers = [h for h in ex.headers if h[0].lower() != lname]
+        return values
+
+    def _from_cookies(self, ex: Exchange) -> list[bytes]:
         header = ex.header_bytes(b"cookie")
         if header is None:
-            return None
-        found: bytes | None = None
+            return []
+        found: list[bytes] = []
         kept = []
         for part in header.split(b";"):
             name, _, value = part.strip().partition(b"=")
-            if found is None and name.decode("latin-1") in self._cookies:
-                found = value.strip(b'"')
+            if name.decode("latin-1") in self._cookies:
+                found.append(value.strip(b'"'))
             else:
                 kept.append(part.strip())
-        if found is not None and self._hide:
+        if found and self._hide:
             ex.pop_header(b"cookie")
             if kept:
                 ex.headers.append((b"Cookie", b"; ".join(kept)))

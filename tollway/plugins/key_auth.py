@@ -1,22 +1,31 @@
-"""key-auth: an API key in a request header (or query parameter) identifies the consumer.
+"""key-auth: an API key in a request header (or query parameter, or form / JSON body) identifies the
+consumer.
 
 Keys live in the consumers' credentials, either as given to the client (`key`) or as their SHA-256
 (`key_sha256`), so a config file need not hold usable keys. Both are indexed once per config version:
 a request costs one dict lookup (plus one SHA-256, ~1 µs, only when hashed keys exist and the plain
 lookup missed), however many consumers there are.
+
+A key name sent twice (two header fields, `?apikey=a&apikey=b`, even with equal values) is ambiguous and
+refused like a wrong key. `key_in_body` reads the whole body (up to `max_body_size`) before the request
+goes on; it costs nothing when off.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable
+from collections.abc import Awaitable, Hashable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote_plus
 
+import orjson
 from pydantic import Field, model_validator
 
-from tollway.plugins.auth import AuthConfig, AuthPlugin, take_query_param
+from tollway.config.types import Size
+from tollway.plugins.auth import AuthConfig, AuthPlugin, query_params
 from tollway.plugins.base import HeaderName, PluginConfig, PluginContext
 from tollway.plugins.consumers import Consumer, identify
+from tollway.plugins.transform import is_form, is_json
 
 if TYPE_CHECKING:
     from tollway.proxy.exchange import Exchange
@@ -29,18 +38,27 @@ class KeyAuthConfig(AuthConfig):
     key_names: list[HeaderName] = Field(
         default_factory=lambda: ["apikey"],
         min_length=1,
-        description="header (and query parameter) names that carry the key, tried in order",
+        description="names of the header (query parameter, body field) that carries the key, tried in "
+        'order; in header names "_" and "-" are alike',
     )
     key_in_header: bool = Field(True, description="look for the key in request headers")
     key_in_query: bool = Field(
         False,
         description="look for the key in the query string (keys in URLs end up in logs: off by default)",
     )
+    key_in_body: bool = Field(
+        False,
+        description="look for the key in a form (application/x-www-form-urlencoded) or JSON object body "
+        "(the body is read before the request goes on)",
+    )
+    max_body_size: Size = Field(
+        65536, ge=0, description="with key_in_body: largest body searched (larger or chunked: not searched)"
+    )
 
     @model_validator(mode="after")
     def _somewhere(self) -> KeyAuthConfig:
-        if not (self.key_in_header or self.key_in_query):
-            raise ValueError("at least one of key_in_header or key_in_query must be true")
+        if not (self.key_in_header or self.key_in_query or self.key_in_body):
+            raise ValueError("at least one of key_in_header, key_in_query or key_in_body must be true")
         return self
 
 
@@ -66,6 +84,14 @@ class KeyCredential(PluginConfig):
         return self.key_sha256 or hashlib.sha256((self.key or "").encode()).hexdigest()
 
 
+class _Ambiguous:
+    """The key name was sent more than once (`?apikey=a&apikey=b`): which key would the client mean?"""
+
+
+AMBIGUOUS = _Ambiguous()
+Found = bytes | _Ambiguous | None
+
+
 class KeyAuth(AuthPlugin[KeyAuthConfig]):
     name = "key-auth"
     priority = 2500
@@ -75,25 +101,41 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
     def __init__(self, config: KeyAuthConfig, context: PluginContext) -> None:
         super().__init__(config, context)
         self._plain, self._hashed = context.shared(("key-auth", "index"), lambda: _index(context))
-        self._lnames = tuple(name.lower().encode("latin-1") for name in config.key_names)
-        self._query_names = frozenset(config.key_names) if config.key_in_query else frozenset()
+        # header name (lowercase, "_" as "-") -> its place in key_names (the first name sent wins)
+        self._header_rank: dict[bytes, int] = {}
+        for rank, name in enumerate(config.key_names):
+            self._header_rank.setdefault(_header_key(name.encode("latin-1")), rank)
+        self._names = tuple(config.key_names)
+        self._name_set = frozenset(config.key_names)
         self._in_header = config.key_in_header
+        self._in_query = config.key_in_query
+        self._in_body = config.key_in_body
+        self._max_body = config.max_body_size
         self._hide = config.hide_credentials
 
-    def access(self, ex: Exchange) -> Response | None:
+    def access(self, ex: Exchange) -> Response | Awaitable[Response | None] | None:
         if self.anonymous is not None and ex.credential is not None:
             return None  # an earlier authentication plugin of an OR succeeded
-        key = None
+        key: Found = None
         if self._in_header:
-            for lname in self._lnames:
-                key = ex.pop_header(lname) if self._hide else ex.header_bytes(lname)
-                if key is not None:
-                    break
-        if key is None and self._query_names and ex.query:
-            value = take_query_param(ex, self._query_names, self._hide)
-            key = value.encode("utf-8") if value is not None else None
+            key = self._from_headers(ex)
+        if key is None and self._in_query and ex.query:
+            key = self._first_named(query_params(ex, self._name_set, self._hide))
+        if key is None and self._in_body:
+            body = ex.whole_request_body(self._max_body)
+            if body is not None and not isinstance(body, bytes):
+                return self._after_body(ex, body)
+            key = self._from_body(ex, body)
+        return self._decide(ex, key)
+
+    async def _after_body(self, ex: Exchange, pending: Awaitable[bytes | None]) -> Response | None:
+        return self._decide(ex, self._from_body(ex, await pending))
+
+    def _decide(self, ex: Exchange, key: Found) -> Response | None:
         if key is None:
             return self.reject(ex, "missing")
+        if isinstance(key, _Ambiguous):
+            return self.reject(ex, "ambiguous")
         found = self._plain.get(key)
         if found is None and self._hashed:
             found = self._hashed.get(hashlib.sha256(key).digest())
@@ -101,6 +143,92 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
             return self.reject(ex)
         identify(ex, found[0], found[1])
         return None
+
+    # -- where keys are -------------------------------------------------------------------------------
+    def _from_headers(self, ex: Exchange) -> Found:
+        """The value of the first key name sent (key_names order); AMBIGUOUS if it was sent twice."""
+        ranks = self._header_rank
+        best = len(self._names)
+        value: bytes | None = None
+        twice = False
+        for name, field in ex.headers:
+            rank = ranks.get(_header_key(name))
+            if rank is None or rank > best:
+                continue
+            if rank == best:
+                twice = True
+            else:
+                best, value, twice = rank, field, False
+        if value is None:
+            return None
+        if self._hide:
+            ex.headers = [h for h in ex.headers if ranks.get(_header_key(h[0])) != best]
+        return AMBIGUOUS if twice else value
+
+    def _first_named(self, pairs: list[tuple[str, str]]) -> Found:
+        """Of (name, value) pairs from a query string or form: the first key name's value."""
+        if not pairs:
+            return None
+        for name in self._names:
+            values = [value for key, value in pairs if key == name]
+            if len(values) > 1:
+                return AMBIGUOUS
+            if values:
+                return values[0].encode("utf-8")
+        return None
+
+    def _from_body(self, ex: Exchange, body: bytes | None) -> Found:
+        if not body:
+            return None
+        content_type = ex.header_bytes(b"content-type")
+        if is_form(content_type):
+            pairs = parse_qsl(body.decode("latin-1"), keep_blank_values=True)
+            key = self._first_named([(k, v) for k, v in pairs if k in self._name_set])
+            strip = self._strip_form
+        elif is_json(content_type) and ex.header_bytes(b"content-encoding") is None:
+            key = self._json_key(body)
+            strip = self._strip_json
+        else:
+            return None
+        if key is not None and self._hide:
+            ex.buffer_request_body(strip, self._max_body)
+        return key
+
+    def _json_key(self, body: bytes) -> Found:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        for name in self._names:
+            value = data.get(name)
+            if isinstance(value, str):
+                return value.encode("utf-8")
+        return None
+
+    def _strip_form(self, body: bytes) -> bytes:
+        names = self._name_set
+        return b"&".join(f for f in body.split(b"&") if _form_name(f) not in names)
+
+    def _strip_json(self, body: bytes) -> bytes | None:
+        data = orjson.loads(body)
+        if not isinstance(data, dict):
+            return None
+        for name in self._names:
+            data.pop(name, None)
+        return orjson.dumps(data)
+
+
+def _form_name(field: bytes) -> str:
+    return unquote_plus(field.partition(b"=")[0].decode("latin-1"))
+
+
+def _header_key(name: bytes) -> bytes:
+    """Header names compare case-insensitively and with "_" as "-" (Kong's get_header does the same;
+    some proxies drop or rewrite underscores, so clients use either)."""
+    lname = name.lower()
+    return lname.replace(b"_", b"-") if b"_" in lname else lname
 
 
 def _index(context: PluginContext) -> tuple[Index, Index]:

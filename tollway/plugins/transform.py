@@ -200,3 +200,10 @@ def is_json(content_type: bytes | None) -> bool:
         return False
     media = content_type.split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def is_form(content_type: bytes | None) -> bool:
+    """application/x-www-form-urlencoded (what an HTML form posts)."""
+    if content_type is None:
+        return False
+    return content_type.split(b";", 1)[0].strip().lower() == b"application/x-www-form-urlencoded"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from tollway.errors import (
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 # Request body framing, as the client sent it.
 REQ_NONE, REQ_LENGTH, REQ_CHUNKED = 0, 1, 2
+# What a plugin does to a response header field (Exchange._resp_headers).
+_ADD, _REPLACE, _REMOVE = 0, 1, 2
 # How much request body is kept for a replay when no upstream says (a request not yet routed).
 REPLAY_LIMIT = 65536
 # Methods retried after the request was sent (RFC 9110 9.2.2); others only if the route allows.
@@ -100,6 +102,7 @@ class Exchange:
         "_awaiting_body",
         "_body_buf",
         "_body_buffered",
+        "_body_waiter",
         "_connect_task",
         "_dechunk",
         "_held",
@@ -210,8 +213,10 @@ class Exchange:
         self.request_body_transform: Callable[[bytes], bytes | None] | None = None
         self.response_body_transform: Callable[[bytes], bytes | None] | None = None
         self._awaiting_body = False  # proceed() waits for a whole body to transform
+        self._body_waiter: asyncio.Future[None] | None = None  # a plugin waits for it (whole_request_body)
         self._resp_body: list[bytes] | None = None  # a response body buffered for a transform
-        self._resp_headers: list[tuple[bytes, bytes, bool]] | None = None  # added to the response
+        # Fields added to the response: (name, value, ADD / REPLACE / REMOVE)
+        self._resp_headers: list[tuple[bytes, bytes, int]] | None = None
         self._resp_extra = b""  # those fields as header lines, once the backend's head is in
         self._on_finish: list[Callable[[Exchange], None]] | None = None  # see on_finish()
         self.target: Target | None = None
@@ -478,6 +483,9 @@ class Exchange:
         self.body_done = True
         if self._awaiting_body:
             self._awaiting_body = False
+            if self._body_waiter is not None:
+                self._wake_body_waiter()  # a plugin reads the body before it decides
+                return
             self.proceed()  # the whole body is here: transform it and forward
             return
         conn = self.upstream
@@ -522,12 +530,13 @@ class Exchange:
         """Header lines plugins added, for the head's `extra`: appending bytes keeps the head on its
         fast path (re-serialised only when a field replaces one the backend sent)."""
         parts: list[bytes] = []
-        for name, value, replace in self._resp_headers or ():
-            if replace:
+        for name, value, mode in self._resp_headers or ():
+            if mode != _ADD:
                 lname = name.lower()
                 headers = head.headers
                 headers[:] = [h for h in headers if h[0].lower() != lname]
-            parts += (name, b": ", value, b"\r\n")
+            if mode != _REMOVE:
+                parts += (name, b": ", value, b"\r\n")
         return b"".join(parts)
 
     def _build_response_head(self, head: ResponseHead, raw: bytes) -> bytes:
@@ -804,6 +813,8 @@ class Exchange:
 
     def _finish(self) -> None:
         self.done = True
+        if self._body_waiter is not None:
+            self._wake_body_waiter()
         timer = self._retry_timer
         if timer is not None:
             self._retry_timer = None
@@ -901,11 +912,11 @@ class Exchange:
 
     def add_response_header(self, name: str, value: str) -> None:
         """Add a header to whatever response this request gets (the backend's or the gateway's)."""
-        self._response_header(name, value, False)
+        self._response_header(name, value, _ADD)
 
     def set_response_header(self, name: str, value: str) -> None:
         """Like add_response_header, but replacing any field of that name the response has."""
-        self._response_header(name, value, True)
+        self._response_header(name, value, _REPLACE)
 
     def add_response_fields(self, fields: list[tuple[bytes, bytes]]) -> None:
         """Add header fields the caller built itself, already valid (names are tokens, values have no
@@ -914,21 +925,59 @@ class Exchange:
         if extra is None:
             extra = self._resp_headers = []
         for name, value in fields:
-            extra.append((name, value, False))
+            extra.append((name, value, _ADD))
 
-    def _response_header(self, name: str, value: str, replace: bool) -> None:
+    def remove_response_header(self, name: str) -> None:
+        """Remove a header from the backend's response (a gateway answer has only the fields plugins
+        add): what a backend must not tell the client, like a CORS grant the gateway refused."""
+        self._response_header(name, "", _REMOVE)
+
+    def _response_header(self, name: str, value: str, mode: int) -> None:
         field = header_field(name, value)
         extra = self._resp_headers
         if extra is None:
             extra = self._resp_headers = []
-        extra.append((field[0], field[1], replace))
+        extra.append((field[0], field[1], mode))
 
     def _add_response_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
-        for name, value, replace in self._resp_headers or ():
-            if replace:
+        for name, value, mode in self._resp_headers or ():
+            if mode != _ADD:
                 lname = name.lower()
                 headers[:] = [h for h in headers if h[0].lower() != lname]
-            headers.append((name, value))
+            if mode != _REMOVE:
+                headers.append((name, value))
+
+    def whole_request_body(self, max_size: int) -> bytes | Awaitable[bytes | None] | None:
+        """The whole request body, for a plugin that must read it before deciding (key-auth's
+        `key_in_body`); call it in rewrite/access. Bytes when the body is all here, else an awaitable
+        resolving to it once it is (None if the request ends first); None when it is not read: chunked,
+        or a Content-Length over `max_size`. The body is still forwarded as received."""
+        kind = self.body_kind
+        if kind == REQ_NONE:
+            return b""
+        if kind != REQ_LENGTH or self.content_length > max_size or self.upstream is not None:
+            return None
+        if self.body_done:
+            return b"".join(self._body_buf)
+        waiter = self._body_waiter
+        if waiter is None:  # (request_done wakes it; so does the end of the request)
+            waiter = self._body_waiter = asyncio.get_running_loop().create_future()
+            self._awaiting_body = True  # read on without pausing: the body is at most max_size
+            if self.expect_continue:
+                self.expect_continue = False
+                self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.client.resume_reading_for(self)
+        return self._body_arrival(waiter)
+
+    async def _body_arrival(self, waiter: asyncio.Future[None]) -> bytes | None:
+        await waiter
+        return b"".join(self._body_buf) if self.body_done and not self.done else None
+
+    def _wake_body_waiter(self) -> None:
+        waiter = self._body_waiter
+        self._body_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def buffer_request_body(self, transform: Callable[[bytes], bytes | None], max_size: int) -> bool:
         """Have `transform(body)` rewrite the whole request body before it is forwarded (it returns the
