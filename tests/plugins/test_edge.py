@@ -7,7 +7,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from tests.support import RawClient, gateway_config, request
+from tests.support import RawClient, echo, gateway_config, request, response
 from tollway.plugins.correlation_id import CorrelationIdConfig
 from tollway.plugins.cors import CorsConfig
 from tollway.plugins.request_size_limit import RequestSizeLimitConfig
@@ -78,6 +78,30 @@ def test_actual_requests_get_cors_headers_replacing_the_backends(harness):
     assert plain.header("access-control-allow-origin") is None
 
 
+def test_a_refused_origin_loses_the_backends_own_cors_grant(harness):
+    gw = harness(cors(preflight_continue=True))
+    grants = [
+        ("Access-Control-Allow-Origin", "*"),
+        ("Access-Control-Allow-Credentials", "true"),
+        ("Access-Control-Expose-Headers", "X-Secret"),
+        ("X-Other", "kept"),
+    ]
+    backend = (200, [("Content-Type", "application/json"), *grants], b'{"secret": 1}')
+    evil = gw.request("GET", "/items", {"Origin": "https://evil.example.com"}, backend=backend)
+    assert evil.status == 200
+    for name in ("access-control-allow-origin", "access-control-allow-credentials"):
+        assert evil.response.header_all(name) == [], name
+    assert evil.header("access-control-expose-headers") is None
+    assert evil.header("x-other") == "kept"
+    assert evil.response.body == b'{"secret": 1}'  # intact: only the browser's permission is gone
+    # a preflight forwarded to the backend (preflight_continue) loses it too
+    forwarded = gw.request("OPTIONS", "/items", preflight(origin="https://evil.example.com"), backend=backend)
+    assert forwarded.upstream is not None
+    assert forwarded.header("access-control-allow-origin") is None
+    # without Origin (not a cross-origin request) the backend's headers pass untouched
+    assert gw.request("GET", "/items", backend=backend).header("access-control-allow-origin") == "*"
+
+
 def test_gateway_answers_carry_cors_headers_too(harness):
     gw = harness({"plugins": [{"name": "cors", "config": {"origins": [APP]}}, {"name": "key-auth"}]})
     denied = gw.request("GET", "/", {"Origin": APP})
@@ -141,7 +165,7 @@ def test_correlation_id_keeps_the_clients_and_echoes(harness):
     ("generator", "pattern"),
     [
         ("uuid", r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"),
-        ("uuid#counter", r"^[0-9a-f]{32}#\d+$"),
+        ("uuid#counter", r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}#\d+$"),
     ],
 )
 def test_correlation_id_generators(harness, generator, pattern):
@@ -216,7 +240,14 @@ def test_chunked_bodies_are_counted(harness):
 # -- integration --------------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_cors_correlation_and_size_limit_through_a_real_gateway(gateway, backend):
-    be = backend()
+    async def grants_everyone(seen, writer):  # a backend that says "*" itself, on /grant
+        if seen.target == "/grant":
+            headers = [("Access-Control-Allow-Origin", "*"), ("X-Backend", "grant")]
+            writer.write(response(200, b"{}", headers))
+            return True
+        return await echo(seen, writer)
+
+    be = backend(grants_everyone)
     cfg = gateway_config(
         be.url,
         routes=[
@@ -233,6 +264,12 @@ def test_cors_correlation_and_size_limit_through_a_real_gateway(gateway, backend
         ],
     )
     gw = gateway(cfg)
+    evil = request(gw.port, "GET", "/grant", headers={"Origin": "https://evil.example.com"})
+    assert evil.status == 200
+    assert evil.header("access-control-allow-origin") is None  # the backend's "*" is removed
+    assert evil.header("x-backend") == "grant"
+    assert len(be.seen) == 1
+    be.seen.clear()
     pre = request(gw.port, "OPTIONS", "/x", headers=preflight())
     assert pre.status == 204
     assert pre.header("access-control-max-age") == "60"

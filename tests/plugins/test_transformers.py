@@ -82,6 +82,18 @@ def test_request_header_operations_in_order(harness):
     assert seen.header_all("x-exists") == ["mine", "appended"]
 
 
+def test_a_rename_onto_an_existing_header_replaces_it(harness):
+    gw = harness(req(rename={"headers": {"x-user-v1": "X-User", "x-a": "x-b", "x-b": "x-c"}}))
+    seen = gw.request(
+        "GET", "/", [("X-User", "forged"), ("X-User-V1", "alice"), ("X-B", "b"), ("X-A", "a"), ("X-C", "c")]
+    ).upstream
+    assert seen.header_all("x-user") == ["alice"]  # one value: the renamed header's
+    assert seen.header("x-user-v1") is None
+    assert seen.header_all("x-b") == ["a"] and seen.header_all("x-c") == ["b"]  # renames do not chain
+    untouched = gw.request("GET", "/", [("X-User", "mine")]).upstream
+    assert untouched.header_all("x-user") == ["mine"]  # nothing to rename: nothing replaced
+
+
 def test_request_query_operations_are_encoded(harness):
     gw = harness(
         req(
@@ -163,6 +175,13 @@ def test_response_header_operations(harness):
     assert result.header("server") is None
     assert result.header("x-gateway") == "tollway"
     assert result.header("x-public") == "v"
+
+
+def test_response_rename_onto_an_existing_header_replaces_it(harness):
+    gw = harness(resp(rename={"headers": {"x-backend-cache": "Cache-Control"}}))
+    backend = backend_json({}, [("Cache-Control", "no-store"), ("X-Backend-Cache", "max-age=60")])
+    result = gw.request("GET", "/", backend=backend)
+    assert result.response.header_all("cache-control") == ["max-age=60"]
 
 
 def test_response_json_body_operations(harness):

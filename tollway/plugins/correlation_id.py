@@ -23,7 +23,8 @@ class CorrelationIdConfig(PluginConfig):
     generator: Literal["request-id", "uuid", "uuid#counter"] = Field(
         "request-id",
         description='"request-id": the gateway\'s request id; "uuid": a random UUID per request; '
-        '"uuid#counter": a UUID per worker plus a counter (cheaper than a UUID each)',
+        '"uuid#counter": a UUID per worker plus a counter (cheaper than a UUID each), like '
+        '"<uuid>#42"',
     )
     echo_downstream: bool = Field(False, description="send the id back to the client in the response")
 
@@ -42,7 +43,7 @@ class CorrelationId(Plugin[CorrelationIdConfig]):
         self._generator = config.generator
         self._reuse_request_id = config.generator == "request-id"
         self._echo = config.echo_downstream
-        self._prefix = uuid.uuid4().hex.encode() + b"#"
+        self._prefix = str(uuid.uuid4()).encode() + b"#"  # 8-4-4-4-12, like "uuid" (and Kong's)
         self._counter = 0
 
     def access(self, ex: Exchange) -> None:

@@ -5,8 +5,9 @@
   sees it (unless `preflight_continue`).
 - An actual cross-origin request from an allowed origin goes on; its response (the backend's or the
   gateway's own, a 401 included, so a browser can read it) gets Access-Control-Allow-Origin, -Credentials
-  and -Expose-Headers, replacing any the backend set. Other origins get no CORS headers: the browser
-  then withholds the response from the page.
+  and -Expose-Headers, replacing any the backend set. Other origins get no CORS headers — those the
+  backend sent (its own `Access-Control-Allow-Origin: *`) are removed — so the browser withholds the
+  response from the page.
 - Requests without Origin pass untouched.
 
 Origins are exact (`https://app.example.com`), `*`, or a regular expression after `~`
@@ -29,6 +30,8 @@ from tollway.proxy.responses import Response, error_response
 if TYPE_CHECKING:
     from tollway.proxy.exchange import Exchange
 
+# What a response grants cross-origin: removed from the backend's response when the origin is refused.
+_GRANTS = ("Access-Control-Allow-Origin", "Access-Control-Allow-Credentials", "Access-Control-Expose-Headers")
 _DEFAULT_METHODS = ["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE"]
 _ORIGIN = re.compile(r"^(\*|null|https?://[^\s/?#]+)$")
 _TOKEN_LIST = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*$")
@@ -102,6 +105,9 @@ class Cors(Plugin[CorsConfig]):
             return self._preflight(ex, origin, allowed)
         if allowed:
             self._decorate(ex, origin)
+        else:  # a grant the backend made itself must not reach the browser either
+            for name in _GRANTS:
+                ex.remove_response_header(name)
         return None
 
     def _allowed(self, origin: str) -> bool:

@@ -1,9 +1,9 @@
-"""Header, query and JSON-body edits shared by request-transformer and response-transformer.
+"""Header, query and body edits shared by request-transformer and response-transformer.
 
-Operations run in Kong's order: remove, rename, replace (only what is present), add (only what is
-absent), append (always). Header names and values are checked when the config loads — a value with CR,
-LF, NUL or another control character never reaches the wire — and headers the gateway manages itself
-(framing, hop-by-hop, forwarding) cannot be edited.
+Operations run in Kong's order: remove, rename (onto a name already present: replacing it), replace
+(only what is present), add (only what is absent), append (always). Header names and values are
+checked when the config loads — a value with CR, LF, NUL or another control character never reaches
+the wire — and headers the gateway manages itself (framing, hop-by-hop, forwarding) cannot be edited.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class HeaderEdits:
             return low(name), name.encode("latin-1"), value.encode("utf-8")
 
         self.remove = frozenset(low(n) for n in ops.remove.headers)
-        self.rename = {low(old): new.encode("latin-1") for old, new in ops.rename.headers.items()}
+        self.rename = {low(old): (new.encode("latin-1"), low(new)) for old, new in ops.rename.headers.items()}
         self.replace = [pair(n, v) for n, v in ops.replace.headers.items()]
         self.add = [pair(n, v) for n, v in ops.add.headers.items()]
         self.append = [pair(n, v) for n, v in ops.append.headers.items()]
@@ -116,12 +116,18 @@ class HeaderEdits:
 
     def apply(self, headers: Headers) -> None:
         out: Headers = []
+        rename = self.rename
+        # A rename onto a name the message already has replaces it: the receiver gets one value.
+        replaced = {rename[n][1] for n in (h[0].lower() for h in headers) if n in rename} if rename else ()
         for name, value in headers:
             lname = name.lower()
             if lname in self.remove:
                 continue
-            new = self.rename.get(lname)
-            out.append((new, value) if new is not None else (name, value))
+            new = rename.get(lname)
+            if new is not None:
+                out.append((new[0], value))
+            elif lname not in replaced:
+                out.append((name, value))
         for lname, name, value in self.replace:
             if any(n.lower() == lname for n, _ in out):
                 out = [h for h in out if h[0].lower() != lname]
