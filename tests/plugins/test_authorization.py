@@ -47,6 +47,17 @@ def test_acl_deny(harness, key, status):
     assert harness(acl_config({"deny": ["admins"]})).request("GET", "/", {"apikey": key}).status == status
 
 
+def test_acl_rejection_status_and_message(harness):
+    gw = harness(acl_config({"allow": ["admins"], "status": 404, "message": "no such thing"}))
+    result = gw.request("GET", "/", {"apikey": "sam-key"})
+    assert result.status == 404
+    assert result.json() == {"message": "no such thing", "request_id": result.header("x-request-id")}
+    assert result.upstream is None
+    assert gw.request("GET", "/", {"apikey": "ann-key"}).status == 200
+    with pytest.raises(ValidationError):
+        AclConfig(allow=["a"], status=302)
+
+
 def test_acl_forwards_groups_unless_hidden(harness):
     seen = (
         harness(acl_config({"allow": ["staff"]}))

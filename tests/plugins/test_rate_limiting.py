@@ -298,3 +298,44 @@ def test_concurrency_limit_refuses_while_a_request_is_in_flight(harness: Any) ->
     policy.release("127.0.0.1", time.time())
     assert gw.request("GET", "/users").status == 200
     assert gw.request("GET", "/users").status == 200  # and the gateway released its own slot
+
+
+# -- the refusal's status and message ------------------------------------------------------------------------
+def test_rejection_status_and_message_are_configurable(harness: Any) -> None:
+    gw = harness(
+        config(
+            {
+                "name": "rate-limiting",
+                "config": {"minute": 0, "key": "ip", "status": 503, "message": "slow down, please"},
+            }
+        )
+    )
+    before = decisions("limited")
+    denied = gw.request("GET", "/users")
+    assert denied.status == 503
+    assert denied.upstream is None
+    assert denied.json()["message"] == "slow down, please"
+    assert denied.json()["violated-policies"] == ["minute"]
+    assert denied.header("retry-after") is not None
+    assert decisions("limited") == before + 1  # still counted as limited, not as a Redis error
+
+
+def test_concurrency_limit_rejection_status_and_message(harness: Any) -> None:
+    gw = harness(
+        config(
+            {
+                "name": "concurrency-limit",
+                "config": {"limit": 0, "key": "ip", "status": 418, "message": "busy"},
+            }
+        )
+    )
+    denied = gw.request("GET", "/users")
+    assert (denied.status, denied.json()["message"]) == (418, "busy")
+    assert denied.upstream is None
+
+
+@pytest.mark.parametrize("bad", [{"status": 200}, {"status": 600}, {"message": ""}, {"message": "x" * 201}])
+def test_rejection_status_and_message_are_checked(bad: dict[str, Any]) -> None:
+    for name, limit in (("rate-limiting", {"minute": 1}), ("concurrency-limit", {"limit": 1})):
+        with pytest.raises(ConfigError, match=r"status|message"):
+            validate(config({"name": name, "config": {**limit, **bad}}))

@@ -1,8 +1,9 @@
 """acl: allow or deny consumers by group (`consumers[].groups`) → 403.
 
 Runs after authentication (authorization band). With `allow`, a consumer needs at least one of the
-groups; with `deny`, none of them. A request with no consumer at all (no authentication plugin ran, or
-it let the request through without one) is answered 401. The backend gets the consumer's groups in
+groups; with `deny`, none of them (a refusal is 403 "forbidden" unless `status` and `message` say
+otherwise). A request with no consumer at all (no authentication plugin ran, or it let the request
+through without one) is answered 401. The backend gets the consumer's groups in
 X-Consumer-Groups unless `hide_groups_header` is set. Decisions are cached per consumer.
 """
 
@@ -24,6 +25,8 @@ class AclConfig(PluginConfig):
     allow: list[str] = Field(default_factory=list, description="groups allowed (any one suffices)")
     deny: list[str] = Field(default_factory=list, description="groups denied (any one refuses)")
     hide_groups_header: bool = Field(False, description="do not send X-Consumer-Groups to the backend")
+    status: int = Field(403, ge=400, le=599, description="status of a refusal")
+    message: str = Field("forbidden", min_length=1, max_length=200, description="message of a refusal")
 
     @model_validator(mode="after")
     def _one_list(self) -> AclConfig:
@@ -51,7 +54,7 @@ class Acl(Plugin[AclConfig]):
         if allowed is None:
             allowed = self._decisions[consumer] = self._decide(consumer.groups)
         if not allowed:
-            return error_response(403, "forbidden", ex.request_id.decode("latin-1"))
+            return error_response(self.config.status, self.config.message, ex.request_id.decode("latin-1"))
         if self._send_groups and consumer.groups:
             ex.headers.append((b"X-Consumer-Groups", consumer.groups_value))
         return None

@@ -82,7 +82,7 @@ class ConcurrencyLimit(Plugin[ConcurrencyLimitConfig]):
         self.spec = LimitSpec(config.name, config.limit, config.lease, "concurrency", scope=scope)
         self._held = _policy_for(self.spec)
         self._keys = KeyBuilder(list(config.key), config.header_name)
-        self._answers = LimitAnswers(self.name, [self.spec], config.headers)
+        self._answers = LimitAnswers(self.name, [self.spec], config.headers, config.status, config.message)
 
     def access(self, ex: Exchange) -> Response | None:
         held = self._held

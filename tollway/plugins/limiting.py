@@ -58,6 +58,10 @@ class LimitPluginConfig(PluginConfig):
     )
     header_name: HeaderName | None = Field(None, description="the request header of the `header` key part")
     headers: HeaderSettings = Field(default_factory=HeaderSettings, description="response headers sent")
+    status: int = Field(429, ge=400, le=599, description="status of a refusal over the limit")
+    message: str = Field(
+        "rate limit exceeded", min_length=1, max_length=200, description="message of a refusal over the limit"
+    )
     scope: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9._:-]{1,64}$",
@@ -144,14 +148,31 @@ def _service(ex: Exchange) -> str:
 
 class LimitAnswers:
     """What a limit plugin does with its decisions, built once per config: the RateLimit headers on
-    every response, the 429 (or 503) when a limit says no, and
+    every response, the 429 (or the configured status; 503 when a limit could not be checked), and
     tollway_rate_limit_decisions_total{plugin, route, decision} — a counter handle per (decision, route),
     made on first use (routes are bounded by the config)."""
 
-    __slots__ = ("_handles", "_ietf", "_legacy", "_per_limit", "_plugin", "_policy_field")
+    __slots__ = (
+        "_handles",
+        "_ietf",
+        "_legacy",
+        "_message",
+        "_per_limit",
+        "_plugin",
+        "_policy_field",
+        "_status",
+    )
 
-    def __init__(self, plugin: str, specs: list[LimitSpec], settings: HeaderSettings) -> None:
+    def __init__(
+        self,
+        plugin: str,
+        specs: list[LimitSpec],
+        settings: HeaderSettings,
+        status: int = 429,
+        message: str = "rate limit exceeded",
+    ) -> None:
         self._plugin = plugin
+        self._status, self._message = status, message
         self._ietf, self._legacy, self._per_limit = settings.ietf, settings.legacy, settings.per_limit
         self._policy_field = (b"RateLimit-Policy", rl_headers.ratelimit_policy(specs).encode("latin-1"))
         self._handles: dict[str, dict[str, Counter]] = {}  # decision -> route -> handle
@@ -173,8 +194,9 @@ class LimitAnswers:
         return None
 
     def _deny(self, ex: Exchange, decisions: list[Decision]) -> Response:
-        status, body = rl_headers.denial_body(decisions, ex.request_id.decode("latin-1"))
-        self.count(ex, "error" if status == 503 else "limited")
+        rid = ex.request_id.decode("latin-1")
+        status, body = rl_headers.denial_body(decisions, rid, self._status, self._message)
+        self.count(ex, "error" if any(d.unavailable for d in decisions if not d.allowed) else "limited")
         headers = [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)]
         headers.append((b"Retry-After", rl_headers.retry_after(decisions).encode("latin-1")))
         return Response(status, body, headers)

@@ -136,7 +136,7 @@ class RateLimiting(Plugin[RateLimitingConfig]):
         self.policies: list[Policy] = [self._policy(spec) for spec in self.specs]
         self._keys = KeyBuilder(list(config.key), config.header_name)
         self._cost = config.cost
-        self._answers = LimitAnswers(self.name, self.specs, config.headers)
+        self._answers = LimitAnswers(self.name, self.specs, config.headers, config.status, config.message)
         self._single = self.policies[0] if len(self.policies) == 1 else None
 
     def _policy(self, spec: LimitSpec) -> Policy:

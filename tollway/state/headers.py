@@ -156,9 +156,15 @@ def response_headers(
     return headers
 
 
-def denial_body(decisions: Sequence[Decision], request_id: str = "") -> tuple[int, bytes]:
-    """(status, JSON body) for a denied request: 429 when over a limit, 503 when a limit could not be
-    checked and fails closed."""
+def denial_body(
+    decisions: Sequence[Decision],
+    request_id: str = "",
+    status: int = 429,
+    message: str = "rate limit exceeded",
+) -> tuple[int, bytes]:
+    """(status, JSON body) for a denied request: `status` (429) with `message` when over a limit, 503
+    when a limit could not be checked and fails closed."""
+    limited_status, limited_message = status, message
     denied = [d for d in decisions if not d.allowed]
     unavailable = any(d.unavailable for d in denied)
     wait = int(retry_after(decisions))
@@ -174,9 +180,9 @@ def denial_body(decisions: Sequence[Decision], request_id: str = "") -> tuple[in
             "retry_after": wait,
         }
     else:
-        status = 429
+        status = limited_status
         body = {
-            "message": "rate limit exceeded",
+            "message": limited_message,
             "request_id": request_id,
             "type": QUOTA_EXCEEDED,
             "title": "Quota Exceeded",
