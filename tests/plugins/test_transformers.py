@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qsl
 
 import pytest
 from pydantic import ValidationError
@@ -159,6 +160,57 @@ def test_request_body_transform_of_a_larger_body(harness):
 
 
 # -- response-transformer ---------------------------------------------------------------------------------
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def test_request_form_body_operations(harness):
+    gw = harness(
+        req(
+            remove={"body": ["password"]},
+            rename={"body": {"user": "username"}},
+            replace={"body": {"channel": "api", "absent": "never"}},
+            add={"body": {"source": "gateway", "n": 3, "channel": "not-added"}},
+            append={"body": {"tag": "café"}},
+        )
+    )
+    body = b"user=ann&username=forged&password=s3cret&channel=web&channel=app&tag=a+b&note=caf%E9"
+    seen = gw.request("POST", "/", FORM, body=body).upstream
+    assert parse_qsl(seen.body.decode(), keep_blank_values=True, encoding="latin-1") == [
+        ("username", "ann"),  # the rename replaced the client's own "username"
+        ("channel", "api"),  # all fields of the name become one
+        ("tag", "a b"),
+        ("note", "caf\xe9"),  # a latin-1 byte from the client passes unchanged
+        ("source", "gateway"),
+        ("n", "3"),
+        ("tag", "caf\xc3\xa9"),  # the config's text, as UTF-8
+    ]
+    assert seen.header("content-length") == str(len(seen.body))
+    charset = gw.request(
+        "POST", "/", {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}, body=b"x=1"
+    )
+    assert parse_qsl(charset.upstream.body.decode()) == [
+        ("x", "1"),
+        ("source", "gateway"),
+        ("n", "3"),
+        ("channel", "not-added"),  # absent here: added
+        ("tag", "café"),
+    ]
+    text = gw.request("POST", "/", {"Content-Type": "text/plain"}, body=b"password=1")
+    assert text.upstream.body == b"password=1"  # not a form: untouched
+
+
+def test_request_method_change(harness):
+    gw = harness(req(http_method="post"))
+    seen = gw.request("GET", "/x?a=1").upstream
+    assert seen.start == "POST /x?a=1 HTTP/1.1"
+    assert gw.request("PUT", "/x", JSON, body=b"{}").upstream.start.startswith("POST /x ")
+    head = gw.request("HEAD", "/x", backend=(200, [("Content-Length", "0")], b"")).upstream
+    assert head.start.startswith("HEAD /x ")  # a HEAD answer has no body: HEAD stays HEAD
+    for bad in ("HEAD", "CONNECT", "GET /", ""):
+        with pytest.raises(ValidationError):
+            RequestTransformerConfig(http_method=bad)
+
+
 def backend_json(data, headers=()) -> tuple:
     return 200, [("Content-Type", "application/json"), *headers], json.dumps(data).encode()
 
@@ -289,3 +341,34 @@ def test_transformers_through_a_real_gateway(gateway, backend):
     assert seen.header("x-from") == "gw"
     plain = request(gw.port, "GET", "/y")
     assert plain.json() == {"echo": {}}
+
+
+@pytest.mark.integration
+def test_method_form_body_and_header_rename_through_a_real_gateway(gateway, backend):
+    be = backend()
+    cfg = gateway_config(be.url)
+    cfg["plugins"] = [
+        {
+            "name": "request-transformer",
+            "config": {
+                "http_method": "PUT",
+                "rename": {"headers": {"x-user-v1": "X-User"}, "body": {"pw": "password"}},
+                "add": {"body": {"via": "gw"}},
+            },
+        }
+    ]
+    gw = gateway(cfg)
+    result = request(
+        gw.port,
+        "POST",
+        "/form",
+        {**FORM, "X-User": "forged", "X-User-V1": "alice"},
+        b"name=a+b&pw=x%26y",
+    )
+    assert result.status == 200
+    seen = be.seen[-1]
+    assert seen.method == "PUT"
+    assert seen.header_all("x-user") == ["alice"]
+    assert seen.header("x-user-v1") is None
+    assert parse_qsl(seen.body.decode()) == [("name", "a b"), ("password", "x&y"), ("via", "gw")]
+    assert seen.header("content-length") == str(len(seen.body))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, urlencode
 
 import orjson
 from pydantic import Field, field_validator
@@ -50,7 +50,7 @@ def _unmanaged(names: Iterable[str]) -> None:
 class Names(PluginConfig):
     headers: list[HeaderName] = Field(default_factory=list)
     querystring: list[str] = Field(default_factory=list)
-    body: list[str] = Field(default_factory=list, description="top-level JSON fields")
+    body: list[str] = Field(default_factory=list, description="top-level JSON fields (or form fields)")
 
     @field_validator("headers")
     @classmethod
@@ -199,6 +199,47 @@ class BodyEdits:
             else:
                 data[name] = [data[name], value]
         return orjson.dumps(data)
+
+
+# -- form bodies (application/x-www-form-urlencoded) ---------------------------------------------------------
+class FormEdits:
+    """The body operations on a form: names may repeat, values are text (other JSON values as JSON)."""
+
+    # Forms are handled as latin-1 text, which keeps every byte of the client's fields as it was (they
+    # may be in any charset); the config's names and values become their UTF-8 bytes, the same way.
+    def __init__(self, ops: TransformOps) -> None:
+        self.remove = frozenset(_raw(name) for name in ops.remove.body)
+        self.rename = {_raw(old): _raw(new) for old, new in ops.rename.body.items()}
+        self.replace = {_raw(name): _form_value(value) for name, value in ops.replace.body.items()}
+        self.add = [(_raw(name), _form_value(value)) for name, value in ops.add.body.items()]
+        self.append = [(_raw(name), _form_value(value)) for name, value in ops.append.body.items()]
+
+    def apply(self, body: bytes) -> bytes:
+        """The edited form, re-encoded (a value's encoding may change, `%20` to `+`; its meaning not)."""
+        pairs = parse_qsl(body.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+        renamed = {self.rename[n] for n, _ in pairs if n in self.rename}
+        fields = [
+            (self.rename.get(n, n), v)
+            for n, v in pairs
+            if n not in self.remove and (n in self.rename or n not in renamed)  # a rename replaces
+        ]
+        for name, value in self.replace.items():
+            if any(n == name for n, _ in fields):
+                first = next(i for i, (n, _) in enumerate(fields) if n == name)
+                fields = [f for i, f in enumerate(fields) if f[0] != name or i == first]
+                fields[first] = (name, value)
+        present = {n for n, _ in fields}
+        fields += [(n, v) for n, v in self.add if n not in present]
+        fields += self.append
+        return urlencode(fields, encoding="latin-1").encode("latin-1")
+
+
+def _form_value(value: Any) -> str:
+    return _raw(value) if isinstance(value, str) else orjson.dumps(value).decode("latin-1")
+
+
+def _raw(text: str) -> str:
+    return text.encode("utf-8").decode("latin-1")
 
 
 def is_json(content_type: bytes | None) -> bool:
