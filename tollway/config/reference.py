@@ -47,6 +47,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("gateway.metrics", "Metrics"),
     ("gateway.tracing", "Tracing"),
     ("gateway.dns", "DnsSettings"),
+    ("gateway.forwarded_headers", "ForwardedHeaders"),
     ("services[]", "Service"),
     ("routes[]", "Route"),
     ("upstreams[]", "Upstream"),

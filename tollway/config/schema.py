@@ -233,6 +233,22 @@ def parse_nameserver(text: str) -> tuple[str, int]:
     return host, port
 
 
+class ForwardedHeaders(Model):
+    """Forwarding headers sent to backends besides X-Forwarded-For/-Proto/-Host (which are always sent).
+    Each costs nothing while off; when on, a trusted proxy's own value is kept, anyone else's replaced."""
+
+    x_real_ip: bool = Field(
+        False,
+        description="send X-Real-IP: the client's address (through `trusted_proxies`, like plugins see it)",
+    )
+    x_forwarded_port: bool = Field(
+        False, description="send X-Forwarded-Port: the port the client connected to"
+    )
+    x_forwarded_prefix: bool = Field(
+        False, description="send X-Forwarded-Prefix: the path prefix a `strip_path` route removed"
+    )
+
+
 class GatewaySettings(Model):
     """Settings of the gateway node. `listen`, `status_listen` and `workers` apply at start only."""
 
@@ -254,7 +270,12 @@ class GatewaySettings(Model):
     )
     trusted_proxies: list[Cidr] = Field(
         default_factory=list,
-        description="clients whose X-Forwarded-For / -Proto / -Host are believed and extended",
+        description="clients whose X-Forwarded-For / -Proto / -Host are believed and extended (and whose "
+        "X-Real-IP / X-Forwarded-Port / -Prefix are kept, see forwarded_headers)",
+    )
+    forwarded_headers: ForwardedHeaders = Field(
+        default_factory=ForwardedHeaders,
+        description="X-Real-IP, X-Forwarded-Port, X-Forwarded-Prefix to backends",
     )
     drain_timeout: Duration = Field(30.0, ge=0, description="SIGTERM: time in-flight requests get to finish")
     drain_delay: Duration = Field(

@@ -1,10 +1,11 @@
 """Client addresses for plugins: the real client IP behind trusted proxies, and fast CIDR sets.
 
-`real_client_ip` believes X-Forwarded-For only as far as the proxies in `gateway.trusted_proxies`
-reach: starting from the connection's peer, it walks the header right to left while the hop that
-appended an entry is trusted, and stops at the first address a trusted proxy saw but does not vouch
-for (nginx's `real_ip_recursive`). A client that is not behind a trusted proxy cannot choose its address
-by sending the header.
+`real_client_ip` (defined in tollway.proxy.forwarded, which also sends it as X-Real-IP) believes
+X-Forwarded-For only as far as the proxies in `gateway.trusted_proxies` reach: starting from the
+connection's peer, it walks the header right to left while the hop that appended an entry is trusted,
+and stops at the first address a trusted proxy saw but does not vouch for (nginx's
+`real_ip_recursive`). A client that is not behind a trusted proxy cannot choose its address by sending
+the header.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from __future__ import annotations
 import ipaddress
 from bisect import bisect_right
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
+from tollway.proxy.forwarded import real_client_ip  # the one implementation (X-Real-IP uses it too)
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -29,24 +28,6 @@ def parse_ip(text: str) -> IpAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
-
-
-def real_client_ip(ex: Exchange) -> str:
-    """The client's address: the peer, or what trusted proxies in front of us say it is."""
-    peer = ex.client.peer_ip.decode("latin-1")
-    if not ex.client.trusted or not ex.x_forwarded_for:
-        return peer
-    snapshot = ex.snapshot
-    hops = ex.x_forwarded_for.decode("latin-1").split(",")
-    client = peer
-    for hop in reversed(hops):
-        if not snapshot.is_trusted_proxy(client):
-            break  # `client` was appended by someone we do not trust to tell the truth about it
-        address = parse_ip(hop)
-        if address is None:
-            break  # garbage in the header: keep the last address a trusted hop vouched for
-        client = str(address)
-    return client
 
 
 class IpSet:
@@ -91,3 +72,6 @@ def _merge(ranges: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
             starts.append(start)
             ends.append(end)
     return starts, ends
+
+
+__all__ = ["IpAddress", "IpSet", "parse_ip", "real_client_ip"]

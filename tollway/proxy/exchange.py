@@ -38,6 +38,7 @@ from tollway.protocol.http1 import (
     chunk,
     connection_listed_headers,
 )
+from tollway.proxy.forwarded import stripped_prefix
 from tollway.proxy.responses import Response, error_response, serialize
 from tollway.router import MethodNotAllowed, normalize_path
 from tollway.upstream.retry import ON_ERROR, ON_TIMEOUT
@@ -127,6 +128,7 @@ class Exchange:
         "credential",
         "done",
         "expect_continue",
+        "forwarded_prefix",
         "headers",
         "host",
         "keep_alive",
@@ -202,6 +204,7 @@ class Exchange:
         self.query = ""
         self.params = _EMPTY_PARAMS
         self.upstream_path = b""
+        self.forwarded_prefix = b""  # what strip_path removed, when X-Forwarded-Prefix is on
         self.route: CompiledRoute | None = None
         self.service: CompiledService | None = None
         self.consumer: Any = None
@@ -328,6 +331,8 @@ class Exchange:
         else:
             path = base + found.path.encode("latin-1")
             self.upstream_path = path + b"?" + self.query.encode("latin-1") if self.query else path
+            if route.strips_prefix and self.snapshot.forwarded is not None:
+                self.forwarded_prefix = stripped_prefix(self.path, found.path)
         return True
 
     # -- forwarding ------------------------------------------------------------------------------------
@@ -426,6 +431,9 @@ class Exchange:
         if self.connection_header:
             listed = connection_listed_headers(self.connection_header)
             headers = [(n, v) for n, v in headers if n.lower() not in listed]
+        forwarded = self.snapshot.forwarded
+        if forwarded is not None:  # X-Real-IP, X-Forwarded-Port, X-Forwarded-Prefix (off by default)
+            headers = forwarded.apply(self, headers)
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         client = self.client

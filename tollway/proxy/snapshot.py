@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from tollway.config.schema import Consumer, GatewayConfig, GatewaySettings, Route, Service
 from tollway.observability.metrics import RouteMetrics
 from tollway.observability.tracecontext import TraceSettings
+from tollway.proxy.forwarded import Forwarded
 from tollway.proxy.pipeline import Pipeline
 from tollway.router import Router
 from tollway.upstream.cluster import Cluster
@@ -55,7 +56,7 @@ class CompiledService:
 
 
 class CompiledRoute:
-    __slots__ = ("metrics", "name", "pipeline", "retry_non_idempotent", "service")
+    __slots__ = ("metrics", "name", "pipeline", "retry_non_idempotent", "service", "strips_prefix")
 
     def __init__(
         self,
@@ -63,11 +64,13 @@ class CompiledRoute:
         service: CompiledService,
         pipeline: Pipeline | None = None,
         retry_non_idempotent: bool = False,
+        strips_prefix: bool = False,
     ) -> None:
         self.name = name
         self.service = service
         self.pipeline = pipeline
         self.retry_non_idempotent = retry_non_idempotent
+        self.strips_prefix = strips_prefix  # strip_path without a rewrite: X-Forwarded-Prefix can say what
         self.metrics: RouteMetrics | None = None  # bound on first use (tollway.observability.recorder)
 
     def __repr__(self) -> str:
@@ -78,6 +81,7 @@ class Snapshot:
     __slots__ = (
         "clusters",
         "config",
+        "forwarded",
         "router",
         "routes",
         "server_header",
@@ -109,6 +113,7 @@ class Snapshot:
             ipaddress.ip_network(cidr, strict=False) for cidr in config.gateway.trusted_proxies
         )
         self.trace = TraceSettings.from_config(config.gateway.tracing)
+        self.forwarded: Forwarded | None = Forwarded.from_config(config.gateway.forwarded_headers)
 
     def __repr__(self) -> str:
         return f"<Snapshot v{self.version} routes={len(self.routes)} services={len(self.services)}>"
@@ -139,7 +144,10 @@ def build_snapshot(
         else:
             cluster, base_path = _url_cluster(service, pool_for, upstreams)
         services[service.name] = CompiledService(service, cluster, base_path)
-    routes = [CompiledRoute(r.name, services[r.service], None, r.retry_non_idempotent) for r in config.routes]
+    routes = [
+        CompiledRoute(r.name, services[r.service], None, r.retry_non_idempotent, _strips(r))
+        for r in config.routes
+    ]
     if _uses_plugins(config):
         from tollway.plugins.build import attach_pipelines  # plugins are ordinary (interpreted) Python
 
@@ -150,6 +158,10 @@ def build_snapshot(
         s.cluster for s in services.values() if s.cluster.name not in clusters
     ]
     return snapshot
+
+
+def _strips(route: Route) -> bool:
+    return route.strip_path and route.rewrite is None
 
 
 def _uses_plugins(config: GatewayConfig) -> bool:
