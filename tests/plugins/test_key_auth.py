@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -9,8 +10,10 @@ import time
 import pytest
 from pydantic import ValidationError
 
+from tests.memory_transport import MemoryTransport
 from tests.support import RawClient, gateway_config, request
 from tollway.plugins.key_auth import KeyAuthConfig, KeyCredential
+from tollway.protocol.server import ClientConnection
 
 CONSUMERS = [
     {"username": "alice", "id": "c-1", "credentials": {"key-auth": [{"key": "alice-key"}]}},
@@ -263,6 +266,20 @@ def test_bodies_not_searched_for_a_key(harness):
     # a header key still works, and the body then is not read at all
     result = gw.request("POST", "/x", [*FORM, ("apikey", "alice-key")], body=big)
     assert result.status == 200 and result.upstream.body == big
+
+
+def test_a_client_leaving_while_its_body_is_awaited(harness):
+    gw = harness(config(key_in_body=True))
+    client = ClientConnection(gw.worker)
+    client.connection_made(MemoryTransport(("127.0.0.1", 50001)))  # type: ignore[arg-type]
+    head = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    gw.loop.call_soon(client.data_received, head + b"Content-Length: 100\r\n\r\napikey=ali")
+    gw._run_until(lambda: False, 0.05)
+    waiting = [task for task in asyncio.all_tasks(gw.loop) if not task.done()]
+    assert waiting  # the hook waits for the rest of the body
+    client.connection_lost(None)
+    assert gw._run_until(lambda: all(task.done() for task in waiting), 2.0)  # nothing left hanging
+    assert gw.logged == []
 
 
 @pytest.mark.integration

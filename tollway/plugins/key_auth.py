@@ -14,7 +14,7 @@ goes on; it costs nothing when off.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote_plus
 
@@ -178,14 +178,15 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         return None
 
     def _from_body(self, ex: Exchange, body: bytes | None) -> Found:
-        if not body:
-            return None
+        if not body or ex.header_bytes(b"content-encoding") is not None:
+            return None  # (a compressed body is not unpacked to look for a key)
         content_type = ex.header_bytes(b"content-type")
+        strip: Callable[[bytes], bytes | None]
         if is_form(content_type):
             pairs = parse_qsl(body.decode("latin-1"), keep_blank_values=True)
             key = self._first_named([(k, v) for k, v in pairs if k in self._name_set])
             strip = self._strip_form
-        elif is_json(content_type) and ex.header_bytes(b"content-encoding") is None:
+        elif is_json(content_type):
             key = self._json_key(body)
             strip = self._strip_json
         else:
