@@ -19,6 +19,7 @@ from typing import Any
 
 from tests.memory_transport import MemoryTransport
 from tollway.config.loader import validate
+from tollway.plugins.registry import PLUGIN_CHECK
 from tollway.protocol.server import ClientConnection
 from tollway.runtime.worker import Worker
 from tollway.upstream.connection import UpstreamConnection
@@ -101,7 +102,7 @@ class Harness:
         config["gateway"] = {"access_log": {"enabled": False}, **config["gateway"]}
         config.setdefault("services", [{"name": "backend", "url": BACKEND_URL}])
         config.setdefault("routes", [{"name": "all", "service": "backend", "paths": ["/"]}])
-        self.config = validate(config)
+        self.config = validate(config, plugins=PLUGIN_CHECK)
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.worker = Worker(self.loop, 0, None, [])  # type: ignore[arg-type]

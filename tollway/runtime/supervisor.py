@@ -34,6 +34,7 @@ from tollway.config.schema import GatewayConfig
 from tollway.config.types import parse_hostport
 from tollway.errors import ConfigError
 from tollway.observability.exposition import CONTENT_TYPE, MetricsHub, resident_bytes
+from tollway.plugins.registry import PLUGIN_CHECK
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.status import start_status_server
 from tollway.runtime.worker import ENV_FDS
@@ -180,7 +181,7 @@ class Supervisor:
             return False
         self._watch_stat = _stat(self.config_path)  # before reading: a later change is seen next poll
         try:
-            config = self._with_overrides(load_file(self.config_path))
+            config = self._with_overrides(load_file(self.config_path, PLUGIN_CHECK))
         except ConfigError as exc:
             self.last_reload = {"time": time.time(), "result": "failed", "version": self.version}
             self.metrics.registry.count("config_reloads_total", result="failed")
