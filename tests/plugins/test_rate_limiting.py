@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tollway.config.loader import ConfigError, validate
-from tollway.observability.metrics import REGISTRY
+from tollway.counters.metrics import REGISTRY
 from tollway.plugins.registry import PLUGIN_CHECK
 from tollway.state.shared import SharedTable, current_node_table, set_node_table
 

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tollway.config.log_fields import DEFAULT_FIELDS, check_field
 from tollway.config.types import Cidr, Duration, ListenAddress, Name, Size, parse_hostport
-from tollway.observability.fields import DEFAULT_FIELDS, check_field
 
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
 _LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from tollway.observability import metrics
+from tollway.counters import metrics
 from tollway.plugins.base import HeaderName, PluginConfig
 from tollway.plugins.netutil import real_client_ip
 from tollway.proxy.responses import Response
 from tollway.state import headers as rl_headers
 
 if TYPE_CHECKING:
-    from tollway.observability.metrics import Counter
+    from tollway.counters.metrics import Counter
     from tollway.proxy.exchange import Exchange
     from tollway.state.spec import Decision, LimitSpec
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from tollway.config.schema import Consumer, GatewayConfig, GatewaySettings, Route, Service
-from tollway.observability.metrics import RouteMetrics
+from tollway.counters.metrics import RouteMetrics
 from tollway.observability.tracecontext import TraceSettings
 from tollway.proxy.pipeline import Pipeline
 from tollway.router import Router

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tollway.config.types import parse_hostport
-from tollway.observability import metrics
+from tollway.counters import metrics
 from tollway.upstream.health import CheckResult, CheckState, probe
 from tollway.upstream.registry import Record, TargetKey, address_label, is_ip, target_records
 
