@@ -49,6 +49,10 @@ HOT_MODULES = [
     "tollway/state/spec.py",
     "tollway/state/shared.py",
     "tollway/state/local.py",
+    "tollway/state/policy_stats.py",
+    "tollway/state/redis_health.py",
+    "tollway/state/redis_policy.py",
+    "tollway/state/batched.py",
     "tollway/state/limits.py",
     "tollway/state/headers.py",
 ]

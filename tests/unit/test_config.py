@@ -491,7 +491,7 @@ def test_route_errors_in_a_file_point_at_the_route() -> None:
 def test_plugin_configs_are_checked_by_the_check_the_loader_is_given() -> None:
     document = {"plugins": [{"name": "no-such-plugin"}]}
     assert validate(document).plugins[0].name == "no-such-plugin"  # config imports no plugin code
-    with pytest.raises(ConfigError, match='plugins\\[0\\].*unknown plugin'):
+    with pytest.raises(ConfigError, match=r"plugins\[0\].*unknown plugin"):
         validate(document, plugins=PLUGIN_CHECK)
     seen: list[tuple[object, ...]] = []
 

@@ -209,7 +209,7 @@ class WorkerObservability:
         """The rate limiter's Redis backends and node table (tollway.state; its counters are cumulative
         per process and survive config reloads). Nothing is reported until a limit uses them; the module
         is not imported for it (an idle worker's memory)."""
-        limits = sys.modules.get("tollway.state.limits")
+        limits = sys.modules.get("tollway.state.policy_stats")
         if limits is None:
             return
         snapshot = limits.stats_snapshot()

@@ -9,14 +9,8 @@ import time
 import pytest
 
 from tests.state_support import ServerSet, free_port
-from tollway.state.redis_client import (
-    RedisClient,
-    RedisReplyError,
-    RedisTimeout,
-    RedisUnavailable,
-    Script,
-    Standalone,
-)
+from tollway.state.redis_backends import Standalone
+from tollway.state.redis_client import RedisClient, RedisReplyError, RedisTimeout, RedisUnavailable, Script
 
 pytestmark = pytest.mark.integration
 
