@@ -109,6 +109,7 @@ def test_plaintext_passwords_are_refused_with_a_hint():
         ("5f4dcc3b5aa765d61d8327deb882cf99", "not a supported password hash"),  # a bare MD5
         ("$argon2id$v=19$m=1024,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g", "too weak"),
     ],
+    ids=["bcrypt-cost-4", "pbkdf2-few-rounds", "bare-md5", "argon2-weak"],  # the same on every xdist worker
 )
 def test_weak_or_unknown_hashes_are_refused(stored, message):
     with pytest.raises(ValueError, match=message):

@@ -297,7 +297,7 @@ class MetricsHub:
 
     def render(self) -> bytes:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(list(families(self.merged()))))  # type: ignore[arg-type]
+        registry.register(_Collector(list(families(self.merged()))))
         for collector in self.extra_collectors:
             registry.register(collector)
         return generate_latest(registry)

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,8 @@ class Supervisor:
         self.on_event = on_event or (lambda kind, data: None)
         self._stopping = False
         self._done: asyncio.Event | None = None
-        self._status_server: asyncio.AbstractServer | None = None
+        self._status_server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget tasks, referenced until done
         # The file as it was when the running config was read: the watcher reloads when it differs.
         self._watch_stat = _stat(self.config_path) if self.config_path is not None else None
         self._failed_restarts: dict[int, int] = {}
@@ -172,7 +173,12 @@ class Supervisor:
             if self._done is not None:
                 self._done.set()
             return
-        asyncio.get_running_loop().create_task(self.shutdown())
+        self._in_background(self.shutdown())
+
+    def _in_background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- config ---------------------------------------------------------------------------------------
     def reload(self, reason: str) -> bool:
@@ -276,7 +282,7 @@ class Supervisor:
         handle.channel = await open_channel(
             parent,
             lambda message: self._on_worker_message(handle, message),
-            lambda: asyncio.get_running_loop().create_task(self._on_worker_gone(handle)),
+            lambda: self._in_background(self._on_worker_gone(handle)),
         )
         handle.channel.send(self.upstreams.state_message())
         handle.channel.send(("config", self.version, self.config))

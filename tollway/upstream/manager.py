@@ -235,7 +235,10 @@ class UpstreamManager:
         for key, signature in desired.items():
             if key not in self._dns_tasks:
                 first = self._dns_first[key] = asyncio.Event()
-                task = asyncio.get_running_loop().create_task(self._dns_loop(key, *signature, first))
+                target, srv, options = signature
+                task = asyncio.get_running_loop().create_task(
+                    self._dns_loop(key, target, srv, options, first)
+                )
                 self._dns_tasks[key] = (task, signature)
 
     async def _dns_loop(
