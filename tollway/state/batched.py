@@ -121,7 +121,7 @@ class BatchedRedisPolicy(RedisBacked):
         outcome = 0  # 0: a slice is needed, 1: admitted from the reserve, 2: denied (blocked)
         expires = reserve = retry_at = remaining = stock = 0.0
         stripe = table.lock(fp)
-        try:  # (no return inside: see the note in tollway/state/local.py)
+        try:
             offset, found = table.slot(fp, now)
             if not found:
                 _B.pack_into(buf, offset, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
