@@ -179,9 +179,6 @@ class Worker:
         if self.snapshot is not None:
             self._close_unused_pools(self.snapshot)
 
-    def next_request_id(self) -> bytes:
-        return self.request_ids.next()
-
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
         self.connections_accepted += 1

@@ -310,11 +310,6 @@ class RedisClient:
         conn = self._ready_connection() or await self._connection()
         return await conn.send(args)
 
-    def send_now(self, args: Sequence[Arg]) -> asyncio.Future[Any] | None:
-        """Queue a command if a connection is up (no coroutine); None when one must be made first."""
-        conn = self._ready_connection()
-        return conn.send(args) if conn is not None else None
-
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Several commands back to back on one connection (ASKING + command); replies or errors."""
         conn = self._ready_connection() or await self._connection()

@@ -112,7 +112,7 @@ class StateLockTimeout(Exception):
 class SharedTable:
     """The node-wide table. Create it once per node (`create`), attach to it in each process (`attach`).
 
-    Algorithms live in `tollway.state.limits` (`LocalFixedWindow` and friends); they use `lock`,
+    Algorithms live in `tollway.state.local` (`LocalFixedWindow` and friends); they use `lock`,
     `unlock` and `slot` from here, always in that pattern::
 
         stripe = table.lock(fp)
