@@ -145,7 +145,7 @@ def hash_password(
     ] = False,
 ) -> None:
     """Print a salted hash of a password, for a basic-auth credential's `password_hash`."""
-    from tollway.plugins.passwords import hash_password as make_hash
+    from tollway.plugins.builtin.passwords import hash_password as make_hash
 
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from tests.memory_transport import MemoryTransport
 from tests.support import ROOT, gateway_config, request
-from tollway.plugins.basic_auth import BasicAuthConfig, BasicCredential
-from tollway.plugins.passwords import check_hash, hash_password, verifier
+from tollway.plugins.builtin.basic_auth import BasicAuthConfig, BasicCredential
+from tollway.plugins.builtin.passwords import check_hash, hash_password, verifier
 from tollway.protocol.server import ClientConnection
 
 
@@ -29,7 +29,7 @@ def pbkdf2_hash(password: str) -> str:
     import hashlib
     import os
 
-    from tollway.plugins.passwords import _ab64_encode
+    from tollway.plugins.builtin.passwords import _ab64_encode
 
     salt = os.urandom(16)
     digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, 100_000)

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from tests.plugins.keys import b64url, ec_key, ed25519_key, jwk, public_pem, rsa_key
 from tests.support import Backend, Seen, gateway_config, request, response
-from tollway.plugins.jwt import JwtConfig, JwtCredential
+from tollway.plugins.builtin.jwt import JwtConfig, JwtCredential
 
 SECRET = "s" * 64  # long enough for HS512
 NOW = int(time.time())

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from tests.support import gateway_config, request
-from tollway.plugins.key_auth import KeyAuthConfig, KeyCredential
+from tollway.plugins.builtin.key_auth import KeyAuthConfig, KeyCredential
 
 CONSUMERS = [
     {"username": "alice", "id": "c-1", "credentials": {"key-auth": [{"key": "alice-key"}]}},

@@ -286,7 +286,7 @@ def test_concurrency_slot_is_released_when_the_request_ends(harness: Any) -> Non
 
 
 def test_concurrency_limit_refuses_while_a_request_is_in_flight(harness: Any) -> None:
-    from tollway.plugins.concurrency_limit import ConcurrencyLimit
+    from tollway.plugins.builtin.concurrency_limit import ConcurrencyLimit
 
     gw = harness(config({"name": "concurrency-limit", "config": {"limit": 1, "key": "ip"}}))
     plugin = next(

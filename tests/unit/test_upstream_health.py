@@ -12,13 +12,13 @@ from tollway.config.schema import ActiveHealthcheck
 from tollway.upstream.balancers import LeastConnections, seed
 from tollway.upstream.cluster import Breaker, Cluster, UpstreamState
 from tollway.upstream.connection import UpstreamConnection
-from tollway.upstream.health import CheckResult, CheckState, parse_status_line
-from tollway.upstream.manager import UpstreamManager
 from tollway.upstream.outlier import Outlier
 from tollway.upstream.pool import Pool, PoolSettings
-from tollway.upstream.registry import UpstreamRegistry
 from tollway.upstream.retry import RetryBudget, RetryPolicy
+from tollway.upstream.supervisor_health import CheckResult, CheckState, parse_status_line
+from tollway.upstream.supervisor_manager import UpstreamManager
 from tollway.upstream.target import FAILED, OK, Target
+from tollway.upstream.worker_registry import UpstreamRegistry
 
 
 class Clock:
@@ -130,7 +130,7 @@ def test_manager_broadcasts_verdicts_and_ends_an_ejection_after_passing_checks(m
     sent: list[tuple[Any, ...]] = []
     manager = UpstreamManager(lambda message, skip: sent.append((message, skip)), lambda: [])
     clock = Clock()
-    monkeypatch.setattr("tollway.upstream.manager.time.monotonic", clock)
+    monkeypatch.setattr("tollway.upstream.supervisor_manager.time.monotonic", clock)
     settings = ActiveHealthcheck(healthy_threshold=2, unhealthy_threshold=2)
     key = ("u", "t0", "127.0.0.1:9000")
     state = CheckState()

@@ -3,7 +3,7 @@
 Each worker counts in plain Python objects (an integer add per counter, a short bucket scan per
 histogram: tens of nanoseconds, against a microsecond for prometheus_client and three in its
 multiprocess mode). When /metrics is scraped, the supervisor asks every worker for `snapshot()` over
-its channel and merges them (tollway.observability.exposition), so one scrape shows every worker.
+its channel and merges them (tollway.observability.supervisor_side), so one scrape shows every worker.
 
 Two kinds of users:
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tollway.proxy.exchange import Exchange
     from tollway.proxy.snapshot import Snapshot
     from tollway.upstream.pool import Pool
-    from tollway.upstream.registry import UpstreamRegistry
+    from tollway.upstream.worker_registry import UpstreamRegistry
 
 log = logging.getLogger("tollway.worker")
 
@@ -174,7 +174,7 @@ class WorkerObservability:
 
     def _collect_upstreams(self, worker: Collected) -> None:
         """Retries and circuit-breaker refusals, from the upstream registry's per-worker counters
-        (tollway.upstream.registry). Those restart when an upstream is removed and added again, so the
+        (tollway.upstream.worker_registry). Those restart when an upstream is removed and added again, so the
         metrics add what changed since the last collect and never go backwards."""
         upstreams = getattr(worker, "upstreams", None)
         if upstreams is None:

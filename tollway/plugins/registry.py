@@ -33,18 +33,18 @@ _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 # name -> "module:Class" of the built-in plugins (imported only when a config uses them).
 BUILTIN: dict[str, str] = {
-    "correlation-id": "tollway.plugins.correlation_id:CorrelationId",
-    "cors": "tollway.plugins.cors:Cors",
-    "key-auth": "tollway.plugins.key_auth:KeyAuth",
-    "basic-auth": "tollway.plugins.basic_auth:BasicAuth",
-    "jwt": "tollway.plugins.jwt:JwtAuth",
-    "acl": "tollway.plugins.acl:Acl",
-    "ip-restriction": "tollway.plugins.ip_restriction:IpRestriction",
-    "request-size-limit": "tollway.plugins.request_size_limit:RequestSizeLimit",
-    "request-transformer": "tollway.plugins.request_transformer:RequestTransformer",
-    "response-transformer": "tollway.plugins.response_transformer:ResponseTransformer",
-    "rate-limiting": "tollway.plugins.rate_limiting:RateLimiting",
-    "concurrency-limit": "tollway.plugins.concurrency_limit:ConcurrencyLimit",
+    "correlation-id": "tollway.plugins.builtin.correlation_id:CorrelationId",
+    "cors": "tollway.plugins.builtin.cors:Cors",
+    "key-auth": "tollway.plugins.builtin.key_auth:KeyAuth",
+    "basic-auth": "tollway.plugins.builtin.basic_auth:BasicAuth",
+    "jwt": "tollway.plugins.builtin.jwt:JwtAuth",
+    "acl": "tollway.plugins.builtin.acl:Acl",
+    "ip-restriction": "tollway.plugins.builtin.ip_restriction:IpRestriction",
+    "request-size-limit": "tollway.plugins.builtin.request_size_limit:RequestSizeLimit",
+    "request-transformer": "tollway.plugins.builtin.request_transformer:RequestTransformer",
+    "response-transformer": "tollway.plugins.builtin.response_transformer:ResponseTransformer",
+    "rate-limiting": "tollway.plugins.builtin.rate_limiting:RateLimiting",
+    "concurrency-limit": "tollway.plugins.builtin.concurrency_limit:ConcurrencyLimit",
 }
 
 

@@ -19,7 +19,7 @@ from tollway.proxy.pipeline import Pipeline
 from tollway.router import Router
 from tollway.upstream.cluster import Cluster
 from tollway.upstream.pool import Pool
-from tollway.upstream.registry import UpstreamRegistry
+from tollway.upstream.worker_registry import UpstreamRegistry
 
 # (host, port, tls context, tls server name[, pool settings, owner upstream]) -> the worker's pool
 PoolFactory = Callable[..., Pool]

@@ -9,7 +9,7 @@ request bytes.
 - It restarts a worker that dies (backing off if one keeps dying), and on SIGTERM drains: /ready turns
   503, listeners close after `drain_delay`, in-flight requests get `drain_timeout` to finish.
 - It serves the status listener (/live, /ready, /status, /metrics): metrics are collected from every
-  worker over its channel and merged (tollway.observability.exposition).
+  worker over its channel and merged (tollway.observability.supervisor_side).
 - SIGUSR1 (logrotate) is relayed to the workers, which reopen their access log files.
 """
 
@@ -33,14 +33,14 @@ from tollway.config.loader import load_file
 from tollway.config.schema import GatewayConfig
 from tollway.config.types import parse_hostport
 from tollway.errors import ConfigError
-from tollway.observability.exposition import CONTENT_TYPE, MetricsHub, resident_bytes
+from tollway.observability.supervisor_side import CONTENT_TYPE, MetricsHub, resident_bytes
 from tollway.plugins.registry import PLUGIN_CHECK
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
-from tollway.runtime.status import start_status_server
+from tollway.runtime.supervisor_status import start_status_server
 from tollway.runtime.worker import ENV_FDS
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
 from tollway.state.shared import SharedTable, create_for_workers
-from tollway.upstream.manager import UpstreamManager
+from tollway.upstream.supervisor_manager import UpstreamManager
 
 log = logging.getLogger("tollway.supervisor")
 _RESTART_BACKOFF_MAX = 5.0
@@ -87,7 +87,8 @@ class Supervisor:
         # The file as it was when the running config was read: the watcher reloads when it differs.
         self._watch_stat = _stat(self.config_path) if self.config_path is not None else None
         self._failed_restarts: dict[int, int] = {}
-        # upstreams: DNS, active health checks, shared ejections, /upstreams (tollway.upstream.manager)
+        # upstreams: DNS, active health checks, shared ejections, /upstreams
+        # (tollway.upstream.supervisor_manager)
         self.upstreams = UpstreamManager(self._broadcast, self._live_channels)
         # Node-shared rate-limit counters (tollway.state.shared): one table for every worker, kept
         # by the supervisor so counts survive a worker restart.

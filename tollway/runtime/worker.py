@@ -29,7 +29,7 @@ from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
 from tollway.state.shared import SharedTable, set_node_table
 from tollway.upstream.pool import Pool, PoolSettings
-from tollway.upstream.registry import UpstreamRegistry
+from tollway.upstream.worker_registry import UpstreamRegistry
 
 if TYPE_CHECKING:
     from tollway.errors import TollwayError, UpstreamError

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from tollway.config.types import Duration
 from tollway.plugins.base import Plugin, PluginConfig, PluginContext
-from tollway.plugins.limiting import KeyBuilder, LimitAnswers, LimitPluginConfig
+from tollway.plugins.builtin.limiting import KeyBuilder, LimitAnswers, LimitPluginConfig
 from tollway.state.limits import Policy, build_policy, check_all
 from tollway.state.redis_backends import backend_for
 from tollway.state.spec import Decision, LimitSpec

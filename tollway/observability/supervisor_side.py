@@ -326,7 +326,7 @@ class MetricsHub:
 
     def _refresh_target_health(self) -> None:
         """tollway_upstream_target_health from the supervisor's health-check and ejection state
-        (tollway.upstream.manager): 1 for each target's current state, 0 for the other two."""
+        (tollway.upstream.supervisor_manager): 1 for each target's current state, 0 for the other two."""
         manager = getattr(self.supervisor, "upstreams", None)
         if manager is None or not hasattr(manager, "target_states"):
             return

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
-from tollway.plugins.auth import AuthConfig, AuthPlugin, take_query_param
 from tollway.plugins.base import HeaderName, PluginConfig, PluginContext
+from tollway.plugins.builtin.auth import AuthConfig, AuthPlugin, take_query_param
 from tollway.plugins.consumers import Consumer, identify
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ Each checked target gets a probe loop: an HTTP GET (path, Host header, expected 
 connect, bounded by `timeout`, every `interval` — or every `unhealthy_interval` while it is unhealthy, so
 a dead target can be noticed back sooner without probing healthy ones more. `unhealthy_threshold`
 failures in a row make a target unhealthy, `healthy_threshold` passes make it healthy again. Verdicts go
-to every worker over the channel (tollway.upstream.manager) and into the status JSON.
+to every worker over the channel (tollway.upstream.supervisor_manager) and into the status JSON.
 
 The verdict logic (`CheckState`) is plain methods with no I/O, so tests drive it with made-up results.
 """

@@ -26,7 +26,7 @@ import orjson
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
-log = logging.getLogger("tollway.plugins.jwks")
+log = logging.getLogger("tollway.plugins.builtin.jwks")
 MAX_KEYS = 100
 
 

@@ -19,7 +19,7 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from tollway.counters import metrics
 from tollway.plugins.base import HeaderName, PluginConfig
-from tollway.plugins.netutil import real_client_ip
+from tollway.plugins.builtin.netutil import real_client_ip
 from tollway.proxy.responses import Response
 from tollway.state import headers as rl_headers
 
