@@ -15,7 +15,7 @@ from tollway.upstream.connection import UpstreamConnection
 from tollway.upstream.outlier import Outlier
 from tollway.upstream.pool import Pool, PoolSettings
 from tollway.upstream.retry import RetryBudget, RetryPolicy
-from tollway.upstream.supervisor_health import CheckResult, CheckState, parse_status_line
+from tollway.upstream.supervisor_health import CheckResult, CheckState
 from tollway.upstream.supervisor_manager import UpstreamManager
 from tollway.upstream.target import FAILED, OK, Target
 from tollway.upstream.worker_registry import UpstreamRegistry
@@ -109,14 +109,6 @@ def test_only_unhealthy_targets_are_probed_faster():
     assert state.next_interval(settings) == 0.5
     assert CheckState(healthy=False).next_interval(ActiveHealthcheck(interval=5)) == 5
     assert CheckState().next_interval(settings, ejected=True) == 0.5
-
-
-def test_status_line_parsing():
-    assert parse_status_line(b"HTTP/1.1 204 No Content\r\n") == 204
-    assert parse_status_line(b"HTTP/1.0 503\r\n") == 503
-    for bad in (b"SSH-2.0-OpenSSH\r\n", b"HTTP/1.1 20 X\r\n", b"\r\n"):
-        with pytest.raises(ValueError):
-            parse_status_line(bad)
 
 
 def test_status_lists_accept_classes():
