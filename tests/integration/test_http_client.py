@@ -4,19 +4,14 @@ on it: active health-check probes and the JWKS fetch."""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.tls_support import self_signed
 from tollway.config.schema import ActiveHealthcheck
 from tollway.plugins.builtin.jwks import JwksError, fetch
 from tollway.protocol.client import HttpClientError, request
@@ -156,46 +151,11 @@ async def test_timeout_refused_and_bad_urls(serve) -> None:
         await request("ftp://127.0.0.1/x")
 
 
-LOCALHOST_SAN = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-
-
-def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """A server context with a certificate for 127.0.0.1, and a client context that trusts it."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert_file, key_file)
-    client = ssl.create_default_context(cafile=str(cert_file))
-    return server, client
-
-
 async def test_https_verifies_the_server(serve, tmp_path: Path) -> None:
-    server_tls, client_tls = _self_signed(tmp_path)
-    server = await serve(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), tls=server_tls)
+    cert = self_signed(tmp_path)
+    server = await serve(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), tls=cert.server_context())
     url = f"https://127.0.0.1:{server.port}/keys"
-    response = await request(url, ssl_context=client_tls)
+    response = await request(url, ssl_context=cert.client_context())
     assert (response.status, response.body) == (200, b"ok")
     with pytest.raises(HttpClientError, match="CERTIFICATE_VERIFY_FAILED"):
         await request(url)  # the system's CAs do not know this certificate
