@@ -173,6 +173,10 @@ class Harness:
         response, _ = parse_message(bytes(transport.data))
         return Result(response, upstream_msg, bytes(transport.data))
 
+    def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
+        """Run the gateway's loop (background tasks too) until `predicate()` holds, at most `timeout`."""
+        return self._run_until(predicate, timeout)
+
     def _run_until(self, predicate: Any, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         self.loop.run_until_complete(asyncio.sleep(0))
