@@ -260,6 +260,12 @@ async def test_stats_snapshot_and_shared_backends(redis_address: tuple[str, int]
     snapshot = stats_snapshot()
     mine = snapshot["policies"][f"redis {spec.ident} {backend.name} {prefix}"]
     assert mine["requests"] == 2 and mine["redis_calls"] == 2
+    batched = BatchedRedisPolicy(LimitSpec("snap-b", 10, 60, scope=prefix), backend, prefix=prefix)
+    await resolve(batched.check("k", time.time()))
+    batched.close()
+    assert (
+        stats_snapshot()["policies"][f"batched {batched.spec.ident} {backend.name} {prefix}"]["requests"] == 1
+    )
     assert snapshot["redis"][backend.name]["down"] is False
     assert snapshot["redis"][backend.name]["commands"] >= 2
     assert "evicted_live" in snapshot["table"]
