@@ -18,7 +18,7 @@ from setuptools.command.build_ext import build_ext
 # Modules on the per-request path. They are compiled together so calls between them are native.
 HOT_MODULES = [
     "tollway/observability/access_log.py",
-    "tollway/observability/metrics.py",
+    "tollway/counters/metrics.py",
     "tollway/observability/recorder.py",
     "tollway/observability/tracecontext.py",
     "tollway/protocol/deadline.py",
@@ -49,6 +49,10 @@ HOT_MODULES = [
     "tollway/state/spec.py",
     "tollway/state/shared.py",
     "tollway/state/local.py",
+    "tollway/state/policy_stats.py",
+    "tollway/state/redis_health.py",
+    "tollway/state/redis_policy.py",
+    "tollway/state/batched.py",
     "tollway/state/limits.py",
     "tollway/state/headers.py",
 ]

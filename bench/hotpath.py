@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from tests.memory_transport import CountingTransport
 from tollway.config.loader import load_file, load_text
+from tollway.plugins.registry import PLUGIN_CHECK
 from tollway.protocol.server import ClientConnection
 from tollway.runtime.worker import Worker
 from tollway.upstream.connection import UpstreamConnection
@@ -43,7 +44,10 @@ def measure(
 ) -> float:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    config = load_file(config_file) if config_file else load_text(config_text or DEFAULT_CONFIG)
+    if config_file:
+        config = load_file(config_file, PLUGIN_CHECK)
+    else:
+        config = load_text(config_text or DEFAULT_CONFIG, plugins=PLUGIN_CHECK)
     worker = Worker(loop, 0, None, [])  # type: ignore[arg-type]
     worker.pool_settings = PoolSettings(max_requests=0)  # one warm connection for the whole run
     worker.apply_config(1, config)

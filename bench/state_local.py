@@ -104,7 +104,8 @@ def checks(n: int) -> dict[str, float]:
 
 
 async def batched(address: str, n: int) -> dict[str, float]:
-    from tollway.state.redis_client import RedisClient, Standalone
+    from tollway.state.redis_backends import Standalone
+    from tollway.state.redis_client import RedisClient
 
     host, _, port = address.rpartition(":")
     backend = Standalone(RedisClient(host, int(port)))

@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM asks for the shutdown from another thread.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     host, port = server.server_address[:2]
+    assert isinstance(host, str)  # an AF_INET server: the address is text
     try:
         print(f"listening on http://{host}:{port}", flush=True)  # the parent process reads the port
         server.serve_forever()

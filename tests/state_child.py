@@ -87,7 +87,8 @@ def redis_policy(
     import uvloop
 
     from tollway.state.limits import build_policy
-    from tollway.state.redis_client import RedisClient, Standalone
+    from tollway.state.redis_backends import Standalone
+    from tollway.state.redis_client import RedisClient
 
     table = attach()
     host, _, port = address.rpartition(":")

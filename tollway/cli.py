@@ -70,6 +70,7 @@ def run(
     from tollway.config.loader import load_file
     from tollway.config.types import check_listen
     from tollway.errors import ConfigError
+    from tollway.plugins.registry import PLUGIN_CHECK
 
     _setup_logging(log_level)
     _warn_if_stale()
@@ -80,7 +81,7 @@ def run(
             err.print(f"[red]--listen {address}: {exc}[/red]")
             raise typer.Exit(2) from None
     try:
-        cfg = load_file(config)
+        cfg = load_file(config, PLUGIN_CHECK)
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
@@ -105,9 +106,10 @@ def check(
     """Validate CONFIG: print every error with its line and entity, exit 1 if there is any."""
     from tollway.config.loader import load_file
     from tollway.errors import ConfigError
+    from tollway.plugins.registry import PLUGIN_CHECK
 
     try:
-        cfg = load_file(config)
+        cfg = load_file(config, PLUGIN_CHECK)
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
@@ -143,7 +145,7 @@ def hash_password(
     ] = False,
 ) -> None:
     """Print a salted hash of a password, for a basic-auth credential's `password_hash`."""
-    from tollway.plugins.passwords import hash_password as make_hash
+    from tollway.plugins.builtin.passwords import hash_password as make_hash
 
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")

@@ -146,7 +146,11 @@ def test_in_flight_request_finishes_across_a_reload(gateway, backend) -> None:
         gateway_config(other.url, routes=[{"name": "new", "service": "backend", "paths": ["/n"]}])
     )
     gw.signal(signal.SIGHUP)
-    assert wait_until(lambda: request(gw.port, path="/n").status == 200)
+    # Wait for the new config in every worker: the old route "/" answers "/n" too, so a 200 alone
+    # would not say the reload happened.
+    assert wait_until(lambda: _config_ready(gw, 2))
+    assert request(gw.port, path="/n").status == 200
+    assert [s.target for s in other.seen] == ["/n"]
     release.set()
     resp = client.read_response()
     assert resp.status == 200 and resp.body == b"done"
@@ -188,3 +192,9 @@ def test_bad_file_at_reload_reports_every_error(gateway, backend) -> None:
     status = request(gw.status_port, path="/status").json()
     assert status["config"]["last_reload"]["result"] == "failed"
     assert status["config"]["version"] == 1
+
+
+def _config_ready(gw: Any, version: int) -> bool:
+    """Every worker runs config `version` (the supervisor's /ready answers 200 only then)."""
+    status = request(gw.status_port, path="/status").json()
+    return status["config"]["version"] == version and request(gw.status_port, path="/ready").status == 200

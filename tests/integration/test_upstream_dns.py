@@ -21,8 +21,8 @@ from tests.support import request
 from tests.upstream_support import timed, upstream_status
 from tollway.config.loader import validate
 from tollway.config.schema import DnsSettings
-from tollway.upstream.dns import ResolveError, Resolver
-from tollway.upstream.manager import UpstreamManager
+from tollway.upstream.supervisor_dns import ResolveError, Resolver
+from tollway.upstream.supervisor_manager import UpstreamManager
 
 pytestmark = pytest.mark.integration
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from tests.memory_transport import MemoryTransport
 from tollway.config.loader import validate
+from tollway.plugins.registry import PLUGIN_CHECK
 from tollway.protocol.server import ClientConnection
 from tollway.runtime.worker import Worker
 from tollway.upstream.connection import UpstreamConnection
@@ -101,7 +102,7 @@ class Harness:
         config["gateway"] = {"access_log": {"enabled": False}, **config["gateway"]}
         config.setdefault("services", [{"name": "backend", "url": BACKEND_URL}])
         config.setdefault("routes", [{"name": "all", "service": "backend", "paths": ["/"]}])
-        self.config = validate(config)
+        self.config = validate(config, plugins=PLUGIN_CHECK)
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.worker = Worker(self.loop, 0, None, [])  # type: ignore[arg-type]
@@ -171,6 +172,10 @@ class Harness:
         assert seen, "the request neither reached the backend nor got an answer in time"
         response, _ = parse_message(bytes(transport.data))
         return Result(response, upstream_msg, bytes(transport.data))
+
+    def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
+        """Run the gateway's loop (background tasks too) until `predicate()` holds, at most `timeout`."""
+        return self._run_until(predicate, timeout)
 
     def _run_until(self, predicate: Any, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

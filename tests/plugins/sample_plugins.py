@@ -123,7 +123,7 @@ class NotAPlugin:
 
 # -- the authentication plugin of docs/plugins/writing-plugins.md, verbatim ---------------------------------
 from tollway.plugins import HeaderName, PluginContext  # noqa: E402
-from tollway.plugins.auth import AuthConfig, AuthPlugin  # noqa: E402
+from tollway.plugins.builtin.auth import AuthConfig, AuthPlugin  # noqa: E402
 
 
 class TokenConfig(AuthConfig):

@@ -6,9 +6,9 @@ import pytest
 from pydantic import ValidationError
 
 from tests.support import gateway_config, request
-from tollway.plugins.acl import AclConfig
-from tollway.plugins.ip_restriction import IpRestrictionConfig
-from tollway.plugins.netutil import IpSet, parse_ip
+from tollway.plugins.builtin.acl import AclConfig
+from tollway.plugins.builtin.ip_restriction import IpRestrictionConfig
+from tollway.plugins.builtin.netutil import IpSet, parse_ip
 
 CONSUMERS = [
     {"username": "ann", "groups": ["admins", "staff"], "credentials": {"key-auth": [{"key": "ann-key"}]}},

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from tests.memory_transport import MemoryTransport
 from tests.support import ROOT, gateway_config, request
-from tollway.plugins.basic_auth import BasicAuthConfig, BasicCredential
-from tollway.plugins.passwords import check_hash, hash_password, verifier
+from tollway.plugins.builtin.basic_auth import BasicAuthConfig, BasicCredential
+from tollway.plugins.builtin.passwords import check_hash, hash_password, verifier
 from tollway.protocol.server import ClientConnection
 
 
@@ -29,7 +29,7 @@ def pbkdf2_hash(password: str) -> str:
     import hashlib
     import os
 
-    from tollway.plugins.passwords import _ab64_encode
+    from tollway.plugins.builtin.passwords import _ab64_encode
 
     salt = os.urandom(16)
     digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, 100_000)
@@ -109,6 +109,7 @@ def test_plaintext_passwords_are_refused_with_a_hint():
         ("5f4dcc3b5aa765d61d8327deb882cf99", "not a supported password hash"),  # a bare MD5
         ("$argon2id$v=19$m=1024,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g", "too weak"),
     ],
+    ids=["bcrypt-cost-4", "pbkdf2-few-rounds", "bare-md5", "argon2-weak"],  # the same on every xdist worker
 )
 def test_weak_or_unknown_hashes_are_refused(stored, message):
     with pytest.raises(ValueError, match=message):

@@ -8,9 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from tests.support import RawClient, echo, gateway_config, request, response
-from tollway.plugins.correlation_id import CorrelationIdConfig
-from tollway.plugins.cors import CorsConfig
-from tollway.plugins.request_size_limit import RequestSizeLimitConfig
+from tollway.plugins.builtin.correlation_id import CorrelationIdConfig
+from tollway.plugins.builtin.cors import CorsConfig
+from tollway.plugins.builtin.request_size_limit import RequestSizeLimitConfig
 
 APP = "https://app.example.com"
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from tests.memory_transport import MemoryTransport
 from tests.support import RawClient, gateway_config, request
-from tollway.plugins.key_auth import KeyAuthConfig, KeyCredential
+from tollway.plugins.builtin.key_auth import KeyAuthConfig, KeyCredential
 from tollway.protocol.server import ClientConnection
 
 CONSUMERS = [

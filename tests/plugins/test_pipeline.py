@@ -12,6 +12,7 @@ from tollway.config.loader import load_text, validate
 from tollway.errors import ConfigError
 from tollway.plugins import registry
 from tollway.plugins.base import Plugin
+from tollway.plugins.registry import PLUGIN_CHECK
 
 S = "tests.plugins.sample_plugins:"
 CONSUMERS = [
@@ -27,7 +28,7 @@ def trace(result: Any) -> list[str]:
 
 def issues(config: dict[str, Any]) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        validate(config, source="gw.yaml")
+        validate(config, source="gw.yaml", plugins=PLUGIN_CHECK)
     return info.value.issues
 
 
@@ -298,7 +299,7 @@ routes:
           origins: ["ftp://nope"]
 """
     with pytest.raises(ConfigError) as info:
-        load_text(text, "gw.yaml")
+        load_text(text, "gw.yaml", plugins=PLUGIN_CHECK)
     assert info.value.issues[0].startswith('gw.yaml:10: routes[0] "r": plugins[0] "cors": config.origins:')
 
 
@@ -328,7 +329,7 @@ def test_entry_point_plugins(monkeypatch):
     )
     monkeypatch.setattr(registry, "_RESOLVED", {})
     assert registry.resolve("tagger") is sample_plugins.TagLow
-    validate({"plugins": [{"name": "tagger", "config": {"tag": "t"}}]})
+    validate({"plugins": [{"name": "tagger", "config": {"tag": "t"}}]}, plugins=PLUGIN_CHECK)
 
 
 def test_scoping_rules_are_checked():

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from tollway.config.loader import ConfigError, validate
-from tollway.observability.metrics import REGISTRY
+from tollway.counters.metrics import REGISTRY
+from tollway.plugins.registry import PLUGIN_CHECK
 from tollway.state.shared import SharedTable, current_node_table, set_node_table
 
 ROUTE = {"name": "users", "paths": ["/users"], "service": "backend"}
@@ -63,7 +64,7 @@ def decisions(decision: str, route: str = "users", plugin: str = "rate-limiting"
 )
 def test_bad_configs_name_the_plugin_and_field(plugin_config: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        validate(config({"name": "rate-limiting", "config": plugin_config}))
+        validate(config({"name": "rate-limiting", "config": plugin_config}), plugins=PLUGIN_CHECK)
     text = str(caught.value)
     assert 'plugins[0] "rate-limiting"' in text
     assert message in text
@@ -71,12 +72,17 @@ def test_bad_configs_name_the_plugin_and_field(plugin_config: dict[str, Any], me
 
 def test_concurrency_limit_schema() -> None:
     with pytest.raises(ConfigError, match="limit"):
-        validate(config({"name": "concurrency-limit", "config": {}}))
+        validate(config({"name": "concurrency-limit", "config": {}}), plugins=PLUGIN_CHECK)
     with pytest.raises(ConfigError, match="lease"):
-        validate(config({"name": "concurrency-limit", "config": {"limit": 2, "lease": 0.1}}))
+        validate(
+            config({"name": "concurrency-limit", "config": {"limit": 2, "lease": 0.1}}), plugins=PLUGIN_CHECK
+        )
     with pytest.raises(ConfigError, match="needs `header_name`"):
-        validate(config({"name": "concurrency-limit", "config": {"limit": 2, "key": "header"}}))
-    validate(config({"name": "concurrency-limit", "config": {"limit": 2, "key": "ip"}}))
+        validate(
+            config({"name": "concurrency-limit", "config": {"limit": 2, "key": "header"}}),
+            plugins=PLUGIN_CHECK,
+        )
+    validate(config({"name": "concurrency-limit", "config": {"limit": 2, "key": "ip"}}), plugins=PLUGIN_CHECK)
 
 
 # -- local policy through the gateway ----------------------------------------------------------------------
@@ -280,7 +286,7 @@ def test_concurrency_slot_is_released_when_the_request_ends(harness: Any) -> Non
 
 
 def test_concurrency_limit_refuses_while_a_request_is_in_flight(harness: Any) -> None:
-    from tollway.plugins.concurrency_limit import ConcurrencyLimit
+    from tollway.plugins.builtin.concurrency_limit import ConcurrencyLimit
 
     gw = harness(config({"name": "concurrency-limit", "config": {"limit": 1, "key": "ip"}}))
     plugin = next(

@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from tests.support import RawClient, gateway_config, request, response
-from tollway.plugins.request_transformer import RequestTransformerConfig
-from tollway.plugins.response_transformer import ResponseTransformerConfig
+from tollway.plugins.builtin.request_transformer import RequestTransformerConfig
+from tollway.plugins.builtin.response_transformer import ResponseTransformerConfig
 
 JSON = {"Content-Type": "application/json"}
 

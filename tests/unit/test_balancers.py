@@ -22,8 +22,8 @@ from tollway.upstream.balancers import (
 )
 from tollway.upstream.cluster import Cluster, UpstreamState
 from tollway.upstream.pool import Pool, PoolSettings
-from tollway.upstream.registry import UpstreamRegistry
 from tollway.upstream.target import FAILED, NEUTRAL, OK, Target
+from tollway.upstream.worker_registry import UpstreamRegistry
 
 WEIGHTS = [100, 200, 300, 400]  # shares 10%, 20%, 30%, 40%
 PICKS = 10_000

@@ -13,6 +13,7 @@ from tollway.config.loader import describe_loc, load_file, load_text, validate
 from tollway.config.schema import GatewayConfig, Limits, Route, Service, Target, Timeouts
 from tollway.config.types import check_cidr, check_name, parse_duration, parse_hostport, parse_size
 from tollway.errors import ConfigError
+from tollway.plugins.registry import PLUGIN_CHECK
 
 BASE = """\
 services:
@@ -27,7 +28,7 @@ routes:
 
 def errors(text: str) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        load_text(textwrap.dedent(text), "gw.yaml")
+        load_text(textwrap.dedent(text), "gw.yaml", plugins=PLUGIN_CHECK)
     assert info.value.source == "gw.yaml"
     return info.value.issues
 
@@ -485,3 +486,19 @@ def test_rewrite() -> None:
 def test_route_errors_in_a_file_point_at_the_route() -> None:
     text = BASE.replace("paths: [/users]", "paths: ['/users/{id}']\n    rewrite: /v2/{id")
     assert error(text) == 'gw.yaml:5: routes[0] "users": rewrite: unbalanced braces'
+
+
+def test_plugin_configs_are_checked_by_the_check_the_loader_is_given() -> None:
+    document = {"plugins": [{"name": "no-such-plugin"}]}
+    assert validate(document).plugins[0].name == "no-such-plugin"  # config imports no plugin code
+    with pytest.raises(ConfigError, match=r"plugins\[0\].*unknown plugin"):
+        validate(document, plugins=PLUGIN_CHECK)
+    seen: list[tuple[object, ...]] = []
+
+    def check(config, instances):  # any callable of the PluginCheck shape will do
+        seen.extend(loc for loc, _instance, _top in instances)
+        yield ("plugins", 0, "config"), "refused by the check"
+
+    with pytest.raises(ConfigError, match="refused by the check"):
+        validate(document, plugins=check)
+    assert seen == [("plugins", 0)]

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tollway.observability.catalog import CATALOG
-from tollway.observability.exposition import MetricsHub, empty, families, merge_into
-from tollway.observability.metrics import KEY_STRIDE, Histogram, Registry, status_key
+from tollway.counters.catalog import CATALOG
+from tollway.counters.metrics import KEY_STRIDE, Histogram, Registry, status_key
+from tollway.observability.supervisor_side import MetricsHub, empty, families, merge_into
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from tollway.config.loader import load_text
+from tollway.config.log_fields import DEFAULT_FIELDS, FIELDS
+from tollway.counters.catalog import CATALOG, REQUEST_METRICS
 from tollway.errors import ConfigError
-from tollway.observability.catalog import CATALOG, REQUEST_METRICS
-from tollway.observability.fields import DEFAULT_FIELDS, FIELDS
 from tollway.observability.log_sinks import FdSink, LogWriter, _pipe_pieces
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tollway.state.redis_client import (
-    Cluster,
-    Script,
-    Sentinel,
-    Standalone,
-    backend_from_url,
-    encode,
-    key_slot,
-)
+from tollway.state.redis_backends import Cluster, Sentinel, Standalone, backend_from_url, key_slot
+from tollway.state.redis_client import Script, encode
 
 
 def test_encode() -> None:

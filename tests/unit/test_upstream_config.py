@@ -12,7 +12,7 @@ from tollway.config.schema import Upstream
 from tollway.errors import ConfigError
 from tollway.proxy.snapshot import build_snapshot
 from tollway.upstream.pool import Pool, PoolSettings
-from tollway.upstream.registry import UpstreamRegistry, target_records
+from tollway.upstream.worker_registry import UpstreamRegistry, target_records
 
 
 def test_defaults_are_the_documented_ones():
@@ -34,7 +34,11 @@ def test_defaults_are_the_documented_ones():
     assert (limits.max_connections, limits.max_pending_requests) == (0, 0)
     pool = upstream.pool
     assert (pool.max_idle, pool.idle_timeout, pool.max_requests) == (256, 60, 10000)
-    assert (upstream.dns.record_types, upstream.dns.min_ttl, upstream.dns.max_ttl) == (["A", "AAAA"], 1, 300)
+    assert (
+        upstream.dns.record_types,
+        upstream.dns.min_ttl,
+        upstream.dns.max_ttl,
+    ) == (["A", "AAAA"], 1, 300)
     active = Upstream.model_validate(
         {"name": "u", "targets": [{"target": "10.0.0.1:80"}], "healthchecks": {"active": {}}}
     ).healthchecks.active

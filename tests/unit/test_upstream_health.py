@@ -12,13 +12,13 @@ from tollway.config.schema import ActiveHealthcheck
 from tollway.upstream.balancers import LeastConnections, seed
 from tollway.upstream.cluster import Breaker, Cluster, UpstreamState
 from tollway.upstream.connection import UpstreamConnection
-from tollway.upstream.health import CheckResult, CheckState, parse_status_line
-from tollway.upstream.manager import UpstreamManager
 from tollway.upstream.outlier import Outlier
 from tollway.upstream.pool import Pool, PoolSettings
-from tollway.upstream.registry import UpstreamRegistry
 from tollway.upstream.retry import RetryBudget, RetryPolicy
+from tollway.upstream.supervisor_health import CheckResult, CheckState
+from tollway.upstream.supervisor_manager import UpstreamManager
 from tollway.upstream.target import FAILED, OK, Target
+from tollway.upstream.worker_registry import UpstreamRegistry
 
 
 class Clock:
@@ -111,14 +111,6 @@ def test_only_unhealthy_targets_are_probed_faster():
     assert CheckState().next_interval(settings, ejected=True) == 0.5
 
 
-def test_status_line_parsing():
-    assert parse_status_line(b"HTTP/1.1 204 No Content\r\n") == 204
-    assert parse_status_line(b"HTTP/1.0 503\r\n") == 503
-    for bad in (b"SSH-2.0-OpenSSH\r\n", b"HTTP/1.1 20 X\r\n", b"\r\n"):
-        with pytest.raises(ValueError):
-            parse_status_line(bad)
-
-
 def test_status_lists_accept_classes():
     assert ActiveHealthcheck(expected_statuses=[204, "3xx"]).expected_statuses == [204, *range(300, 400)]
     with pytest.raises(ValueError, match="status code"):
@@ -130,7 +122,7 @@ def test_manager_broadcasts_verdicts_and_ends_an_ejection_after_passing_checks(m
     sent: list[tuple[Any, ...]] = []
     manager = UpstreamManager(lambda message, skip: sent.append((message, skip)), lambda: [])
     clock = Clock()
-    monkeypatch.setattr("tollway.upstream.manager.time.monotonic", clock)
+    monkeypatch.setattr("tollway.upstream.supervisor_manager.time.monotonic", clock)
     settings = ActiveHealthcheck(healthy_threshold=2, unhealthy_threshold=2)
     key = ("u", "t0", "127.0.0.1:9000")
     state = CheckState()

@@ -3,6 +3,10 @@
 Errors read ``config.yaml:14: routes[3] "users": paths[0]: must start with "/"``: the file line (from
 the YAML node marks), the path through the document, and the name of the entity it belongs to, so a
 user with 10,000 routes can find the one that is wrong.
+
+Plugin configurations are checked by a `PluginCheck` the caller hands in (the application passes
+`tollway.plugins.registry.check_config_plugins`): config is data at the bottom of the layers and imports
+no plugin code. Without one, only the gateway's own schema and references are checked.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from pydantic import ValidationError
@@ -30,6 +34,16 @@ _ENTITY_NAME_FIELD = {
 }
 
 
+class PluginCheck(Protocol):
+    """Checks every plugin instance of a validated config: yields (location, message) per problem.
+
+    `instances` yields each instance with its location and whether it may name a scope (top level)."""
+
+    def __call__(
+        self, config: GatewayConfig, instances: Iterable[tuple[Loc, Any, bool]]
+    ) -> Iterator[tuple[Loc, str]]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Issue:
     """One problem in a configuration: where it is and what is wrong."""
@@ -38,7 +52,7 @@ class Issue:
     message: str
 
 
-def load_file(path: str | Path) -> GatewayConfig:
+def load_file(path: str | Path, plugins: PluginCheck | None = None) -> GatewayConfig:
     """Read, parse and validate a YAML (or JSON) configuration file."""
     path = Path(path)
     try:
@@ -47,10 +61,10 @@ def load_file(path: str | Path) -> GatewayConfig:
         raise ConfigError([f"cannot read the file: {exc.strerror}"], str(path)) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(["the file is not UTF-8 text"], str(path)) from exc
-    return load_text(text, str(path))
+    return load_text(text, str(path), plugins)
 
 
-def load_text(text: str, source: str = "<config>") -> GatewayConfig:
+def load_text(text: str, source: str = "<config>", plugins: PluginCheck | None = None) -> GatewayConfig:
     try:
         root = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader) if root is not None else {}
@@ -62,7 +76,7 @@ def load_text(text: str, source: str = "<config>") -> GatewayConfig:
     lines = _line_map(root) if root is not None else {}
     duplicates = _duplicate_keys(root, data, source) if root is not None else []
     try:
-        config = validate(data, source=source, lines=lines)
+        config = validate(data, source=source, lines=lines, plugins=plugins)
     except ConfigError as exc:
         raise ConfigError(duplicates + exc.issues, source) from None
     if duplicates:
@@ -70,7 +84,12 @@ def load_text(text: str, source: str = "<config>") -> GatewayConfig:
     return config
 
 
-def validate(data: Any, source: str = "<config>", lines: dict[Loc, int] | None = None) -> GatewayConfig:
+def validate(
+    data: Any,
+    source: str = "<config>",
+    lines: dict[Loc, int] | None = None,
+    plugins: PluginCheck | None = None,
+) -> GatewayConfig:
     """Validate an already-parsed document (a dict, as from YAML, JSON or a config store)."""
     if data is None:
         data = {}
@@ -79,14 +98,14 @@ def validate(data: Any, source: str = "<config>", lines: dict[Loc, int] | None =
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        issues = _merge_union_errors(
-            Issue(_clean_loc(data, err["loc"]), _clean_message(err)) for err in exc.errors()
-        )
+        issues = _merge_union_errors(Issue(loc, message) for loc, message in validation_issues(exc, data))
         # Every error at once: references are checked on the document even when entities are invalid.
         known = {issue.loc for issue in issues}
         issues += [issue for issue in check_references(data) if issue.loc not in known]
         raise ConfigError(format_issues(issues, data, source, lines or {}), source) from None
-    problems = [*check_references(data), *_check_plugins(config)]
+    problems = list(check_references(data))
+    if plugins is not None:
+        problems += [Issue(loc, message) for loc, message in plugins(config, _plugin_instances(config))]
     if problems:
         raise ConfigError(format_issues(problems, data, source, lines or {}), source)
     return config
@@ -162,14 +181,6 @@ def _plugin_instances(config: GatewayConfig) -> Iterator[tuple[Loc, Any, bool]]:
                 yield (kind, i, "plugins", j), plugin, False
 
 
-def _check_plugins(config: GatewayConfig) -> Iterator[Issue]:
-    # Imported here: the registry imports plugin modules, which import this package's schema.
-    from tollway.plugins.registry import check_config_plugins
-
-    for loc, message in check_config_plugins(config, _plugin_instances(config)):
-        yield Issue(loc, message)
-
-
 # -- formatting -------------------------------------------------------------------------------------
 def format_issues(issues: Iterable[Issue], data: Any, source: str, lines: dict[Loc, int]) -> list[str]:
     out = []
@@ -203,6 +214,12 @@ def _entity_name(kind: Any, node: Any) -> str | None:
     if field and isinstance(node, dict) and isinstance(node.get(field), str):
         return f'"{node[field]}"'
     return None
+
+
+def validation_issues(exc: ValidationError, data: Any) -> Iterator[tuple[Loc, str]]:
+    """A pydantic error's problems in the loader's wording, located in `data` (for plugin schemas too)."""
+    for err in exc.errors():
+        yield _clean_loc(data, err["loc"]), _clean_message(err)
 
 
 def _clean_loc(data: Any, loc: Iterable[str | int]) -> Loc:

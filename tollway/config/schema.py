@@ -11,288 +11,94 @@ them into plain slotted objects (see ``tollway.proxy.snapshot``).
 
 from __future__ import annotations
 
-import ipaddress
-import itertools
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from tollway.config.types import Cidr, Duration, ListenAddress, Name, Size, parse_hostport
-from tollway.observability.fields import DEFAULT_FIELDS, check_field
+from tollway.config.model import (
+    _BAD_ESCAPE,
+    _ESCAPED_DOT,
+    _HEADER_NAME,
+    _HOST,
+    _METHOD,
+    _PARAM,
+    _PARAM_NAME,
+    Model,
+)
+from tollway.config.settings import (
+    DEFAULT_GATEWAY_BUCKETS,
+    DEFAULT_LATENCY_BUCKETS,
+    AccessLog,
+    Buckets,
+    DnsSettings,
+    ForwardedHeaders,
+    GatewaySettings,
+    Limits,
+    Metrics,
+    Timeouts,
+    Tracing,
+    parse_nameserver,
+    syslog_target,
+)
+from tollway.config.types import Duration, Name
+from tollway.config.upstreams import (
+    ActiveHealthcheck,
+    Backoff,
+    CircuitBreaker,
+    Healthchecks,
+    PassiveHealthcheck,
+    PoolOptions,
+    RecordType,
+    Retries,
+    RetryBudget,
+    RetryOn,
+    StatusList,
+    Target,
+    Upstream,
+    UpstreamDns,
+)
 
-_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
-_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
-_HOST = re.compile(rf"^(\*\.)?({_LABEL}\.)*{_LABEL}(\.\*)?$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_PARAM = re.compile(r"\{([^{}]*)\}")
-_PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
-_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_ESCAPED_DOT = re.compile(r"%2[eE]")
-
-
-class Model(BaseModel):
-    """Strict, immutable base: unknown keys are errors (a typo must never be silently ignored)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-
-
-# -- node settings ---------------------------------------------------------------------------------------
-class Limits(Model):
-    """Request limits. Exceeding one answers the status in brackets and closes the connection."""
-
-    max_request_line: Size = Field(8192, ge=64, description="request line length [414]")
-    max_header_size: Size = Field(32768, ge=256, description="total size of the request head [431]")
-    max_headers: int = Field(100, ge=1, le=10000, description="number of request header fields [431]")
-    max_body_size: Size = Field(100 * 1024 * 1024, ge=0, description="request body size, 0 = unlimited [413]")
-    max_response_header_size: Size = Field(
-        65536, ge=256, description="size of a backend's response head; larger is a backend error [502]"
-    )
-
-
-class Timeouts(Model):
-    """Client-side timeouts. Upstream timeouts are set per service."""
-
-    client_header: Duration = Field(10.0, gt=0, description="time to receive a request head [408]")
-    client_body: Duration = Field(60.0, gt=0, description="idle time between request body reads [408]")
-    client_send: Duration = Field(60.0, gt=0, description="idle time writing to a client that stops reading")
-    keepalive: Duration = Field(
-        60.0, ge=0, description="idle keep-alive connection lifetime; 0 = no keep-alive"
-    )
-
-
-# -- observability: access log, metrics, tracing (docs/monitoring.md) ------------------------------------
-class AccessLog(Model):
-    """One JSON line per request, written off the event loop: a slow or full sink drops lines (counted in
-    tollway_access_log_dropped_lines_total) instead of slowing traffic."""
-
-    enabled: bool = Field(True, description="write an access log")
-    sink: Literal["stdout", "file", "syslog"] | None = Field(
-        None, description='where lines go; default: "stdout" if path is "-", else "file"'
-    )
-    path: str = Field(
-        "-", description='file path (reopened on SIGUSR1, for logrotate), or "-" for standard output'
-    )
-    fields: list[Annotated[str, AfterValidator(check_field)]] = Field(
-        default_factory=lambda: list(DEFAULT_FIELDS),
-        min_length=1,
-        description="fields of each JSON line (see docs/monitoring.md), plus request_header.<name> and "
-        "response_header.<name>",
-    )
-    sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description="share of requests logged (1 = all)")
-    always_log_errors: bool = Field(True, description="log every 5xx answer even when sampling leaves it out")
-    syslog_address: str = Field(
-        "unix:///dev/log", description='syslog sink: "udp://host:port" or "unix:///path" (RFC 5424 datagrams)'
-    )
-    syslog_facility: int = Field(16, ge=0, le=23, description="syslog facility number (16 = local0)")
-    syslog_app_name: str = Field("tollway", min_length=1, max_length=48, description="RFC 5424 APP-NAME")
-    buffer_size: Size = Field(65536, ge=0, description="bytes buffered before a write (flushed every 0.5 s)")
-
-    @model_validator(mode="after")
-    def _check_sink(self) -> AccessLog:
-        if self.sink == "file" and self.path == "-":
-            raise ValueError('sink "file" needs a path')
-        if self.sink == "syslog":
-            syslog_target(self.syslog_address)
-        return self
-
-    @property
-    def resolved_sink(self) -> str:
-        return self.sink or ("stdout" if self.path == "-" else "file")
-
-
-def syslog_target(address: str) -> tuple[str, Any]:
-    """``udp://host:port`` → ("udp", (host, port)); ``unix:///dev/log`` → ("unix", "/dev/log")."""
-    if address.startswith("unix://"):
-        path = address[len("unix://") :]
-        if not path.startswith("/"):
-            raise ValueError("syslog_address: unix:// needs an absolute path, e.g. unix:///dev/log")
-        return "unix", path
-    if address.startswith("udp://"):
-        return "udp", parse_hostport(address[len("udp://") :], 514)
-    raise ValueError('syslog_address: must be "udp://host:port" or "unix:///path"')
-
-
-# Latency buckets (seconds). Request and upstream latencies span milliseconds to a minute; the
-# gateway's own share is usually well under a millisecond, so its histogram starts lower.
-# (Kept one line per list: easier to compare than one value per line.)
-# fmt: off
-DEFAULT_LATENCY_BUCKETS = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
+# The whole schema, the sections in settings.py and upstreams.py included: one import path.
+__all__ = [
+    "DEFAULT_GATEWAY_BUCKETS",
+    "DEFAULT_LATENCY_BUCKETS",
+    "AccessLog",
+    "ActiveHealthcheck",
+    "Backoff",
+    "Buckets",
+    "CircuitBreaker",
+    "Consumer",
+    "DnsSettings",
+    "ForwardedHeaders",
+    "GatewayConfig",
+    "GatewaySettings",
+    "Healthchecks",
+    "HostPattern",
+    "Limits",
+    "Method",
+    "Metrics",
+    "Model",
+    "PassiveHealthcheck",
+    "PathPattern",
+    "PluginInstance",
+    "PoolOptions",
+    "RecordType",
+    "Retries",
+    "RetryBudget",
+    "RetryOn",
+    "Route",
+    "Service",
+    "StatusList",
+    "Target",
+    "Timeouts",
+    "Tracing",
+    "Upstream",
+    "UpstreamDns",
+    "parse_nameserver",
+    "syslog_target",
 ]
-DEFAULT_GATEWAY_BUCKETS = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0
-]
-# fmt: on
-
-
-def _check_buckets(buckets: list[float]) -> list[float]:
-    if any(b <= a for a, b in itertools.pairwise(buckets)):
-        raise ValueError("buckets must be strictly increasing")
-    return buckets
-
-
-Buckets = Annotated[list[Annotated[float, Field(gt=0)]], AfterValidator(_check_buckets)]
-
-
-class Metrics(Model):
-    """Prometheus metrics on the status listener, merged across workers (docs/monitoring.md)."""
-
-    enabled: bool = Field(True, description="count requests and serve /metrics on the status listener")
-    status_codes: bool = Field(
-        False, description="label requests with the exact status code instead of its class (2xx, 4xx, …)"
-    )
-    latency_buckets: Buckets = Field(
-        default_factory=lambda: list(DEFAULT_LATENCY_BUCKETS),
-        min_length=1,
-        description="request and upstream latency histogram buckets, seconds (applies at start only)",
-    )
-    gateway_latency_buckets: Buckets = Field(
-        default_factory=lambda: list(DEFAULT_GATEWAY_BUCKETS),
-        min_length=1,
-        description="gateway-only latency histogram buckets, seconds (applies at start only)",
-    )
-    max_series: int = Field(
-        5000, ge=10, description="label sets per metric name; more are counted under label value 'other'"
-    )
-    collect_timeout: Duration = Field(
-        2.0, gt=0, description="how long a scrape waits for a worker before using its last numbers"
-    )
-
-
-class Tracing(Model):
-    """W3C trace context on every request, and OpenTelemetry spans over OTLP/HTTP for sampled ones."""
-
-    enabled: bool = Field(False, description="export spans (traceparent is propagated even when false)")
-    otlp_endpoint: str = Field(
-        "http://127.0.0.1:4318/v1/traces", description="OTLP/HTTP (protobuf) traces endpoint of a collector"
-    )
-    sample_ratio: float = Field(
-        0.01, ge=0.0, le=1.0, description="share of new traces recorded; a client's sampled flag is followed"
-    )
-    service_name: str = Field("tollway", min_length=1, description="service.name resource attribute")
-    propagate: bool = Field(
-        True, description="send traceparent/tracestate to backends: continue the client's trace or start one"
-    )
-    headers: dict[str, str] = Field(
-        default_factory=dict, description="extra headers on export requests (auth)"
-    )
-    export_timeout: Duration = Field(5.0, gt=0, description="per export request; spans are dropped after it")
-    max_queue_size: int = Field(
-        2048, ge=1, description="spans waiting for export; more are dropped and counted, never waited for"
-    )
-    max_export_batch_size: int = Field(512, ge=1, description="spans per export request")
-
-    @field_validator("otlp_endpoint")
-    @classmethod
-    def _check_endpoint(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL")
-        return url
-
-
-class DnsSettings(Model):
-    """The resolver used for hostname targets of upstreams (docs/upstreams.md)."""
-
-    nameservers: list[str] = Field(
-        default_factory=list, description='"ip" or "ip:port"; empty = the system\'s (/etc/resolv.conf)'
-    )
-    hosts_file: str | None = Field("/etc/hosts", description="names looked up here first; null = none")
-    timeout: Duration = Field(2.0, gt=0, description="time for one resolution")
-
-    @field_validator("nameservers")
-    @classmethod
-    def _check_nameservers(cls, servers: list[str]) -> list[str]:
-        for server in servers:
-            parse_nameserver(server)
-        return servers
-
-
-def parse_nameserver(text: str) -> tuple[str, int]:
-    """``"10.0.0.2"``, ``"127.0.0.1:5353"``, ``"::1"``, ``"[::1]:5353"`` → (ip, port)."""
-    host, port = text, 53
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ValueError(f"{text!r}: must be an IP address, optionally with :port")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        if not port_text.isdigit():
-            raise ValueError(f"{text!r}: must be an IP address, optionally with :port")
-        port = int(port_text)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{text!r}: must be an IP address, optionally with :port") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"{text!r}: invalid port")
-    return host, port
-
-
-class ForwardedHeaders(Model):
-    """Forwarding headers sent to backends besides X-Forwarded-For/-Proto/-Host (which are always sent).
-    Each costs nothing while off; when on, a trusted proxy's own value is kept, anyone else's replaced."""
-
-    x_real_ip: bool = Field(
-        False,
-        description="send X-Real-IP: the client's address (through `trusted_proxies`, like plugins see it)",
-    )
-    x_forwarded_port: bool = Field(
-        False, description="send X-Forwarded-Port: the port the client connected to"
-    )
-    x_forwarded_prefix: bool = Field(
-        False, description="send X-Forwarded-Prefix: the path prefix a `strip_path` route removed"
-    )
-
-
-class GatewaySettings(Model):
-    """Settings of the gateway node. `listen`, `status_listen` and `workers` apply at start only."""
-
-    listen: list[ListenAddress] = Field(
-        default_factory=lambda: ["0.0.0.0:8000"],
-        min_length=1,
-        description='addresses clients connect to: "host:port", "[::1]:port", ":port" (all interfaces); '
-        "every worker listens on each; `tollway run --listen` replaces them",
-    )
-    status_listen: ListenAddress | None = Field(
-        "127.0.0.1:8100", description="the status listener (/live, /ready, /status); null turns it off"
-    )
-    workers: int | Literal["auto"] = Field(
-        "auto",
-        description='worker processes; "auto" = one per CPU core; `tollway run --workers` overrides it',
-    )
-    backlog: int = Field(
-        4096, ge=1, description="queue length of connections not yet accepted, per listening socket"
-    )
-    trusted_proxies: list[Cidr] = Field(
-        default_factory=list,
-        description="clients whose X-Forwarded-For / -Proto / -Host are believed and extended (and whose "
-        "X-Real-IP / X-Forwarded-Port / -Prefix are kept, see forwarded_headers)",
-    )
-    forwarded_headers: ForwardedHeaders = Field(
-        default_factory=ForwardedHeaders,
-        description="X-Real-IP, X-Forwarded-Port, X-Forwarded-Prefix to backends",
-    )
-    drain_timeout: Duration = Field(30.0, ge=0, description="SIGTERM: time in-flight requests get to finish")
-    drain_delay: Duration = Field(
-        0.0, ge=0, description="SIGTERM: time /ready answers 503 before listeners close"
-    )
-    watch_interval: Duration = Field(1.0, ge=0, description="config file change polling; 0 = SIGHUP only")
-    server_header: str | None = Field(None, description="Server header on gateway answers; null = none")
-    limits: Limits = Field(default_factory=Limits, description="request size limits")
-    timeouts: Timeouts = Field(default_factory=Timeouts, description="client-side timeouts")
-    access_log: AccessLog = Field(
-        default_factory=AccessLog, description="the JSON access log (one line per request)"
-    )
-    dns: DnsSettings = Field(default_factory=DnsSettings, description="resolver of upstreams' hostnames")
-    metrics: Metrics = Field(
-        default_factory=Metrics, description="Prometheus metrics at /metrics on the status listener"
-    )
-    tracing: Tracing = Field(default_factory=Tracing, description="W3C trace context and OTLP span export")
 
 
 # -- plugins ---------------------------------------------------------------------------------------------
@@ -565,298 +371,6 @@ def _check_value_patterns(name: str, value: str | list[str]) -> None:
                 re.compile(item[1:])
             except re.error as exc:
                 raise ValueError(f"{name!r}: invalid regular expression {item!r}: {exc}") from exc
-
-
-# -- upstreams: targets, balancing, health, retries, circuit breaking (docs/upstreams.md) -------------
-_STATUS_CLASS = re.compile(r"^[1-5]xx$")
-
-
-def _expand_statuses(items: list[int | str]) -> list[int]:
-    """``[200, "3xx"]`` → the status codes; ``"Nxx"`` stands for a whole class."""
-    out: set[int] = set()
-    for item in items:
-        if isinstance(item, str):
-            if not _STATUS_CLASS.match(item.lower()):
-                raise ValueError(f'{item!r}: use a status code (like 503) or a class (like "5xx")')
-            base = int(item[0]) * 100
-            out.update(range(base, base + 100))
-        elif 100 <= item <= 599:
-            out.add(item)
-        else:
-            raise ValueError(f"{item}: a status code is from 100 to 599")
-    return sorted(out)
-
-
-StatusList = Annotated[list[int | str], AfterValidator(_expand_statuses)]
-RetryOn = Literal["error", "timeout"]
-RecordType = Literal["A", "AAAA"]
-
-
-def _statuses(*items: int | str) -> list[int | str]:
-    return list(items)
-
-
-def _retry_on(*items: RetryOn) -> list[RetryOn]:
-    return list(items)
-
-
-def _record_types(*items: RecordType) -> list[RecordType]:
-    return list(items)
-
-
-class Target(Model):
-    """One backend instance of an upstream. A hostname is resolved through DNS and every address it
-    resolves to becomes a target (with this weight); with `srv: true` the name is an SRV record."""
-
-    target: str = Field(
-        description='"host:port"; with `srv: true`, the SRV name (like "_http._tcp.api.internal")',
-    )
-    weight: int = Field(
-        100,
-        ge=0,
-        le=65535,
-        description="share of traffic relative to the other targets; 0 = none",
-    )
-    backup: bool = Field(
-        False,
-        description="takes traffic only while every primary (non-backup) target is down",
-    )
-    name: str | None = Field(
-        None,
-        min_length=1,
-        max_length=128,
-        description="a name for status and logs (default: the target); lets one address be listed twice",
-    )
-    srv: bool = Field(
-        False,
-        description="resolve `target` as a DNS SRV name: records give addresses, ports, weights",
-    )
-
-    @model_validator(mode="after")
-    def _check_target(self) -> Target:
-        if self.srv:
-            if ":" in self.target.strip("[]") and not self.target.startswith("["):
-                raise ValueError("target: an SRV name has no port (the records give it)")
-        else:
-            try:
-                parse_hostport(self.target)
-            except ValueError as exc:
-                raise ValueError(f"target: {exc}") from None
-        return self
-
-    @property
-    def key(self) -> str:
-        return self.name or self.target
-
-
-class ActiveHealthcheck(Model):
-    """Probes every target from the supervisor (once per node, whatever the number of workers)."""
-
-    type: Literal["http", "tcp"] = Field(
-        "http",
-        description="http: a GET whose status is checked; tcp: a connect",
-    )
-    http_path: str = Field("/", description="path of the HTTP probe")
-    host: str | None = Field(
-        None,
-        description="Host header of the HTTP probe (default: the target's host:port)",
-    )
-    expected_statuses: StatusList = Field(
-        default_factory=lambda: _statuses("2xx", "3xx"),
-        validate_default=True,
-        description='statuses that pass, e.g. [200, "3xx"]',
-    )
-    interval: Duration = Field(5.0, gt=0, description="time between probes of a healthy target")
-    unhealthy_interval: Duration | None = Field(
-        None, gt=0, description="time between probes of an unhealthy target (default: `interval`)"
-    )
-    timeout: Duration = Field(1.0, gt=0, description="a probe not answered in time fails")
-    healthy_threshold: int = Field(
-        2,
-        ge=1,
-        le=1000,
-        description="consecutive passes that make a target healthy",
-    )
-    unhealthy_threshold: int = Field(
-        3,
-        ge=1,
-        le=1000,
-        description="consecutive failures that make it unhealthy",
-    )
-
-    @field_validator("http_path")
-    @classmethod
-    def _check_http_path(cls, path: str) -> str:
-        if not path.startswith("/"):
-            raise ValueError('must start with "/"')
-        return path
-
-
-class PassiveHealthcheck(Model):
-    """Outlier detection on live traffic, per worker; an ejection is shared with every worker."""
-
-    enabled: bool = Field(True, description="count failures on live traffic and eject failing targets")
-    consecutive_failures: int = Field(
-        5, ge=1, le=10000, description="connect failures, timeouts or `statuses` in a row that eject a target"
-    )
-    statuses: StatusList = Field(
-        default_factory=lambda: _statuses(500, 502, 503, 504),
-        validate_default=True,
-        description="backend statuses counted as failures",
-    )
-    base_ejection_time: Duration = Field(
-        30.0,
-        gt=0,
-        description="first ejection; the n-th lasts n times this",
-    )
-    max_ejection_time: Duration = Field(300.0, gt=0, description="cap on a growing ejection time")
-    max_ejection_percent: int = Field(
-        50, ge=0, le=100, description="share of an upstream's targets ejected at once (at least one)"
-    )
-
-    @model_validator(mode="after")
-    def _check_times(self) -> PassiveHealthcheck:
-        if self.max_ejection_time < self.base_ejection_time:
-            raise ValueError("max_ejection_time: must not be less than base_ejection_time")
-        return self
-
-
-class Healthchecks(Model):
-    """Active probes (from the supervisor) and passive outlier detection (on live traffic)."""
-
-    active: ActiveHealthcheck | None = Field(None, description="active probes; null (default) = none")
-    passive: PassiveHealthcheck = Field(
-        default_factory=PassiveHealthcheck, description="outlier detection on live traffic (on by default)"
-    )
-
-
-class RetryBudget(Model):
-    """Retries in the last `window` may be at most `ratio` * requests in it, plus `min_per_second` *
-    `window` (so a quiet upstream can still retry). Retries never multiply an outage."""
-
-    ratio: float = Field(0.2, ge=0, le=10, description="retries allowed per request over the window")
-    min_per_second: float = Field(10.0, ge=0, description="retries always allowed, per second of window")
-    window: Duration = Field(10.0, ge=1, le=300, description="the sliding window (1-second buckets)")
-
-
-class Backoff(Model):
-    """Delay before retry n: a random time up to min(max, base * 2^(n-1)) ("full jitter")."""
-
-    base: Duration = Field(0.025, ge=0, description="the delay cap of the first retry")
-    max: Duration = Field(0.25, ge=0, description="the largest delay cap")
-
-    @model_validator(mode="after")
-    def _check_max(self) -> Backoff:
-        if self.max < self.base:
-            raise ValueError("max: must not be less than base")
-        return self
-
-
-class Retries(Model):
-    """Which failed tries are tried again, on a different target. Requests whose method is not
-    idempotent are retried only when nothing was sent (a connect failure) unless the route sets
-    `retry_non_idempotent`."""
-
-    attempts: int = Field(3, ge=0, le=100, description="retries after the first try; 0 = none")
-    retry_on: list[RetryOn] = Field(
-        default_factory=lambda: _retry_on("error", "timeout"),
-        description="error: connect failure, reset or bad response before its head; timeout: connect or read",
-    )
-    statuses: StatusList = Field(
-        default_factory=list,
-        description="backend statuses that are retried, e.g. [502, 503]",
-    )
-    budget: RetryBudget = Field(
-        default_factory=RetryBudget, description="retries allowed relative to requests"
-    )
-    backoff: Backoff = Field(default_factory=Backoff, description="random delay before each retry")
-    replay_limit: Size = Field(
-        65536, ge=0, description="largest request body kept to be sent again; a larger one is never retried"
-    )
-
-
-class CircuitBreaker(Model):
-    """Limits per worker process (as nginx's `max_conns`); beyond them requests get an immediate 503 with
-    `X-Tollway-Circuit-Breaker` naming the limit."""
-
-    max_connections: int = Field(
-        0,
-        ge=0,
-        description="open connections to the upstream's targets; 0 = unlimited",
-    )
-    max_pending_requests: int = Field(
-        0,
-        ge=0,
-        description="requests waiting for a new connection; 0 = unlimited",
-    )
-
-
-class PoolOptions(Model):
-    """Keep-alive connections to each target."""
-
-    max_idle: int = Field(256, ge=0, description="idle connections kept per target")
-    idle_timeout: Duration = Field(60.0, gt=0, description="an idle connection older than this is closed")
-    max_requests: int = Field(
-        10000,
-        ge=0,
-        description="requests per connection before it is retired; 0 = unlimited",
-    )
-
-
-class UpstreamDns(Model):
-    """How hostname targets are resolved (in the supervisor, in the background)."""
-
-    record_types: list[RecordType] = Field(
-        default_factory=lambda: _record_types("A", "AAAA"),
-        min_length=1,
-        description="address records asked for",
-    )
-    min_ttl: Duration = Field(1.0, gt=0, description="shortest time an answer is used before asking again")
-    max_ttl: Duration = Field(300.0, gt=0, description="longest time an answer is used before asking again")
-    error_ttl: Duration = Field(
-        5.0,
-        gt=0,
-        description="time before asking again after a failed or empty answer (the last good set stays)",
-    )
-
-
-_HASH_ON = Literal["ip", "header", "cookie", "consumer", "path"]
-
-
-class Upstream(Model):
-    """A named group of targets that services send traffic to, with how to balance, check and retry."""
-
-    name: Name = Field(description="unique; services refer to it (`upstream`), metrics show it")
-    algorithm: Literal["round-robin", "random", "least-connections", "consistent-hashing", "latency"] = Field(
-        "round-robin", description="how a target is picked (docs/upstreams.md)"
-    )
-    hash_on: _HASH_ON = Field(
-        "ip",
-        description="consistent-hashing key: ip, header, cookie, consumer or path",
-    )
-    hash_key: str | None = Field(
-        None,
-        description="the header or cookie name when hash_on is header or cookie",
-    )
-    targets: list[Target] = Field(min_length=1, description="the backend instances (at least one)")
-    healthchecks: Healthchecks = Field(default_factory=Healthchecks, description="active and passive checks")
-    retries: Retries = Field(default_factory=Retries, description="which failed tries are tried again")
-    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, description="per-worker limits")
-    pool: PoolOptions = Field(default_factory=PoolOptions, description="keep-alive connections to targets")
-    dns: UpstreamDns = Field(default_factory=UpstreamDns, description="how hostname targets are resolved")
-
-    @model_validator(mode="after")
-    def _check_upstream(self) -> Upstream:
-        if self.hash_on in ("header", "cookie") and not self.hash_key:
-            raise ValueError(f"hash_key: required when hash_on is {self.hash_on!r}")
-        if self.hash_key is not None and self.hash_on == "header" and not _HEADER_NAME.match(self.hash_key):
-            raise ValueError("hash_key: not a valid header name")
-        seen: set[str] = set()
-        for i, target in enumerate(self.targets):
-            if target.key in seen:
-                raise ValueError(f"targets[{i}]: duplicate target {target.key!r} (give one a distinct name)")
-            seen.add(target.key)
-        return self
 
 
 class Consumer(Model):

@@ -7,7 +7,7 @@ dropped and counted (exported as tollway_access_log_dropped_lines_total) — tra
 the log.
 
 Which fields a line holds is configured (`gateway.access_log.fields`, catalogue in
-tollway.observability.fields) and compiled into a bit mask once per config. A line is assembled
+tollway.config.log_fields) and compiled into a bit mask once per config. A line is assembled
 from byte pieces rather than through a dict and orjson: most values are already bytes (the client
 address, the method, the request id), names from the config are quoted once, numbers come from small
 tables, and only strings that may need JSON escaping go through orjson (one string each). That
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from tollway.observability.fields import FIELDS, REQUEST_HEADER_PREFIX, RESPONSE_HEADER_PREFIX
+from tollway.config.log_fields import FIELDS, REQUEST_HEADER_PREFIX, RESPONSE_HEADER_PREFIX
 from tollway.observability.log_sinks import LogWriter
 
 if TYPE_CHECKING:

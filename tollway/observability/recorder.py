@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from tollway.observability.metrics import KEY_STRIDE, METHOD_INDEX, OTHER_METHOD, Registry, RouteMetrics
+from tollway.counters.metrics import KEY_STRIDE, METHOD_INDEX, OTHER_METHOD, Registry, RouteMetrics
 
 _perf_counter: Final = time.perf_counter  # bound once: no module attribute lookup per request
 

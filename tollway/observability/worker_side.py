@@ -10,17 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sized
+from typing import TYPE_CHECKING, Any, Protocol
 
+from tollway.counters.metrics import REGISTRY, Counter, Registry
 from tollway.observability.access_log import AccessLog
-from tollway.observability.metrics import REGISTRY, Counter, Registry
 from tollway.observability.recorder import Recorder
 
 if TYPE_CHECKING:
     from tollway.config.schema import GatewayConfig, Tracing
     from tollway.errors import UpstreamError
     from tollway.proxy.exchange import Exchange
-    from tollway.runtime.worker import Worker
+    from tollway.proxy.snapshot import Snapshot
+    from tollway.upstream.pool import Pool
+    from tollway.upstream.worker_registry import UpstreamRegistry
 
 log = logging.getLogger("tollway.worker")
 
@@ -34,6 +37,22 @@ _ERROR_LABELS = {
     "CircuitBreakerOpen": "circuit_open",
 }
 _BREAKER = "upstream_circuit_breaker_rejections_total"
+
+
+class Collected(Protocol):
+    """What `collect` reads of the worker (tollway.runtime.worker hands itself in): observability sits
+    below the runtime and knows it only through this shape."""
+
+    @property
+    def connections(self) -> Sized: ...
+    @property
+    def connections_accepted(self) -> int: ...
+    @property
+    def pools(self) -> Mapping[Any, Pool]: ...
+    @property
+    def snapshot(self) -> Snapshot | None: ...
+    @property
+    def upstreams(self) -> UpstreamRegistry: ...
 
 
 class WorkerObservability:
@@ -114,7 +133,7 @@ class WorkerObservability:
             self.access_log.reopen()
 
     # -- collection ----------------------------------------------------------------------------------------
-    def collect(self, worker: Worker) -> dict[str, Any]:
+    def collect(self, worker: Collected) -> dict[str, Any]:
         """Refresh the gauges and counters kept elsewhere, then snapshot the registry."""
         registry = self.registry
         registry.gauge("connections_active").set(len(worker.connections))
@@ -153,9 +172,9 @@ class WorkerObservability:
         data["config_version"] = worker.snapshot.version if worker.snapshot is not None else 0
         return data
 
-    def _collect_upstreams(self, worker: Worker) -> None:
+    def _collect_upstreams(self, worker: Collected) -> None:
         """Retries and circuit-breaker refusals, from the upstream registry's per-worker counters
-        (tollway.upstream.registry). Those restart when an upstream is removed and added again, so the
+        (tollway.upstream.worker_registry). Those restart when an upstream is removed and added again, so the
         metrics add what changed since the last collect and never go backwards."""
         upstreams = getattr(worker, "upstreams", None)
         if upstreams is None:
@@ -190,7 +209,7 @@ class WorkerObservability:
         """The rate limiter's Redis backends and node table (tollway.state; its counters are cumulative
         per process and survive config reloads). Nothing is reported until a limit uses them; the module
         is not imported for it (an idle worker's memory)."""
-        limits = sys.modules.get("tollway.state.limits")
+        limits = sys.modules.get("tollway.state.policy_stats")
         if limits is None:
             return
         snapshot = limits.stats_snapshot()

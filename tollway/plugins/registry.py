@@ -5,9 +5,10 @@ A plugin instance names its plugin one of three ways:
   - a user plugin by import path: ``my_company.plugins:Canary`` (module, colon, class)
   - a user plugin by entry point name, in the group ``tollway.plugins`` of an installed package
 
-Validation (`check_config_plugins`) runs when a configuration is loaded (`tollway check`, `run`, a
-reload): every instance's config against its plugin's schema, consumers' credentials against the
-authentication plugins' credential schemas, scoping rules, and `plugin_order`. Errors name the entity,
+Validation (`check_config_plugins`, the `PluginCheck` the runtime and the CLI hand to
+tollway.config.loader) runs when a configuration is loaded (`tollway check`, `run`, a reload): every
+instance's config against its plugin's schema, consumers' credentials against the authentication
+plugins' credential schemas, scoping rules, and `plugin_order`. Errors name the entity,
 the plugin and the field: ``routes[2] "users": plugins[0] "key-auth": config.key_names[0]: ...``.
 """
 
@@ -21,29 +22,29 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from tollway.config.loader import Loc, PluginCheck, validation_issues
 from tollway.plugins.base import Plugin
 
 if TYPE_CHECKING:
     from tollway.config.schema import GatewayConfig
 
-Loc = tuple[str | int, ...]
 ENTRY_POINT_GROUP = "tollway.plugins"
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 # name -> "module:Class" of the built-in plugins (imported only when a config uses them).
 BUILTIN: dict[str, str] = {
-    "correlation-id": "tollway.plugins.correlation_id:CorrelationId",
-    "cors": "tollway.plugins.cors:Cors",
-    "key-auth": "tollway.plugins.key_auth:KeyAuth",
-    "basic-auth": "tollway.plugins.basic_auth:BasicAuth",
-    "jwt": "tollway.plugins.jwt:JwtAuth",
-    "acl": "tollway.plugins.acl:Acl",
-    "ip-restriction": "tollway.plugins.ip_restriction:IpRestriction",
-    "request-size-limit": "tollway.plugins.request_size_limit:RequestSizeLimit",
-    "request-transformer": "tollway.plugins.request_transformer:RequestTransformer",
-    "response-transformer": "tollway.plugins.response_transformer:ResponseTransformer",
-    "rate-limiting": "tollway.plugins.rate_limiting:RateLimiting",
-    "concurrency-limit": "tollway.plugins.concurrency_limit:ConcurrencyLimit",
+    "correlation-id": "tollway.plugins.builtin.correlation_id:CorrelationId",
+    "cors": "tollway.plugins.builtin.cors:Cors",
+    "key-auth": "tollway.plugins.builtin.key_auth:KeyAuth",
+    "basic-auth": "tollway.plugins.builtin.basic_auth:BasicAuth",
+    "jwt": "tollway.plugins.builtin.jwt:JwtAuth",
+    "acl": "tollway.plugins.builtin.acl:Acl",
+    "ip-restriction": "tollway.plugins.builtin.ip_restriction:IpRestriction",
+    "request-size-limit": "tollway.plugins.builtin.request_size_limit:RequestSizeLimit",
+    "request-transformer": "tollway.plugins.builtin.request_transformer:RequestTransformer",
+    "response-transformer": "tollway.plugins.builtin.response_transformer:ResponseTransformer",
+    "rate-limiting": "tollway.plugins.builtin.rate_limiting:RateLimiting",
+    "concurrency-limit": "tollway.plugins.builtin.concurrency_limit:ConcurrencyLimit",
 }
 
 
@@ -153,13 +154,6 @@ def _scope_of(config: GatewayConfig, loc: Loc, instance: Any) -> tuple[str | Non
     return None, None, config.consumers[index].username
 
 
-def validation_issues(exc: ValidationError, data: Any) -> Iterator[tuple[Loc, str]]:
-    from tollway.config.loader import _clean_loc, _clean_message  # the loader's own wording
-
-    for err in exc.errors():
-        yield _clean_loc(data, err["loc"]), _clean_message(err)
-
-
 def _configured_classes(config: GatewayConfig) -> dict[str, type[Plugin[Any]]]:
     """The configured plugins by their own names (a plugin loaded by import path has a short name too)."""
     found: dict[str, type[Plugin[Any]]] = {}
@@ -231,3 +225,7 @@ def _all_instances(config: GatewayConfig) -> Iterator[Any]:
     entities: list[Any] = [*config.services, *config.routes, *config.consumers]
     for entity in entities:
         yield from entity.plugins
+
+
+# What the runtime and the CLI hand to tollway.config.loader (checked against its protocol here).
+PLUGIN_CHECK: PluginCheck = check_config_plugins

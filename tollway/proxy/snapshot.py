@@ -13,14 +13,14 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from tollway.config.schema import Consumer, GatewayConfig, GatewaySettings, Route, Service
-from tollway.observability.metrics import RouteMetrics
+from tollway.counters.metrics import RouteMetrics
 from tollway.observability.tracecontext import TraceSettings
 from tollway.proxy.forwarded import Forwarded
 from tollway.proxy.pipeline import Pipeline
 from tollway.router import Router
 from tollway.upstream.cluster import Cluster
 from tollway.upstream.pool import Pool
-from tollway.upstream.registry import UpstreamRegistry
+from tollway.upstream.worker_registry import UpstreamRegistry
 
 # (host, port, tls context, tls server name[, pool settings, owner upstream]) -> the worker's pool
 PoolFactory = Callable[..., Pool]

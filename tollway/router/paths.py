@@ -132,9 +132,3 @@ def compile_rewrite(template: str) -> str:
 
 def _escape_braces(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
-
-
-def strip_to(path: str, cut: int) -> str:
-    """The path after removing its first `cut` characters, always starting with "/"."""
-    rest = path[cut:]
-    return rest if rest[:1] == "/" else "/" + rest

@@ -8,7 +8,7 @@ validated config travel as one message. Messages are tuples whose first item nam
   worker → supervisor: ("ready", version)  ("config_failed", version, text)  ("collected", token, data)
                        ("event", kind, data)
 
-("collect", token) is answered with the worker's metrics (tollway.observability.metrics snapshot
+("collect", token) is answered with the worker's metrics (tollway.counters.metrics snapshot
 plus "connections" and "config_version"); a draining worker also sends ("collected", 0, data) with
 its final numbers just before it exits.
 """

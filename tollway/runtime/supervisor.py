@@ -9,7 +9,7 @@ request bytes.
 - It restarts a worker that dies (backing off if one keeps dying), and on SIGTERM drains: /ready turns
   503, listeners close after `drain_delay`, in-flight requests get `drain_timeout` to finish.
 - It serves the status listener (/live, /ready, /status, /metrics): metrics are collected from every
-  worker over its channel and merged (tollway.observability.exposition).
+  worker over its channel and merged (tollway.observability.supervisor_side).
 - SIGUSR1 (logrotate) is relayed to the workers, which reopen their access log files.
 """
 
@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,14 @@ from tollway.config.loader import load_file
 from tollway.config.schema import GatewayConfig
 from tollway.config.types import parse_hostport
 from tollway.errors import ConfigError
-from tollway.observability.exposition import CONTENT_TYPE, MetricsHub, resident_bytes
+from tollway.observability.supervisor_side import CONTENT_TYPE, MetricsHub, resident_bytes
+from tollway.plugins.registry import PLUGIN_CHECK
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
-from tollway.runtime.status import start_status_server
+from tollway.runtime.supervisor_status import start_status_server
 from tollway.runtime.worker import ENV_FDS
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
 from tollway.state.shared import SharedTable, create_for_workers
-from tollway.upstream.manager import UpstreamManager
+from tollway.upstream.supervisor_manager import UpstreamManager
 
 log = logging.getLogger("tollway.supervisor")
 _RESTART_BACKOFF_MAX = 5.0
@@ -81,11 +82,13 @@ class Supervisor:
         self.on_event = on_event or (lambda kind, data: None)
         self._stopping = False
         self._done: asyncio.Event | None = None
-        self._status_server: asyncio.AbstractServer | None = None
+        self._status_server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget tasks, referenced until done
         # The file as it was when the running config was read: the watcher reloads when it differs.
         self._watch_stat = _stat(self.config_path) if self.config_path is not None else None
         self._failed_restarts: dict[int, int] = {}
-        # upstreams: DNS, active health checks, shared ejections, /upstreams (tollway.upstream.manager)
+        # upstreams: DNS, active health checks, shared ejections, /upstreams
+        # (tollway.upstream.supervisor_manager)
         self.upstreams = UpstreamManager(self._broadcast, self._live_channels)
         # Node-shared rate-limit counters (tollway.state.shared): one table for every worker, kept
         # by the supervisor so counts survive a worker restart.
@@ -171,7 +174,12 @@ class Supervisor:
             if self._done is not None:
                 self._done.set()
             return
-        asyncio.get_running_loop().create_task(self.shutdown())
+        self._in_background(self.shutdown())
+
+    def _in_background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- config ---------------------------------------------------------------------------------------
     def reload(self, reason: str) -> bool:
@@ -180,7 +188,7 @@ class Supervisor:
             return False
         self._watch_stat = _stat(self.config_path)  # before reading: a later change is seen next poll
         try:
-            config = self._with_overrides(load_file(self.config_path))
+            config = self._with_overrides(load_file(self.config_path, PLUGIN_CHECK))
         except ConfigError as exc:
             self.last_reload = {"time": time.time(), "result": "failed", "version": self.version}
             self.metrics.registry.count("config_reloads_total", result="failed")
@@ -275,7 +283,7 @@ class Supervisor:
         handle.channel = await open_channel(
             parent,
             lambda message: self._on_worker_message(handle, message),
-            lambda: asyncio.get_running_loop().create_task(self._on_worker_gone(handle)),
+            lambda: self._in_background(self._on_worker_gone(handle)),
         )
         handle.channel.send(self.upstreams.state_message())
         handle.channel.send(("config", self.version, self.config))

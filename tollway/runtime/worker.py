@@ -17,7 +17,8 @@ import signal
 import socket
 import ssl
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from tollway.config.schema import GatewayConfig
 from tollway.observability.worker_side import WorkerObservability
@@ -28,7 +29,7 @@ from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
 from tollway.state.shared import SharedTable, set_node_table
 from tollway.upstream.pool import Pool, PoolSettings
-from tollway.upstream.registry import UpstreamRegistry
+from tollway.upstream.worker_registry import UpstreamRegistry
 
 if TYPE_CHECKING:
     from tollway.errors import TollwayError, UpstreamError
@@ -59,6 +60,7 @@ class Worker:
         self.pool_settings = PoolSettings()
         self.upstreams = UpstreamRegistry(loop, self._send, self._upstream_targets_changed)
         self.connections_accepted = 0
+        self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget tasks, referenced until done
         self.observability = WorkerObservability(loop)  # metrics, access log, tracing
         self.recorder = self.observability.recorder
         self.servers: list[asyncio.AbstractServer] = []
@@ -88,7 +90,7 @@ class Worker:
         if kind == "config":
             self.apply_config(message[1], message[2])
         elif kind == "drain":
-            self.loop.create_task(self.drain(message[1]))
+            self.spawn(self.drain(message[1]))
         elif kind.startswith("upstream_"):
             self.upstreams.on_message(message)
         else:
@@ -138,11 +140,16 @@ class Worker:
         self.observability.close()
         self._stopped.set()
 
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _supervisor_gone(self) -> None:
         if not self.draining:
             log.warning("worker %d lost its supervisor; draining", self.index)
             timeout = self.snapshot.settings.drain_timeout if self.snapshot is not None else 0.0
-            self.loop.create_task(self.drain(timeout))
+            self.spawn(self.drain(timeout))
 
     # -- used by connections and exchanges --------------------------------------------------------------
     def pool_for(
@@ -171,9 +178,6 @@ class Worker:
         """DNS changed an upstream's addresses: pools no target uses any more are closed."""
         if self.snapshot is not None:
             self._close_unused_pools(self.snapshot)
-
-    def next_request_id(self) -> bytes:
-        return self.request_ids.next()
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
@@ -273,7 +277,7 @@ def main() -> int:
 
 def _drain_on_signal(worker: Worker) -> None:
     timeout = worker.snapshot.settings.drain_timeout if worker.snapshot is not None else 0.0
-    worker.loop.create_task(worker.drain(timeout))
+    worker.spawn(worker.drain(timeout))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,6 @@ same plugin returns what it took from the earlier ones). Records, eight doubles 
     concurrency  [expires, lease epoch, in flight this epoch, in flight last epoch]
 
 The same arithmetic runs in Redis (`tollway.state.scripts`); tests hold the two to the same answers.
-
-Compiled with mypyc: never `return` inside a try/finally here — mypyc 2.4 then returns garbage from
-the function's later `return` (the float error sentinel -113.0); assign, and return after the finally.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ class StateLockTimeout(Exception):
 class SharedTable:
     """The node-wide table. Create it once per node (`create`), attach to it in each process (`attach`).
 
-    Algorithms live in `tollway.state.limits` (`LocalFixedWindow` and friends); they use `lock`,
+    Algorithms live in `tollway.state.local` (`LocalFixedWindow` and friends); they use `lock`,
     `unlock` and `slot` from here, always in that pattern::
 
         stripe = table.lock(fp)
@@ -130,14 +130,14 @@ class SharedTable:
         magic, layout, buckets, stripes, lock_kind, ways, salt = _HEADER.unpack_from(self.buf, 0)
         if magic != MAGIC or layout != LAYOUT or ways != WAYS:
             raise ValueError(f"fd {fd} is not a Tollway state table of layout {LAYOUT}")
-        self.buckets = buckets
-        self.bucket_mask = buckets - 1
-        self.stripes = stripes
-        self.stripe_mask = stripes - 1
-        self.salt = salt
-        self.lock_kind = lock_kind
-        self.keys_offset = HEADER_SIZE + stripes * MUTEX_STRIDE
-        self.records_offset = self.keys_offset + buckets * WAYS * 8
+        self.buckets: int = buckets
+        self.bucket_mask: int = buckets - 1
+        self.stripes: int = stripes
+        self.stripe_mask: int = stripes - 1
+        self.salt: bytes = salt
+        self.lock_kind: int = lock_kind
+        self.keys_offset: int = HEADER_SIZE + stripes * MUTEX_STRIDE
+        self.records_offset: int = self.keys_offset + buckets * WAYS * 8
         self.size = size
         self.stats = TableStats()
         self.lock_timeout = LOCK_TIMEOUT

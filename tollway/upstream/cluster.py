@@ -3,8 +3,8 @@
 Routes and plugins never pick hosts; they ask a cluster (Envoy's ThreadLocalCluster idea). A cluster is
 rebuilt with every config snapshot; what must outlive a rebuild — per-target state (in-flight counts,
 response-time averages, passive failures, ejections, health), the retry budget and the circuit breaker —
-lives in the worker's `UpstreamState` (tollway.upstream.registry keeps them), and connection pools belong
-to the worker too, so a reload keeps warm connections and in-flight counts.
+lives in the worker's `UpstreamState` (tollway.upstream.worker_registry keeps them), and connection
+pools belong to the worker too, so a reload keeps warm connections and in-flight counts.
 
 Picking: the balancer of the primary tier picks among available primaries; only when none is available
 does the backup tier's balancer pick. A retry picks the same way but never a target it already tried.

@@ -9,7 +9,7 @@ no target to send to. The n-th ejection in a row lasts n * `base_ejection_time`,
 its time is up, or earlier when active health checks see the target pass `healthy_threshold` probes.
 
 The worker that ejects tells the supervisor, which tells every other worker: all of a node's workers stop
-sending to a dead target at once (tollway.upstream.registry, tollway.upstream.manager).
+sending to a dead target at once (tollway.upstream.worker_registry, tollway.upstream.supervisor_manager).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.state_support import ServerSet, cleanup_prefix
-from tollway.state.redis_client import RedisClient, Standalone
+from tollway.state.redis_backends import Standalone
+from tollway.state.redis_client import RedisClient
 from tollway.state.shared import SharedTable
 
 

@@ -12,13 +12,14 @@ import pytest
 
 from tests.state_support import ServerSet
 from tollway.state.headers import denial_body
-from tollway.state.limits import BatchedRedisPolicy, RedisPolicy, health_of
-from tollway.state.redis_client import RedisClient, Standalone
+from tollway.state.limits import BatchedRedisPolicy, RedisPolicy
+from tollway.state.redis_backends import Standalone
+from tollway.state.redis_client import RedisClient
 from tollway.state.shared import SharedTable
 from tollway.state.spec import Decision, LimitSpec
 
 pytestmark = pytest.mark.integration
-LOGGER = "tollway.state.limits"
+LOGGER = "tollway.state.redis_health"
 
 
 async def resolve(result: object) -> Decision:
@@ -45,7 +46,7 @@ async def quick_backend():  # type: ignore[no-untyped-def]
 
     def make(port: int) -> Standalone:
         backend = Standalone(RedisClient("127.0.0.1", port, timeout=0.3, connect_timeout=0.3))
-        health_of(backend).probe_interval = 0.2
+        backend.health.probe_interval = 0.2
         made.append(backend)
         return backend
 

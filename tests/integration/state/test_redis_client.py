@@ -9,14 +9,9 @@ import time
 import pytest
 
 from tests.state_support import ServerSet, free_port
-from tollway.state.redis_client import (
-    RedisClient,
-    RedisReplyError,
-    RedisTimeout,
-    RedisUnavailable,
-    Script,
-    Standalone,
-)
+from tests.tls_support import self_signed
+from tollway.state.redis_backends import Standalone, backend_from_url
+from tollway.state.redis_client import RedisClient, RedisReplyError, RedisTimeout, RedisUnavailable, Script
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +147,31 @@ async def test_a_restarted_server_is_reconnected(servers: ServerSet) -> None:
                 await asyncio.sleep(0.05)
     finally:
         await client.close()
+
+
+async def test_rediss_urls_speak_tls(servers: ServerSet, tmp_path) -> None:
+    cert = self_signed(tmp_path / "tls")
+    tls_port = free_port()
+    servers.start(
+        [
+            "--tls-port", str(tls_port),
+            "--tls-cert-file", str(cert.cert_file),
+            "--tls-key-file", str(cert.key_file),
+            "--tls-ca-cert-file", str(cert.cert_file),
+            "--tls-auth-clients", "no",
+        ]
+    )  # fmt: skip
+    url = f"rediss://127.0.0.1:{tls_port}/0"
+    trusted = backend_from_url(url, ssl=cert.client_context(), timeout=2.0, connect_timeout=2.0)
+    untrusted = backend_from_url(url, timeout=2.0, connect_timeout=2.0)  # the system's CAs
+    plain = backend_from_url(f"redis://127.0.0.1:{tls_port}/0", timeout=0.5, connect_timeout=0.5)
+    try:
+        assert await trusted.call(b"PING") == b"PONG"
+        assert await trusted.script(Script("return 'tls'"), b"twtest:tls", ()) == b"tls"
+        with pytest.raises(RedisUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusted.call(b"PING")
+        with pytest.raises((RedisUnavailable, RedisTimeout)):
+            await plain.call(b"PING")  # clear text to a TLS port gets no answer
+    finally:
+        for backend in (trusted, untrusted, plain):
+            await backend.close()

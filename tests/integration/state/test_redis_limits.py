@@ -12,7 +12,8 @@ import pytest
 
 from tollway.state.limits import BatchedRedisPolicy, RedisPolicy, check_all
 from tollway.state.local import local_limit
-from tollway.state.redis_client import RedisClient, Standalone
+from tollway.state.redis_backends import Standalone
+from tollway.state.redis_client import RedisClient
 from tollway.state.shared import SharedTable
 from tollway.state.spec import Decision, LimitSpec
 
@@ -246,7 +247,7 @@ async def test_batched_gcra_overshoot_stays_within_the_documented_bound(
 
 async def test_stats_snapshot_and_shared_backends(redis_address: tuple[str, int], prefix: str) -> None:
     from tollway.state.limits import stats_snapshot
-    from tollway.state.redis_client import backend_for
+    from tollway.state.redis_backends import backend_for
 
     url = f"redis://{redis_address[0]}:{redis_address[1]}"
     backend = backend_for(url, timeout=2.0)
@@ -259,6 +260,12 @@ async def test_stats_snapshot_and_shared_backends(redis_address: tuple[str, int]
     snapshot = stats_snapshot()
     mine = snapshot["policies"][f"redis {spec.ident} {backend.name} {prefix}"]
     assert mine["requests"] == 2 and mine["redis_calls"] == 2
+    batched = BatchedRedisPolicy(LimitSpec("snap-b", 10, 60, scope=prefix), backend, prefix=prefix)
+    await resolve(batched.check("k", time.time()))
+    batched.close()
+    assert (
+        stats_snapshot()["policies"][f"batched {batched.spec.ident} {backend.name} {prefix}"]["requests"] == 1
+    )
     assert snapshot["redis"][backend.name]["down"] is False
     assert snapshot["redis"][backend.name]["commands"] >= 2
     assert "evicted_live" in snapshot["table"]

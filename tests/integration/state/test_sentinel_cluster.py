@@ -12,7 +12,7 @@ import pytest
 
 from tests.state_support import ServerSet, free_cluster_port, redis_cli_binary, wait_until
 from tollway.state.limits import RedisPolicy
-from tollway.state.redis_client import Cluster, Sentinel, key_slot
+from tollway.state.redis_backends import Cluster, Sentinel, key_slot
 from tollway.state.shared import SharedTable
 from tollway.state.spec import Decision, LimitSpec
 

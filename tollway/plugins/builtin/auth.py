@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from pydantic import Field
 
-from tollway.observability import metrics
+from tollway.counters import metrics
 from tollway.plugins.base import Loc, Plugin, PluginConfig, PluginContext
 from tollway.plugins.consumers import Consumer, identify
 from tollway.proxy.responses import Response, error_response

@@ -4,7 +4,7 @@ Each checked target gets a probe loop: an HTTP GET (path, Host header, expected 
 connect, bounded by `timeout`, every `interval` — or every `unhealthy_interval` while it is unhealthy, so
 a dead target can be noticed back sooner without probing healthy ones more. `unhealthy_threshold`
 failures in a row make a target unhealthy, `healthy_threshold` passes make it healthy again. Verdicts go
-to every worker over the channel (tollway.upstream.manager) and into the status JSON.
+to every worker over the channel (tollway.upstream.supervisor_manager) and into the status JSON.
 
 The verdict logic (`CheckState`) is plain methods with no I/O, so tests drive it with made-up results.
 """
@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tollway.protocol.client import HttpClientError, request
+
 if TYPE_CHECKING:
     from tollway.config.schema import ActiveHealthcheck
 
-_USER_AGENT = b"tollway-healthcheck"
-_MAX_STATUS_LINE = 4096
+_PROBE_HEADERS = ((b"User-Agent", b"tollway-healthcheck"), (b"Accept", b"*/*"))
 
 
 @dataclass
@@ -85,14 +86,8 @@ async def probe(host: str, port: int, settings: ActiveHealthcheck, default_host:
     """One probe of host:port; never raises, never outlives `settings.timeout`."""
     start = time.perf_counter()
     try:
-        async with asyncio.timeout(settings.timeout):
-            status = await _probe(host, port, settings, default_host)
-    except TimeoutError:
-        return CheckResult(False, None, f"timed out after {settings.timeout:g}s", time.perf_counter() - start)
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        return CheckResult(False, None, reason, time.perf_counter() - start)
-    except ValueError as exc:
+        status = await _probe(host, port, settings, default_host)
+    except HttpClientError as exc:
         return CheckResult(False, None, str(exc), time.perf_counter() - start)
     duration = time.perf_counter() - start
     if status is None:
@@ -103,27 +98,28 @@ async def probe(host: str, port: int, settings: ActiveHealthcheck, default_host:
 
 
 async def _probe(host: str, port: int, settings: ActiveHealthcheck, default_host: str) -> int | None:
-    reader, writer = await asyncio.open_connection(host, port)
+    """The HTTP status of a GET (tollway.protocol.client: the head is read, the body is not), or None
+    for a TCP probe that connected."""
+    if settings.type == "tcp":
+        await _connect(host, port, settings.timeout)
+        return None
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    response = await request(
+        f"http://{authority}{settings.http_path}",
+        host=(settings.host or default_host).encode("idna"),
+        headers=_PROBE_HEADERS,
+        timeout=settings.timeout,
+        read_body=False,
+    )
+    return response.status
+
+
+async def _connect(host: str, port: int, timeout: float) -> None:
     try:
-        if settings.type == "tcp":
-            return None
-        host_header = (settings.host or default_host).encode("idna")
-        writer.write(
-            b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-            % (settings.http_path.encode("latin-1"), host_header, _USER_AGENT)
-        )
-        line = await reader.readuntil(b"\n")
-        return parse_status_line(line[:_MAX_STATUS_LINE])
-    except asyncio.IncompleteReadError:
-        raise ValueError("connection closed before a response") from None
-    except asyncio.LimitOverrunError:
-        raise ValueError("invalid response") from None
-    finally:
-        writer.transport.abort()  # nothing more to read; a close handshake would only wait
-
-
-def parse_status_line(line: bytes) -> int:
-    parts = line.split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit() or len(parts[1]) != 3:
-        raise ValueError("invalid response")
-    return int(parts[1])
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
+    except TimeoutError:
+        raise HttpClientError(f"timed out after {timeout:g}s") from None
+    except OSError as exc:
+        raise HttpClientError(exc.strerror or str(exc) or type(exc).__name__) from None
+    writer.transport.abort()  # connected is all a TCP probe asks

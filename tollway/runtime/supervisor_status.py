@@ -21,6 +21,9 @@ from tollway.proxy.responses import reason
 Handler = Callable[[], "Awaitable[tuple[Any, ...]] | tuple[Any, ...]"]
 
 
+_answering: set[asyncio.Task[None]] = set()
+
+
 class StatusProtocol(asyncio.Protocol):
     """HTTP/1.1 with keep-alive, GET and HEAD only, one request at a time."""
 
@@ -53,7 +56,9 @@ class StatusProtocol(asyncio.Protocol):
         if self.busy:  # pipelining is not worth supporting here
             keep_alive = False
         self.busy = True
-        asyncio.get_running_loop().create_task(self._answer(method, url, keep_alive))
+        task = asyncio.get_running_loop().create_task(self._answer(method, url, keep_alive))
+        _answering.add(task)  # referenced until done: the loop keeps only weak references
+        task.add_done_callback(_answering.discard)
 
     async def _answer(self, method: bytes, url: bytes, keep_alive: bool) -> None:
         path = url.partition(b"?")[0].decode("latin-1")
@@ -95,6 +100,6 @@ async def _call(handler: Handler) -> tuple[int, bytes, bytes]:
     return result[0], orjson.dumps(result[1], option=orjson.OPT_INDENT_2), b"application/json"
 
 
-async def start_status_server(host: str, port: int, routes: dict[str, Handler]) -> asyncio.AbstractServer:
+async def start_status_server(host: str, port: int, routes: dict[str, Handler]) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: StatusProtocol(routes), host, port, reuse_address=True)

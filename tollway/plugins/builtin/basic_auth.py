@@ -1,7 +1,7 @@
 """basic-auth: HTTP Basic credentials checked against slow, salted password hashes.
 
 Consumers' credentials hold a username and a `password_hash` (bcrypt, argon2 or PBKDF2-SHA256; see
-`tollway.plugins.passwords` and `tollway hash-password`) — never a password. A check costs tens of
+`tollway.plugins.builtin.passwords` and `tollway hash-password`) — never a password. A check costs tens of
 milliseconds by design, so:
 
 - it runs in a small thread pool (the hash libraries release the GIL), never on the event loop;
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, field_validator, model_validator
 
 from tollway.config.types import Duration
-from tollway.plugins.auth import AuthConfig, AuthPlugin
 from tollway.plugins.base import PluginConfig, PluginContext
+from tollway.plugins.builtin.auth import AuthConfig, AuthPlugin
+from tollway.plugins.builtin.passwords import Verifier, check_hash, verifier
 from tollway.plugins.consumers import Consumer, identify
-from tollway.plugins.passwords import Verifier, check_hash, verifier
 from tollway.proxy.responses import Response, error_response
 
 if TYPE_CHECKING:

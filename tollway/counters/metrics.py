@@ -3,7 +3,7 @@
 Each worker counts in plain Python objects (an integer add per counter, a short bucket scan per
 histogram: tens of nanoseconds, against a microsecond for prometheus_client and three in its
 multiprocess mode). When /metrics is scraped, the supervisor asks every worker for `snapshot()` over
-its channel and merges them (tollway.observability.exposition), so one scrape shows every worker.
+its channel and merges them (tollway.observability.supervisor_side), so one scrape shows every worker.
 
 Two kinds of users:
 
@@ -12,7 +12,7 @@ Two kinds of users:
 - Every other feature reports through the generic API, one call each, with labels that come from
   config entities only (never raw paths, client addresses or consumer ids):
 
-      from tollway.observability import metrics
+      from tollway.counters import metrics
       metrics.count("auth_failures_total", plugin="key-auth", route=route_name)   # +1, looked up by labels
       failures = metrics.counter("auth_failures_total", plugin="key-auth", route=route_name)  # a handle,
       failures.inc()                                                             # made once per config
@@ -20,7 +20,7 @@ Two kinds of users:
       metrics.histogram("redis_call_seconds", plugin="rate-limiting").observe(0.0012)
 
   Names have no ``tollway_`` prefix (it is added on exposition) and are declared in
-  tollway.observability.catalog (type, help, label names); an undeclared name is declared by its
+  tollway.counters.catalog (type, help, label names); an undeclared name is declared by its
   first use. A metric name holds at most `max_series` label sets; later ones share the label value
   "other", so a label fed by mistake from request data cannot blow up memory or a scrape.
 
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from tollway.observability.catalog import CATALOG
+from tollway.counters.catalog import CATALOG
 
 METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other")
 OTHER_METHOD: Final = 7

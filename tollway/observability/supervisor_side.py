@@ -21,19 +21,54 @@ import asyncio
 import itertools
 import os
 import platform
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from tollway import __version__
-from tollway.observability.catalog import REQUEST_METRICS
-from tollway.observability.metrics import KEY_STRIDE, METHODS, REGISTRY, Registry
+from tollway.counters.catalog import REQUEST_METRICS
+from tollway.counters.metrics import KEY_STRIDE, METHODS, REGISTRY, Registry
 
-if TYPE_CHECKING:
-    from tollway.runtime.supervisor import Supervisor
+
+# What the hub reads of the supervisor (tollway.runtime.supervisor hands itself in): observability sits
+# below the runtime and knows it only through these shapes.
+class _Channel(Protocol):
+    def send(self, message: Any) -> bool: ...
+
+
+class _Process(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+
+class WorkerLink(Protocol):
+    """One supervised worker process: its slot, process, channel (None while it is down), ready config."""
+
+    @property
+    def slot(self) -> int: ...
+    @property
+    def process(self) -> _Process: ...
+    @property
+    def channel(self) -> _Channel | None: ...
+    @property
+    def ready_version(self) -> int: ...
+
+
+class Supervised(Protocol):
+    """The supervisor's state the hub reports: its workers, start time and config reloads."""
+
+    @property
+    def workers(self) -> Mapping[int, WorkerLink]: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def last_reload(self) -> Mapping[str, Any]: ...
+
 
 PREFIX = "tollway_"
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode()
@@ -191,7 +226,7 @@ class _Collector:
 class MetricsHub:
     """Collects worker snapshots on demand and keeps what is needed so counters never go backwards."""
 
-    def __init__(self, supervisor: Supervisor, registry: Registry = REGISTRY) -> None:
+    def __init__(self, supervisor: Supervised, registry: Registry = REGISTRY) -> None:
         self.supervisor = supervisor
         self.registry = registry  # the supervisor process's own metrics
         self.latest: dict[int, tuple[int, dict[str, Any]]] = {}  # pid -> (slot, last snapshot)
@@ -262,7 +297,7 @@ class MetricsHub:
 
     def render(self) -> bytes:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(list(families(self.merged()))))  # type: ignore[arg-type]
+        registry.register(_Collector(list(families(self.merged()))))
         for collector in self.extra_collectors:
             registry.register(collector)
         return generate_latest(registry)
@@ -291,7 +326,7 @@ class MetricsHub:
 
     def _refresh_target_health(self) -> None:
         """tollway_upstream_target_health from the supervisor's health-check and ejection state
-        (tollway.upstream.manager): 1 for each target's current state, 0 for the other two."""
+        (tollway.upstream.supervisor_manager): 1 for each target's current state, 0 for the other two."""
         manager = getattr(self.supervisor, "upstreams", None)
         if manager is None or not hasattr(manager, "target_states"):
             return

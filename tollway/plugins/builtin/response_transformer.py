@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from tollway.config.types import Size
 from tollway.plugins.base import Plugin, PluginContext
-from tollway.plugins.transform import BodyEdits, HeaderEdits, TransformOps, is_json
+from tollway.plugins.builtin.transform import BodyEdits, HeaderEdits, TransformOps, is_json
 
 if TYPE_CHECKING:
     from tollway.proxy.exchange import Exchange

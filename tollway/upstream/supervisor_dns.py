@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,7 +113,7 @@ class Resolver:
             self._resolver = resolver
         return self._resolver
 
-    async def addresses(self, name: str, record_types: list[str]) -> list[Address]:
+    async def addresses(self, name: str, record_types: Sequence[str]) -> list[Address]:
         """The addresses of `name` (hosts file first, then DNS); raises ResolveError."""
         from_hosts = self.hosts.lookup(name)
         if from_hosts:
@@ -133,7 +134,7 @@ class Resolver:
             raise ResolveError("; ".join(dict.fromkeys(errors)))
         return out
 
-    async def services(self, name: str, record_types: list[str]) -> list[Service]:
+    async def services(self, name: str, record_types: Sequence[str]) -> list[Service]:
         """The SRV records of `name`, each target resolved to its addresses; raises ResolveError."""
         answer = await self._query(name, "SRV")
         srv_ttl = float(answer.rrset.ttl)

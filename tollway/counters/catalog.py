@@ -1,6 +1,6 @@
 """Every metric Tollway exposes: name (without the ``tollway_`` prefix), type, labels and help.
 
-Features that report through `tollway.observability.metrics` declare their metrics here (one entry
+Features that report through `tollway.counters.metrics` declare their metrics here (one entry
 each), so the type, help text and label names are fixed in one place and docs/monitoring.md can list
 them. A plugin from outside the tree may instead call `metrics.REGISTRY.family(...)` once, or just
 use a name: its first use declares it (help text empty, labels as given).

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from tollway.config.types import Duration
 from tollway.plugins.base import Plugin, PluginContext
-from tollway.plugins.limiting import KeyBuilder, LimitAnswers, LimitPluginConfig
+from tollway.plugins.builtin.limiting import KeyBuilder, LimitAnswers, LimitPluginConfig
 from tollway.state.limits import LocalPolicy
 from tollway.state.shared import node_table
 from tollway.state.spec import Decision, LimitSpec

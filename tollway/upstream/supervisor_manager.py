@@ -1,5 +1,6 @@
 """The supervisor's side of upstreams: DNS resolution, active health checks, shared ejections, and the
-status JSON — the control plane that workers' clusters follow (tollway.upstream.registry is the other end).
+status JSON — the control plane that workers' clusters follow (tollway.upstream.worker_registry is the
+other end).
 
 - DNS: one background loop per hostname (or SRV) target; answers go to every worker as target sets.
 - Active checks: one probe loop per checked target address, once per node; verdicts go to every worker.
@@ -21,9 +22,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tollway.config.types import parse_hostport
-from tollway.observability import metrics
-from tollway.upstream.health import CheckResult, CheckState, probe
-from tollway.upstream.registry import Record, TargetKey, address_label, is_ip, target_records
+from tollway.counters import metrics
+from tollway.upstream.supervisor_health import CheckResult, CheckState, probe
+from tollway.upstream.worker_registry import Record, TargetKey, address_label, is_ip, target_records
 
 if TYPE_CHECKING:
     from tollway.config.schema import ActiveHealthcheck, GatewayConfig, Upstream, UpstreamDns
@@ -235,7 +236,10 @@ class UpstreamManager:
         for key, signature in desired.items():
             if key not in self._dns_tasks:
                 first = self._dns_first[key] = asyncio.Event()
-                task = asyncio.get_running_loop().create_task(self._dns_loop(key, *signature, first))
+                target, srv, options = signature
+                task = asyncio.get_running_loop().create_task(
+                    self._dns_loop(key, target, srv, options, first)
+                )
                 self._dns_tasks[key] = (task, signature)
 
     async def _dns_loop(

@@ -22,10 +22,10 @@ import orjson
 from pydantic import Field, model_validator
 
 from tollway.config.types import Size
-from tollway.plugins.auth import AuthConfig, AuthPlugin, query_params
 from tollway.plugins.base import HeaderName, PluginConfig, PluginContext
+from tollway.plugins.builtin.auth import AuthConfig, AuthPlugin, query_params
 from tollway.plugins.consumers import Consumer, identify
-from tollway.plugins.transform import is_form, is_json
+from tollway.plugins.builtin.transform import is_form, is_json
 
 if TYPE_CHECKING:
     from tollway.proxy.exchange import Exchange

@@ -1,7 +1,7 @@
 """An asynchronous JWKS fetcher: signing keys from an identity provider's JWKS URL, cached.
 
 pyjwt's `PyJWKClient` fetches synchronously (it would stop the event loop for a whole HTTP round trip),
-so this module fetches with asyncio and keeps:
+so this module fetches with the gateway's own HTTP client (tollway.protocol.client) and keeps:
 
 - last-known-good keys: a failed or garbled refresh never empties the set;
 - a refresh when the set is older than `cache_ttl`, in the background (requests keep using the keys
@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
-from typing import Any
-from urllib.parse import urlsplit
 
-import httptools
 import orjson
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
-log = logging.getLogger("tollway.plugins.jwks")
+from tollway.protocol.client import HttpClientError, request
+
+log = logging.getLogger("tollway.plugins.builtin.jwks")
 MAX_KEYS = 100
+_JWKS_HEADERS = ((b"Accept", b"application/json"), (b"User-Agent", b"tollway-jwks"))
 
 
 class JwksError(Exception):
@@ -93,7 +92,7 @@ class JwksSource:
         self.attempted_at = time.monotonic()
         self.fetches += 1
         try:
-            document = await asyncio.wait_for(fetch(self.url, self.max_bytes), self.timeout)
+            document = await fetch(self.url, self.max_bytes, self.timeout)
             keys = parse_jwks(document)
         except Exception as exc:  # network, TLS, HTTP, JSON: whatever it was, the old keys stay
             self.failures += 1
@@ -131,62 +130,16 @@ def parse_jwks(document: bytes) -> dict[str | None, PyJWK]:
     return keys
 
 
-async def fetch(url: str, max_bytes: int) -> bytes:
-    """GET `url` (http or https), following no redirects; the body if the status is 200."""
-    parts = urlsplit(url)
-    tls = parts.scheme == "https"
-    host = parts.hostname or ""
-    port = parts.port or (443 if tls else 80)
-    context = ssl.create_default_context() if tls else None
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=context, server_hostname=host if tls else None
-    )
+async def fetch(url: str, max_bytes: int, timeout: float = 10.0) -> bytes:
+    """GET `url` (http or https, tollway.protocol.client), following no redirects; the body if the
+    status is 200."""
     try:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host_header = parts.netloc.rpartition("@")[2]
-        writer.write(
-            f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nAccept: application/json\r\n"
-            "User-Agent: tollway-jwks\r\nConnection: close\r\n\r\n".encode("latin-1")
-        )
-        return await _read_response(reader, max_bytes)
-    finally:
-        writer.close()
-
-
-class _Collector:
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.body = bytearray()
-        self.done = False
-
-    def on_body(self, data: bytes) -> None:
-        self.body += data
-        if len(self.body) > self.max_bytes:
-            raise JwksError(f"document larger than {self.max_bytes} bytes")
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
-async def _read_response(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
-    collector = _Collector(max_bytes)
-    parser: Any = httptools.HttpResponseParser(collector)
-    while not collector.done:
-        data = await reader.read(65536)
-        if not data:
-            break  # a close-delimited body ends here
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, JwksError):
-                raise exc.__context__ from None
-            raise JwksError(f"invalid HTTP response: {exc}") from exc
-    if not collector.done and not collector.body:
-        raise JwksError("the connection closed without a complete response")
-    status = parser.get_status_code()
-    if status != 200:
-        raise JwksError(f"status {status}")
-    return bytes(collector.body)
+        response = await request(url, headers=_JWKS_HEADERS, timeout=timeout, max_body=max_bytes)
+    except HttpClientError as exc:
+        raise JwksError(str(exc)) from None
+    if response.status != 200:
+        raise JwksError(f"status {response.status}")
+    return response.body
 
 
 _SOURCES: dict[tuple[str, float, float, float], JwksSource] = {}

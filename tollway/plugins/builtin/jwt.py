@@ -4,7 +4,7 @@ A token arrives as ``Authorization: Bearer <token>`` (or in configured headers, 
 cookies). The claim named by `key_claim_name` (default `iss`; a header parameter such as `kid` works
 too) selects a consumer's credential; the credential says which algorithms it accepts and holds the
 key: an HMAC secret, a PEM public key, or a JWKS URL (keys fetched asynchronously, cached, refreshed on
-an unknown `kid`; see tollway.plugins.jwks).
+an unknown `kid`; see tollway.plugins.builtin.jwks).
 
 Refused, all with the same 401: `alg: none` and any algorithm the credential does not list (so a token
 cannot pick HS256 to have a public key used as an HMAC secret: credentials with a secret accept only
@@ -37,11 +37,11 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import Field, field_validator, model_validator
 
 from tollway.config.types import Duration, Size
-from tollway.plugins.auth import AuthConfig, AuthPlugin, query_params
 from tollway.plugins.base import HeaderName, Loc, PluginConfig, PluginContext
+from tollway.plugins.builtin.auth import AuthConfig, AuthPlugin, query_params
+from tollway.plugins.builtin.jwks import JwksSource, source_for
+from tollway.plugins.builtin.transform import MANAGED_HEADERS
 from tollway.plugins.consumers import Consumer, identify
-from tollway.plugins.jwks import JwksSource, source_for
-from tollway.plugins.transform import MANAGED_HEADERS
 from tollway.proxy.exchange import header_field
 
 if TYPE_CHECKING:

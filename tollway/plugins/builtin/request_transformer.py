@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from tollway.config.types import Size
 from tollway.plugins.base import Plugin, PluginContext
-from tollway.plugins.transform import (
+from tollway.plugins.builtin.transform import (
     BodyEdits,
     FormEdits,
     HeaderEdits,

@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from tollway.observability import metrics
+from tollway.counters import metrics
 from tollway.plugins.base import HeaderName, PluginConfig
-from tollway.plugins.netutil import real_client_ip
+from tollway.plugins.builtin.netutil import real_client_ip
 from tollway.proxy.responses import Response
 from tollway.state import headers as rl_headers
 
 if TYPE_CHECKING:
-    from tollway.observability.metrics import Counter
+    from tollway.counters.metrics import Counter
+    from tollway.plugins.consumers import Consumer
     from tollway.proxy.exchange import Exchange
     from tollway.state.spec import Decision, LimitSpec
 
@@ -51,7 +52,7 @@ class HeaderSettings(PluginConfig):
 class LimitPluginConfig(PluginConfig):
     """The options every limit plugin has: the key, the headers, the counters' scope."""
 
-    key: KeyParts = Field(  # type: ignore[assignment]
+    key: KeyParts = Field(
         ["consumer"],
         description="what is counted separately: one or more of consumer, credential, ip, header, path, "
         "route, service (joined); a part the request lacks falls back to the client IP",
@@ -106,7 +107,7 @@ class KeyBuilder:
         return "|".join([getter(ex) for getter in self._getters])
 
     def _consumer(self, ex: Exchange) -> str:
-        consumer = ex.consumer
+        consumer: Consumer | None = ex.consumer
         if consumer is None:
             return "ip:" + real_client_ip(ex)
         return "consumer:" + consumer.id

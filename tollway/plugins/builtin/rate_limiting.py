@@ -23,9 +23,9 @@ from pydantic import Field, model_validator
 
 from tollway.config.types import Duration
 from tollway.plugins.base import Plugin, PluginConfig, PluginContext
-from tollway.plugins.limiting import KeyBuilder, LimitAnswers, LimitPluginConfig
+from tollway.plugins.builtin.limiting import KeyBuilder, LimitAnswers, LimitPluginConfig
 from tollway.state.limits import Policy, build_policy, check_all
-from tollway.state.redis_client import backend_for
+from tollway.state.redis_backends import backend_for
 from tollway.state.spec import Decision, LimitSpec
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 Algorithm = Literal["fixed", "sliding", "gcra"]
 _LIMIT_NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,63}$"
 _SHORTHANDS = (("second", 1.0), ("minute", 60.0), ("hour", 3600.0), ("day", 86400.0))
-_REDIS_SCHEMES = ("redis", "redis+sentinel", "redis+cluster")
+_REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster", "rediss+cluster")
 
 
 class LimitConfig(PluginConfig):
@@ -54,7 +54,8 @@ class LimitConfig(PluginConfig):
 class RedisSettings(PluginConfig):
     url: str = Field(
         description="redis://[user:password@]host[:port][/db], "
-        "redis+sentinel://s1:26379,s2:26379/service[/db] or redis+cluster://n1:7000,n2:7000"
+        "redis+sentinel://s1:26379,s2:26379/service[/db] or redis+cluster://n1:7000,n2:7000; "
+        "rediss:// and rediss+cluster:// speak TLS"
     )
     timeout: Duration = Field(0.25, gt=0, description="longest wait for a reply before Redis counts as down")
     connect_timeout: Duration = Field(0.25, gt=0, description="longest wait for a connection")

@@ -1,6 +1,6 @@
 """ip-restriction: allow or deny clients by address (CIDR blocks, IPv4 and IPv6) → 403.
 
-The address is the real client IP (`tollway.plugins.netutil.real_client_ip`): X-Forwarded-For counts
+The address is the real client IP (`tollway.plugins.builtin.netutil.real_client_ip`): X-Forwarded-For counts
 only through `gateway.trusted_proxies`. Deny wins over allow; with an allow list, everything not on it
 is denied. Decisions are cached per address (bounded), so a busy client costs one dict lookup.
 """
@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from tollway.config.types import Cidr
 from tollway.plugins.base import Plugin, PluginConfig, PluginContext
-from tollway.plugins.netutil import IpSet, parse_ip, real_client_ip
+from tollway.plugins.builtin.netutil import IpSet, parse_ip, real_client_ip
 from tollway.proxy.responses import Response, error_response
 
 if TYPE_CHECKING:
