@@ -344,4 +344,4 @@ def test_concurrency_limit_rejection_status_and_message(harness: Any) -> None:
 def test_rejection_status_and_message_are_checked(bad: dict[str, Any]) -> None:
     for name, limit in (("rate-limiting", {"minute": 1}), ("concurrency-limit", {"limit": 1})):
         with pytest.raises(ConfigError, match=r"status|message"):
-            validate(config({"name": name, "config": {**limit, **bad}}))
+            validate(config({"name": name, "config": {**limit, **bad}}), plugins=PLUGIN_CHECK)

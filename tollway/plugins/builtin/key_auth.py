@@ -24,8 +24,8 @@ from pydantic import Field, model_validator
 from tollway.config.types import Size
 from tollway.plugins.base import HeaderName, PluginConfig, PluginContext
 from tollway.plugins.builtin.auth import AuthConfig, AuthPlugin, query_params
-from tollway.plugins.consumers import Consumer, identify
 from tollway.plugins.builtin.transform import is_form, is_json
+from tollway.plugins.consumers import Consumer, identify
 
 if TYPE_CHECKING:
     from tollway.proxy.exchange import Exchange
