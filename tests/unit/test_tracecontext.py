@@ -10,7 +10,7 @@ import pytest
 
 from tollway.config.loader import load_text
 from tollway.observability.tracecontext import INVALID, IdPool, TraceSettings, parse_traceparent
-from tollway.protocol.server import ClientConnection
+from tollway.proxy.server import ClientConnection
 from tollway.proxy.exchange import Exchange
 from tollway.runtime.worker import Worker
 

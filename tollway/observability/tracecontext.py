@@ -1,7 +1,7 @@
 """W3C Trace Context (traceparent / tracestate), by hand, on every request.
 
 Always on, so it is built to cost about a tenth of a microsecond: the client's ``traceparent`` is
-captured as raw bytes while headers are parsed (tollway.protocol.server), and `TraceSettings.add_header`
+captured as raw bytes while headers are parsed (tollway.proxy.server), and `TraceSettings.add_header`
 — called once while the upstream request head is built — validates it, picks this hop's ids and
 sampled flag, and appends the header pieces to the head's parts (no concatenation). Ids are slices of
 a pool of hex digits refilled from os.urandom a few kilobytes at a time, so an id costs one slice

@@ -1,6 +1,6 @@
 """One request through the gateway, from a routed request head to the last response byte.
 
-An `Exchange` is created per request by the client connection (tollway.protocol.server), which feeds
+An `Exchange` is created per request by the client connection (tollway.proxy.server), which feeds
 it request parts as httptools parses them. The exchange routes the request, runs the plugin phases,
 asks the service's cluster for a target, writes the request to a pooled upstream connection, and
 relays the response back — streaming both bodies with backpressure, never buffering a whole body.
@@ -44,7 +44,7 @@ from tollway.upstream.retry import ON_ERROR, ON_TIMEOUT
 from tollway.upstream.target import FAILED, NEUTRAL, OK
 
 if TYPE_CHECKING:
-    from tollway.protocol.server import ClientConnection
+    from tollway.proxy.server import ClientConnection
     from tollway.proxy.pipeline import Pipeline
     from tollway.proxy.snapshot import CompiledRoute, CompiledService, Snapshot
     from tollway.upstream.connection import UpstreamConnection

@@ -33,7 +33,7 @@ from tollway.protocol.http1 import (
 if TYPE_CHECKING:
     import asyncio
 
-    from tollway.protocol.server import TunnelSink
+    from tollway.proxy.server import TunnelSink
     from tollway.proxy.exchange import Exchange
     from tollway.upstream.pool import Pool
 
