@@ -27,6 +27,8 @@ import os
 import random
 from typing import TYPE_CHECKING, Final
 
+from tollway.protocol.request import INVALID_TRACEPARENT as INVALID  # a repeated traceparent
+
 if TYPE_CHECKING:
     from tollway.config.schema import Tracing
     from tollway.proxy.exchange import Exchange
@@ -35,7 +37,6 @@ _HEX: Final = b"0123456789abcdef"
 _ZERO_TRACE: Final = b"0" * 32
 _ZERO_SPAN: Final = b"0" * 16
 _POOL_BYTES: Final = 3072  # random bytes per refill: 128 requests' trace and span ids
-INVALID: Final = b"invalid"  # what a repeated traceparent header is turned into
 _PREFIX: Final = b"traceparent: 00-"
 _SAMPLED_TAIL: Final = b"-01\r\n"
 _UNSAMPLED_TAIL: Final = b"-00\r\n"

@@ -15,7 +15,7 @@ from pydantic import Field
 from tollway.plugins.base import HeaderName, Plugin, PluginConfig, PluginContext
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 
 class CorrelationIdConfig(PluginConfig):
@@ -45,7 +45,7 @@ class CorrelationId(Plugin[CorrelationIdConfig]):
         self._prefix = uuid.uuid4().hex.encode() + b"#"
         self._counter = 0
 
-    def access(self, ex: Exchange) -> None:
+    def access(self, ex: RequestContext) -> None:
         if self._is_request_id:
             value = ex.request_id
         else:

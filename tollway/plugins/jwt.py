@@ -39,14 +39,13 @@ from tollway.plugins.base import HeaderName, Loc, PluginConfig, PluginContext
 from tollway.plugins.consumers import Consumer, identify
 from tollway.plugins.jwks import JwksSource, source_for
 from tollway.plugins.transform import MANAGED_HEADERS
-from tollway.proxy.exchange import header_field
+from tollway.proxy.pdk import header_field
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from tollway.config.schema import GatewayConfig
-    from tollway.proxy.exchange import Exchange
-    from tollway.proxy.responses import Response
+    from tollway.proxy.pdk import RequestContext, Response
 
 Algorithm = Literal[
     "HS256",
@@ -262,7 +261,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
         return signers
 
     # -- per request ----------------------------------------------------------------------------------------
-    def access(self, ex: Exchange) -> Response | Awaitable[Response | None] | None:
+    def access(self, ex: RequestContext) -> Response | Awaitable[Response | None] | None:
         if self.anonymous is not None and ex.credential is not None:
             return None
         token = self._take_token(ex)
@@ -290,7 +289,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
 
     async def _verify_after_fetch(
         self,
-        ex: Exchange,
+        ex: RequestContext,
         token: bytes,
         digest: bytes,
         header: dict[str, Any],
@@ -322,7 +321,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
 
     def _verify(
         self,
-        ex: Exchange,
+        ex: RequestContext,
         token: bytes,
         digest: bytes,
         header: dict[str, Any],
@@ -376,7 +375,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
                     raise _Invalid from exc
         return out
 
-    def _accept(self, ex: Exchange, entry: Verified) -> None:
+    def _accept(self, ex: RequestContext, entry: Verified) -> None:
         headers = entry[3]
         if self._forward_lnames:  # the client cannot send what the token is supposed to say
             ex.headers = [h for h in ex.headers if h[0].lower() not in self._forward_lnames]
@@ -385,7 +384,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
             ex.headers.extend(headers)
 
     # -- finding the token ----------------------------------------------------------------------------
-    def _take_token(self, ex: Exchange) -> bytes | None:
+    def _take_token(self, ex: RequestContext) -> bytes | None:
         for lname in self._headers:
             value = ex.pop_header(lname) if self._hide else ex.header_bytes(lname)
             if value is not None:
@@ -400,7 +399,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
             return self._from_cookie(ex)
         return None
 
-    def _from_cookie(self, ex: Exchange) -> bytes | None:
+    def _from_cookie(self, ex: RequestContext) -> bytes | None:
         header = ex.header_bytes(b"cookie")
         if header is None:
             return None

@@ -19,8 +19,7 @@ from tollway.plugins.base import HeaderName, PluginConfig, PluginContext
 from tollway.plugins.consumers import Consumer, identify
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
-    from tollway.proxy.responses import Response
+    from tollway.proxy.pdk import RequestContext, Response
 
 Index = dict[bytes, tuple[Consumer, Any]]
 
@@ -80,7 +79,7 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         self._in_header = config.key_in_header
         self._hide = config.hide_credentials
 
-    def access(self, ex: Exchange) -> Response | None:
+    def access(self, ex: RequestContext) -> Response | None:
         if self.anonymous is not None and ex.credential is not None:
             return None  # an earlier authentication plugin of an OR succeeded
         key = None

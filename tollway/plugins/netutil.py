@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -31,7 +31,7 @@ def parse_ip(text: str) -> IpAddress | None:
     return address
 
 
-def real_client_ip(ex: Exchange) -> str:
+def real_client_ip(ex: RequestContext) -> str:
     """The client's address: the peer, or what trusted proxies in front of us say it is."""
     peer = ex.client.peer_ip.decode("latin-1")
     if not ex.client.trusted or not ex.x_forwarded_for:

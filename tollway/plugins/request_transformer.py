@@ -18,7 +18,7 @@ from tollway.plugins.base import Plugin, PluginContext
 from tollway.plugins.transform import BodyEdits, HeaderEdits, QueryEdits, TransformOps, is_json
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 
 class RequestTransformerConfig(TransformOps):
@@ -36,7 +36,7 @@ class RequestTransformer(Plugin[RequestTransformerConfig]):
         self._body = BodyEdits(config)
         self._max_body = config.max_body_size
 
-    def access(self, ex: Exchange) -> None:
+    def access(self, ex: RequestContext) -> None:
         if (
             self._body.active
             and is_json(ex.header_bytes(b"content-type"))

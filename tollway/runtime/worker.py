@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 from tollway.config.schema import GatewayConfig
 from tollway.observability.worker_side import WorkerObservability
-from tollway.proxy.server import ClientConnection
 from tollway.proxy.exchange import RequestIds
+from tollway.proxy.server import ClientConnection
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
