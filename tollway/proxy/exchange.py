@@ -123,8 +123,7 @@ class Exchange(UpstreamTries):
     def begin(self) -> None:
         """The request head is complete and it is this request's turn: route it and run the phases."""
         try:
-            if not self._parse_target():
-                return
+            self._parse_target()
             if self.request_id == b"":
                 self.request_id = self.client.ids.next()
             if not self._route():
@@ -140,7 +139,7 @@ class Exchange(UpstreamTries):
         else:
             self.proceed()
 
-    def _parse_target(self) -> bool:
+    def _parse_target(self) -> None:
         url = self.url
         if url[:1] != b"/":
             url = self._absolute_form(url)
@@ -154,7 +153,6 @@ class Exchange(UpstreamTries):
         self.raw_path = path if path == raw else raw
         self.path = path
         self.query = query.decode("latin-1")
-        return True
 
     def _absolute_form(self, url: bytes) -> bytes:
         """``GET http://host/path`` (RFC 9112 3.2.2): the URI's authority replaces Host."""
