@@ -94,7 +94,6 @@ class Exchange(UpstreamTries):
         "_pending_head",
         "_resp_body",
         "_resp_extra",
-        "bytes_sent",
         "parent_span_id",
         "sampled",
         "span_id",
@@ -112,7 +111,6 @@ class Exchange(UpstreamTries):
         self._awaiting_body = False  # proceed() waits for a whole body to transform
         self._resp_body: list[bytes] | None = None  # a response body buffered for a transform
         self._resp_extra = b""  # the fields plugins added, as header lines, once the backend's head is in
-        self.bytes_sent = 0
         self._pending_head: bytes | None = None
         self._dechunk: ChunkedDecoder | None = None
 

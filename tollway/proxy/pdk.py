@@ -38,13 +38,15 @@ class RequestContext(RequestHead):
     """One request as plugins see it. Fields a plugin may read: those of `RequestHead`, and `path`
     (normalised), `raw_path`, `query`, `params` (path parameters), `route`, `service`, `consumer` and
     `credential` (set by an authentication plugin), `vars` (a dict plugins may share data in), `status`
-    and `response_head` (in the response and log phases), `done`."""
+    and `response_head` (in the response and log phases), `bytes_sent`, `upstream_time` and `elapsed`
+    (in the log phase), `done`."""
 
     __slots__ = (
         "_on_finish",
         "_resp_headers",
         "body_done",
         "body_received",
+        "bytes_sent",
         "client",
         "consumer",
         "credential",
@@ -65,6 +67,7 @@ class RequestContext(RequestHead):
         "start_time",
         "status",
         "upstream_path",
+        "upstream_time",
         "vars",
     )
 
@@ -94,6 +97,8 @@ class RequestContext(RequestHead):
         self.response_head: ResponseHead | None = None
         self.response_started = False
         self.status = 0
+        self.bytes_sent = 0  # response bytes written to the client
+        self.upstream_time = -1.0  # seconds from handing the request to a backend to its response head
         self.done = False
 
     def _forwarding(self) -> bool:

@@ -54,7 +54,6 @@ class UpstreamTries(RequestContext):
         "target",
         "upstream",
         "upstream_start",
-        "upstream_time",
     )
 
     def __init__(self, client: ClientConnection, snapshot: Snapshot) -> None:
@@ -62,7 +61,6 @@ class UpstreamTries(RequestContext):
         self.target: Target | None = None
         self.upstream: UpstreamConnection | None = None
         self.upstream_start = 0.0
-        self.upstream_time = -1.0
         self._body_buf: list[bytes] = []  # request body waiting for an upstream connection
         self._body_buffered = 0
         self._replay: list[bytes] | None = []  # the request body so far, for a replay (None: too big)
