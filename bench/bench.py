@@ -1,7 +1,8 @@
 """Runs Tollway's benchmark scenarios through ../shared/bench/run.sh and records the figures.
 
 Scenarios (each a gateway config; the harness's backend is nginx on 127.0.0.1:9001):
-  passthrough  one route, one backend                   beside nginx, haproxy, caddy, aiohttp
+  passthrough  one route, one backend                   beside nginx, haproxy, caddy, aiohttp; and the
+               instructions per request of the hot path (bench/instructions.sh, callgrind)
   routes       10 vs 10,000 prefix routes (/svcN/)       the router's cost must not grow with routes
   leastconn4   least-connections over four targets with   vs one-target pass-through (upstream layer)
                active health checks (bench/leastconn4.yaml)
@@ -154,7 +155,31 @@ def passthrough(args: argparse.Namespace) -> list[str]:
             f"≤ 0.25× aiohttp (median {statistics.median(b for _, b, _ in ratios):.2f}), "
             f"p99 ≤ 2× nginx (median {statistics.median(c for _, _, c in ratios):.2f}).",
         ]
-    return lines
+    return [*lines, "", instructions_line()]
+
+
+_INSTRUCTIONS = re.compile(r"hot path: (\d+) instructions/request")
+INSTRUCTIONS_BAR = 30_000
+
+
+def instructions_line() -> str:
+    """Instructions per pass-through request, counted by callgrind (bench/instructions.sh): the figure
+    that does not move with machine load, so it compares across machines and runs."""
+    if subprocess.run(["sh", "-c", "command -v valgrind"], capture_output=True).returncode != 0:
+        return "Instructions per request: not measured (valgrind is not installed)."
+    env = {**os.environ, "PYTHON": sys.executable}
+    out = subprocess.run(
+        ["bash", str(HERE / "instructions.sh")], capture_output=True, text=True, env=env, timeout=1800
+    )
+    found = _INSTRUCTIONS.search(out.stdout)
+    if found is None:
+        return f"Instructions per request: bench/instructions.sh failed: {(out.stderr or out.stdout)[-300:]}"
+    count = int(found.group(1))
+    verdict = "within" if count <= INSTRUCTIONS_BAR else "over"
+    return (
+        f"Instructions per request (pass-through hot path, callgrind, `bash bench/instructions.sh`): "
+        f"{count:,} — {verdict} the bar of {INSTRUCTIONS_BAR:,}."
+    )
 
 
 def _gateway_pairs(

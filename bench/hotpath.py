@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from tests.memory_transport import CountingTransport
 from tollway.config.loader import load_file, load_text
 from tollway.plugins.registry import PLUGIN_CHECK
-from tollway.protocol.server import ClientConnection
+from tollway.proxy.server import ClientConnection
 from tollway.runtime.worker import Worker
 from tollway.upstream.connection import UpstreamConnection
 from tollway.upstream.pool import PoolSettings

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tollway.plugins import Exchange, HeaderName, Plugin, PluginConfig, PluginContext
+from tollway.plugins import HeaderName, Plugin, PluginConfig, PluginContext
 
 
 class CanaryConfig(PluginConfig):
@@ -38,7 +38,7 @@ class CanaryTag(Plugin[CanaryConfig]):
         super().__init__(config, context)
         self.threshold = int(config.percent * 100)  # out of 10,000 buckets
 
-    def access(self, ex: Exchange) -> None:
+    def access(self, ex: RequestContext) -> None:
         consumer = ex.consumer
         if self.config.sticky_by == "consumer" and consumer is not None:
             key = consumer.username

@@ -20,7 +20,7 @@ from typing import Any
 from tests.memory_transport import MemoryTransport
 from tollway.config.loader import validate
 from tollway.plugins.registry import PLUGIN_CHECK
-from tollway.protocol.server import ClientConnection
+from tollway.proxy.server import ClientConnection
 from tollway.runtime.worker import Worker
 from tollway.upstream.connection import UpstreamConnection
 from tollway.upstream.pool import PoolSettings

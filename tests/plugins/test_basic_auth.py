@@ -16,7 +16,7 @@ from tests.memory_transport import MemoryTransport
 from tests.support import ROOT, gateway_config, request
 from tollway.plugins.builtin.basic_auth import BasicAuthConfig, BasicCredential
 from tollway.plugins.builtin.passwords import check_hash, hash_password, verifier
-from tollway.protocol.server import ClientConnection
+from tollway.proxy.server import ClientConnection
 
 
 @cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tollway.plugins import Exchange, Plugin, PluginConfig
-from tollway.proxy.exchange import header_field
+from tollway.proxy.pdk import header_field
 
 
 class InjectConfig(PluginConfig):

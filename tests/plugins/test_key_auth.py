@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from tests.memory_transport import MemoryTransport
 from tests.support import RawClient, gateway_config, request
 from tollway.plugins.builtin.key_auth import KeyAuthConfig, KeyCredential
-from tollway.protocol.server import ClientConnection
+from tollway.proxy.server import ClientConnection
 
 CONSUMERS = [
     {"username": "alice", "id": "c-1", "credentials": {"key-auth": [{"key": "alice-key"}]}},

@@ -15,7 +15,7 @@ import pytest
 from tests.memory_transport import MemoryTransport
 from tollway.config.loader import load_text
 from tollway.errors import UpstreamConnectError, UpstreamTimeout
-from tollway.protocol.server import ClientConnection
+from tollway.proxy.server import ClientConnection
 from tollway.runtime.worker import Worker
 from tollway.upstream.connection import UpstreamConnection
 from tollway.upstream.pool import Pool, PoolSettings

@@ -10,8 +10,8 @@ import pytest
 
 from tollway.config.loader import load_text
 from tollway.observability.tracecontext import INVALID, IdPool, TraceSettings, parse_traceparent
-from tollway.protocol.server import ClientConnection
 from tollway.proxy.exchange import Exchange
+from tollway.proxy.server import ClientConnection
 from tollway.runtime.worker import Worker
 
 TRACE = b"4bf92f3577b34da6a3ce929d0e0e4736"

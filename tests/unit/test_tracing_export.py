@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from tests.support import wait_until
 from tollway.config.loader import load_text
 from tollway.observability.tracing import Tracer
-from tollway.protocol.server import ClientConnection
 from tollway.proxy.exchange import Exchange
+from tollway.proxy.server import ClientConnection
 from tollway.runtime.worker import Worker
 
 

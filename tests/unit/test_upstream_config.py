@@ -10,6 +10,7 @@ import pytest
 from tollway.config.loader import load_text
 from tollway.config.schema import Upstream
 from tollway.errors import ConfigError
+from tollway.observability.tracecontext import TraceSettings
 from tollway.proxy.snapshot import build_snapshot
 from tollway.upstream.pool import Pool, PoolSettings
 from tollway.upstream.worker_registry import UpstreamRegistry, target_records
@@ -141,7 +142,8 @@ def test_a_new_worker_starts_with_the_supervisors_state():
         def pool_for(host, port, tls, sni, settings=None, owner=None):
             return Pool(loop, host, port, settings or PoolSettings())
 
-        snapshot = build_snapshot(config, 1, pool_for, registry)
+        trace = TraceSettings.from_config(config.gateway.tracing)
+        snapshot = build_snapshot(config, 1, pool_for, registry, trace=trace)
         registry.activate(snapshot.clusters)
         cluster = snapshot.services["s"].cluster
         assert [t.label for t in cluster.targets] == ["10.0.0.7:80", "10.0.0.8:80"]

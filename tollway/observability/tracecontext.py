@@ -1,7 +1,7 @@
 """W3C Trace Context (traceparent / tracestate), by hand, on every request.
 
 Always on, so it is built to cost about a tenth of a microsecond: the client's ``traceparent`` is
-captured as raw bytes while headers are parsed (tollway.protocol.server), and `TraceSettings.add_header`
+captured as raw bytes while headers are parsed (tollway.proxy.server), and `TraceSettings.add_header`
 — called once while the upstream request head is built — validates it, picks this hop's ids and
 sampled flag, and appends the header pieces to the head's parts (no concatenation). Ids are slices of
 a pool of hex digits refilled from os.urandom a few kilobytes at a time, so an id costs one slice
@@ -27,6 +27,8 @@ import os
 import random
 from typing import TYPE_CHECKING, Final
 
+from tollway.protocol.request import INVALID_TRACEPARENT as INVALID  # a repeated traceparent
+
 if TYPE_CHECKING:
     from tollway.config.schema import Tracing
     from tollway.proxy.exchange import Exchange
@@ -35,7 +37,6 @@ _HEX: Final = b"0123456789abcdef"
 _ZERO_TRACE: Final = b"0" * 32
 _ZERO_SPAN: Final = b"0" * 16
 _POOL_BYTES: Final = 3072  # random bytes per refill: 128 requests' trace and span ids
-INVALID: Final = b"invalid"  # what a repeated traceparent header is turned into
 _PREFIX: Final = b"traceparent: 00-"
 _SAMPLED_TAIL: Final = b"-01\r\n"
 _UNSAMPLED_TAIL: Final = b"-00\r\n"

@@ -2,7 +2,10 @@
 
 The public API for writing one (docs/plugins/writing-plugins.md):
 
-    from tollway.plugins import Exchange, Plugin, PluginConfig, Response, error_response
+    from tollway.plugins import Plugin, PluginConfig, RequestContext, Response, error_response
+
+`RequestContext`, `Response` and `error_response` come from tollway.proxy.pdk (the plugin development
+kit), which the proxy imports too; the rest is the plugin framework of this package.
 """
 
 from tollway.plugins.base import (
@@ -15,8 +18,9 @@ from tollway.plugins.base import (
     PluginContext,
 )
 from tollway.plugins.consumers import Consumer
-from tollway.proxy.exchange import Exchange
-from tollway.proxy.responses import Response, error_response
+from tollway.proxy.pdk import RequestContext, Response, error_response
+
+Exchange = RequestContext  # the name plugins used before the context had a type of its own
 
 __all__ = [
     "BANDS",
@@ -28,6 +32,7 @@ __all__ = [
     "Plugin",
     "PluginConfig",
     "PluginContext",
+    "RequestContext",
     "Response",
     "error_response",
 ]

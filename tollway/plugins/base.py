@@ -8,12 +8,12 @@
         name = "hello"            # kebab-case, the name configs use
         priority = 800            # a band below (transformations)
 
-        def access(self, ex: Exchange) -> None:
+        def access(self, ex: RequestContext) -> None:
             ex.set_header(self.config.header, self.config.value)
 
 A plugin instance is built once per configured instance and config version, with its validated config
-(`self.config`); hooks then run per request with the exchange (`tollway.proxy.exchange.Exchange`), which
-is the whole request context. Hooks:
+(`self.config`); hooks then run per request with the request context (`tollway.proxy.pdk.RequestContext`,
+the plugin development kit: docs/plugins/writing-plugins.md). Hooks:
 
 - `rewrite(ex)`, `access(ex)`: return None to go on, a `Response` to answer now, or an awaitable (a
   coroutine) resolving to either when the hook must wait for I/O. Only an awaitable costs a task.
@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, TypeVar, ge
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
-from tollway.proxy.responses import Response
+from tollway.proxy.pdk import Response
 
 if TYPE_CHECKING:
     from tollway.config.schema import GatewayConfig
     from tollway.plugins.consumers import Consumers
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 PHASES = ("rewrite", "access", "response", "log")
 
@@ -152,16 +152,16 @@ class Plugin(Generic[ConfigT]):
         return f"<{type(self).__name__} {self.name!r} priority={self.priority}>"
 
     # -- hooks: override the ones the plugin needs ------------------------------------------------------
-    def rewrite(self, ex: Exchange) -> HookResult:
+    def rewrite(self, ex: RequestContext) -> HookResult:
         return None
 
-    def access(self, ex: Exchange) -> HookResult:
+    def access(self, ex: RequestContext) -> HookResult:
         return None
 
-    def response(self, ex: Exchange) -> None:
+    def response(self, ex: RequestContext) -> None:
         return None
 
-    def log(self, ex: Exchange) -> None:
+    def log(self, ex: RequestContext) -> None:
         return None
 
     # -- load-time checks beyond the config schema --------------------------------------------------------

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from tollway.config.schema import Consumer as ConsumerSpec
     from tollway.config.schema import GatewayConfig
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 # Request headers only the gateway may set: stripped from the client's request on authentication.
 IDENTITY_HEADERS: Final = frozenset(
@@ -53,7 +53,7 @@ class Consumer:
         return f"<Consumer {self.username}>"
 
 
-def identify(ex: Exchange, consumer: Consumer, credential: Any, anonymous: bool = False) -> None:
+def identify(ex: RequestContext, consumer: Consumer, credential: Any, anonymous: bool = False) -> None:
     """The request belongs to `consumer` (authenticated by `credential`, or the anonymous fallback)."""
     headers = ex.headers
     for name, _ in headers:

@@ -1,10 +1,11 @@
 """One request through the gateway, from a routed request head to the last response byte.
 
-An `Exchange` is created per request by the client connection (tollway.protocol.server), which feeds
+An `Exchange` is created per request by the client connection (tollway.proxy.server), which feeds
 it request parts as httptools parses them. The exchange routes the request, runs the plugin phases,
 asks the service's cluster for a target, writes the request to a pooled upstream connection, and
 relays the response back — streaming both bodies with backpressure, never buffering a whole body.
-It is also the request context plugins receive (see tollway.plugins.base).
+Plugins receive it as its documented base class, `RequestContext` (tollway.proxy.pdk); the try/retry/
+replay state machine is the other base class, `UpstreamTries` (tollway.proxy.tries).
 
 The hot path is plain method calls. A coroutine is only involved when a plugin awaits something or a
 new upstream connection must be opened.
@@ -15,18 +16,15 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 from tollway.errors import (
     BodyTooLarge,
-    CircuitBreakerOpen,
     ClientError,
     NoHealthyTarget,
     TollwayError,
-    UpstreamConnectError,
     UpstreamError,
-    UpstreamTimeout,
 )
 from tollway.protocol.http1 import (
     BODY_CHUNKED,
@@ -38,30 +36,22 @@ from tollway.protocol.http1 import (
     chunk,
     connection_listed_headers,
 )
+from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, REQ_NONE
 from tollway.proxy.forwarded import stripped_prefix
+from tollway.proxy.pdk import ADD, REMOVE
 from tollway.proxy.responses import Response, error_response, serialize
+from tollway.proxy.tries import REPLAY_LIMIT, UpstreamTries
 from tollway.router import MethodNotAllowed, normalize_path
-from tollway.upstream.retry import ON_ERROR, ON_TIMEOUT
-from tollway.upstream.target import FAILED, NEUTRAL, OK
+from tollway.upstream.target import FAILED, OK
 
 if TYPE_CHECKING:
-    from tollway.protocol.server import ClientConnection
-    from tollway.proxy.pipeline import Pipeline
-    from tollway.proxy.snapshot import CompiledRoute, CompiledService, Snapshot
+    from tollway.proxy.server import ClientConnection
+    from tollway.proxy.snapshot import CompiledService, Snapshot
     from tollway.upstream.connection import UpstreamConnection
     from tollway.upstream.target import Target
 
-# Request body framing, as the client sent it.
-REQ_NONE, REQ_LENGTH, REQ_CHUNKED = 0, 1, 2
-# What a plugin does to a response header field (Exchange._resp_headers).
-_ADD, _REPLACE, _REMOVE = 0, 1, 2
-# How much request body is kept for a replay when no upstream says (a request not yet routed).
-REPLAY_LIMIT = 65536
-# Methods retried after the request was sent (RFC 9110 9.2.2); others only if the route allows.
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _BUFFER_HIGH = 65536
 
-_EMPTY_PARAMS: dict[str, str] = {}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 _HOSTS: dict[bytes, str] = {}  # Host header -> routing host (lowercase, no port); bounded below
 # RFC 9110 7.2: uri-host [ ":" port ], where uri-host is an IP literal or a reg-name (no userinfo).
@@ -98,151 +88,39 @@ class RequestIds:
         return b"%s%016x" % (self._prefix, self._counter)
 
 
-class Exchange:
+class Exchange(UpstreamTries):
+    """One request: its head (`RequestHead`), its plugin-facing context (`RequestContext`, the PDK), its
+    tries (`UpstreamTries`) and, here, the routing, the forwarding and the response relay."""
+
     __slots__ = (
         "_awaiting_body",
-        "_body_buf",
-        "_body_buffered",
         "_body_waiter",
-        "_connect_task",
         "_dechunk",
-        "_held",
-        "_on_finish",
-        "_outcome",
         "_pending_head",
-        "_replay",
         "_resp_body",
         "_resp_extra",
-        "_resp_headers",
-        "_retried",
-        "_retry_timer",
-        "_tried",
-        "body_done",
-        "body_kind",
-        "body_received",
-        "bytes_sent",
-        "client",
-        "connection_header",
-        "consumer",
-        "content_length",
-        "credential",
-        "done",
-        "expect_continue",
         "forwarded_prefix",
-        "headers",
-        "host",
-        "keep_alive",
-        "max_body_size",
-        "method",
-        "params",
         "parent_span_id",
-        "path",
-        "pipeline",
-        "query",
-        "raw_path",
-        "request_body_transform",
-        "request_id",
-        "response_body_transform",
-        "response_head",
-        "response_started",
-        "retries",
-        "route",
         "sampled",
-        "service",
-        "snapshot",
         "span_id",
-        "start_time",
-        "status",
-        "target",
         "trace_id",
-        "traceparent",
-        "tracestate",
-        "upgrade",
-        "upstream",
-        "upstream_path",
-        "upstream_start",
-        "upstream_time",
-        "url",
-        "vars",
-        "version",
-        "x_forwarded_for",
-        "x_forwarded_host",
-        "x_forwarded_proto",
     )
 
     def __init__(self, client: ClientConnection, snapshot: Snapshot) -> None:
-        self.client = client
-        self.snapshot = snapshot
-        self.start_time = time.perf_counter()
-        self.url = b""
-        self.method = b""
-        self.version = 1
-        self.headers: list[tuple[bytes, bytes]] = []  # forwarded request headers, in order
-        self.host = b""
-        self.connection_header = b""
-        self.upgrade = b""
-        self.x_forwarded_for = b""
-        self.x_forwarded_proto = b""
-        self.x_forwarded_host = b""
-        self.request_id = b""
-        # W3C trace context (tollway.observability.tracecontext): the client's headers as received,
-        # then this hop's ids, chosen when the upstream head is built (or when the request ends).
-        self.traceparent = b""
-        self.tracestate = b""
+        super().__init__(client, snapshot)
+        # W3C trace context (tollway.observability.tracecontext): this hop's ids, chosen when the
+        # upstream head is built (or when the request ends).
         self.trace_id = b""
         self.span_id = b""
         self.parent_span_id = b""
         self.sampled = False
-        self.expect_continue = False
-        self.keep_alive = True
-        self.body_kind = REQ_NONE
-        self.content_length = -1
-        self.body_received = 0
-        self.body_done = False
-        self.path = ""
-        self.raw_path = ""
-        self.query = ""
-        self.params = _EMPTY_PARAMS
-        self.upstream_path = b""
-        self.forwarded_prefix = b""  # what strip_path removed, when X-Forwarded-Prefix is on
-        self.route: CompiledRoute | None = None
-        self.service: CompiledService | None = None
-        self.consumer: Any = None
-        self.vars: dict[str, Any] | None = None
-        # -- plugin support (tollway.plugins): see the section at the end of the class --
-        self.pipeline: Pipeline | None = None  # the route's, or its consumer's once one is known
-        self.credential: Any = None  # the credential an authentication plugin accepted
-        self.max_body_size: int = client.max_body_size  # a plugin may lower it for this request
-        self.request_body_transform: Callable[[bytes], bytes | None] | None = None
-        self.response_body_transform: Callable[[bytes], bytes | None] | None = None
         self._awaiting_body = False  # proceed() waits for a whole body to transform
         self._body_waiter: asyncio.Future[None] | None = None  # a plugin waits for it (whole_request_body)
+        self.forwarded_prefix = b""  # what strip_path removed, when X-Forwarded-Prefix is on
         self._resp_body: list[bytes] | None = None  # a response body buffered for a transform
-        # Fields added to the response: (name, value, ADD / REPLACE / REMOVE)
-        self._resp_headers: list[tuple[bytes, bytes, int]] | None = None
-        self._resp_extra = b""  # those fields as header lines, once the backend's head is in
-        self._on_finish: list[Callable[[Exchange], None]] | None = None  # see on_finish()
-        self.target: Target | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.upstream_start = 0.0
-        self.upstream_time = -1.0
-        self.response_head: ResponseHead | None = None
-        self.response_started = False
-        self.status = 0
-        self.bytes_sent = 0
-        self.done = False
-        self._body_buf: list[bytes] = []
-        self._body_buffered = 0
-        self._replay: list[bytes] | None = []
-        self._retried = False  # the one replay after a stale pooled connection is used
-        self.retries = 0  # retries on other targets (upstream retry policy)
-        self._tried: list[Target] | None = None  # targets of earlier tries, once there is a retry
-        self._held = False  # `target` was picked and not yet released to its cluster
-        self._outcome = NEUTRAL  # how the current try is going, for passive health (upstream.target)
-        self._retry_timer: asyncio.TimerHandle | None = None
+        self._resp_extra = b""  # the fields plugins added, as header lines, once the backend's head is in
         self._pending_head: bytes | None = None
         self._dechunk: ChunkedDecoder | None = None
-        self._connect_task: asyncio.Task[UpstreamConnection] | None = None
 
     def __repr__(self) -> str:
         return f"<Exchange {self.method.decode()} {self.url.decode('latin-1')} status={self.status}>"
@@ -251,8 +129,7 @@ class Exchange:
     def begin(self) -> None:
         """The request head is complete and it is this request's turn: route it and run the phases."""
         try:
-            if not self._parse_target():
-                return
+            self._parse_target()
             if self.request_id == b"":
                 self.request_id = self.client.ids.next()
             if not self._route():
@@ -268,7 +145,7 @@ class Exchange:
         else:
             self.proceed()
 
-    def _parse_target(self) -> bool:
+    def _parse_target(self) -> None:
         url = self.url
         if url[:1] != b"/":
             url = self._absolute_form(url)
@@ -282,7 +159,6 @@ class Exchange:
         self.raw_path = path if path == raw else raw
         self.path = path
         self.query = query.decode("latin-1")
-        return True
 
     def _absolute_form(self, url: bytes) -> bytes:
         """``GET http://host/path`` (RFC 9112 3.2.2): the URI's authority replaces Host."""
@@ -353,47 +229,6 @@ class Exchange:
         if self.expect_continue and not self.body_done and self.body_kind != REQ_NONE and self.version == 1:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._connect(target)
-
-    def _connect(self, target: Target) -> None:
-        """Start a try on `target`: a pooled connection if one is idle, else a new one."""
-        self.upstream_start = time.perf_counter()
-        self._outcome = NEUTRAL
-        conn = None if self.upgrade else target.pool.acquire()
-        if conn is not None:
-            self._send(conn)
-        else:
-            self._open_connection(target)
-
-    def _open_connection(self, target: Target) -> None:
-        service = self.service
-        assert service is not None
-        breaker = service.cluster.breaker
-        if breaker is not None:
-            limit = breaker.admit(service.cluster.pools, target.pool)
-            if limit:
-                self.fail(CircuitBreakerOpen(_breaker_message(service.cluster.name, limit), limit))
-                return
-            breaker.pending += 1
-        task = asyncio.get_running_loop().create_task(target.pool.open(service.connect_timeout))
-        self._connect_task = task
-        task.add_done_callback(self._on_connected)
-
-    def _on_connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
-        self._connect_task = None
-        service = self.service
-        if service is not None and service.cluster.breaker is not None:
-            service.cluster.breaker.pending -= 1
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            self._try_failed(exc if isinstance(exc, UpstreamError) else UpstreamError(str(exc)), False)
-            return
-        conn = task.result()
-        if self.done:  # the client went away while we connected: keep the fresh connection warm
-            conn.pool.release(conn)
-            return
-        self._send(conn)
 
     def _send(self, conn: UpstreamConnection) -> None:
         service = self.service
@@ -539,11 +374,11 @@ class Exchange:
         fast path (re-serialised only when a field replaces one the backend sent)."""
         parts: list[bytes] = []
         for name, value, mode in self._resp_headers or ():
-            if mode != _ADD:
+            if mode != ADD:
                 lname = name.lower()
                 headers = head.headers
                 headers[:] = [h for h in headers if h[0].lower() != lname]
-            if mode != _REMOVE:
+            if mode != REMOVE:
                 parts += (name, b": ", value, b"\r\n")
         return b"".join(parts)
 
@@ -621,118 +456,6 @@ class Exchange:
             self.keep_alive = False  # unread request body on the client connection
         self._finish()
 
-    def upstream_failed(self, error: UpstreamError, replayable: bool) -> None:
-        conn = self.upstream
-        self.upstream = None
-        if conn is not None:
-            conn.pool.active -= 1
-        if replayable and not self._retried and not self.response_started and self._can_replay():
-            # A stale pooled connection (closed by the backend as we reused it): nothing reached the
-            # backend, so once more on a fresh connection to the same target, whatever the method.
-            self._retried = True
-            self._body_buf = list(self._replay or ())
-            target = self.target
-            assert target is not None
-            self._open_connection(target)
-            return
-        self._try_failed(error, True)
-
-    # -- retries (the upstream's retry policy; docs/upstreams.md) ---------------------------------------
-    def _try_failed(self, error: UpstreamError, sent: bool) -> None:
-        """A try failed before its response reached the client: retry elsewhere, or answer the error."""
-        if self.done:
-            return
-        self._outcome = FAILED
-        if not self._retry(error, sent):
-            self.fail(error)
-
-    def _retry(self, error: UpstreamError, sent: bool) -> bool:
-        service = self.service
-        if service is None or self.response_head is not None or self.response_started:
-            return False
-        policy = service.cluster.retry
-        if self.retries >= policy.attempts:
-            return False
-        if not policy.on & (ON_TIMEOUT if isinstance(error, UpstreamTimeout) else ON_ERROR):
-            return False
-        if sent and not self._idempotent():
-            return False
-        # A refused connection put no load on any backend: retrying it costs the budget nothing.
-        free = not sent and isinstance(error, UpstreamConnectError)
-        return self._can_replay() and self._retry_elsewhere(FAILED, free)
-
-    def _retry_status(self) -> bool:
-        """The response head carries a status the policy retries; it has not reached the client."""
-        service = self.service
-        assert service is not None
-        if self.retries >= service.cluster.retry.attempts or not self._idempotent() or not self._can_replay():
-            return False
-        conn = self.upstream
-        if conn is None:
-            return False
-        self.upstream = None
-        if not self._retry_elsewhere(self._outcome, False):
-            self.upstream = conn  # no retry after all: this response goes to the client
-            return False
-        conn.pool.discard(conn)  # the rest of that response is not wanted
-        return True
-
-    def _retry_elsewhere(self, outcome: int, free: bool) -> bool:
-        """Release the target that failed and start the next try on another one, after a backoff.
-        Unless `free`, the retry budget must allow it."""
-        service = self.service
-        failed = self.target
-        assert service is not None and failed is not None
-        cluster = service.cluster
-        upstream = cluster.upstream
-        tried = self._tried
-        if tried is None:
-            tried = self._tried = [failed]
-        else:
-            tried.append(failed)
-        self._release_target(outcome)
-        target = cluster.pick_retry(self, tried)
-        if target is None:
-            return False
-        if not free and not upstream.budget.withdraw():
-            upstream.retries_refused += 1
-            cluster.release(target, self, NEUTRAL, -1.0)
-            return False
-        upstream.retries += 1
-        self.retries += 1
-        self.target = target
-        self._held = True
-        self._outcome = NEUTRAL
-        self.upstream_time = -1.0
-        self._body_buf = list(self._replay or ())
-        self._body_buffered = 0
-        delay = cluster.retry.backoff(self.retries)
-        if delay > 0:
-            self._retry_timer = asyncio.get_running_loop().call_later(delay, self._retry_now)
-        else:
-            self._retry_now()
-        return True
-
-    def _retry_now(self) -> None:
-        self._retry_timer = None
-        target = self.target
-        if self.done or target is None:
-            return
-        self._connect(target)
-
-    def _idempotent(self) -> bool:
-        if self.method in _IDEMPOTENT:
-            return True
-        route = self.route
-        return route is not None and route.retry_non_idempotent
-
-    def _release_target(self, outcome: int) -> None:
-        target = self.target
-        service = self.service
-        if self._held and target is not None and service is not None:
-            self._held = False
-            service.cluster.release(target, self, outcome, self.upstream_time)
-
     def upstream_upgraded(self, head: ResponseHead, raw: bytes, rest: bytes) -> None:
         if not self.upgrade:
             self.fail(UpstreamError("upstream switched protocols without being asked"))
@@ -744,7 +467,7 @@ class Exchange:
         conn = self.upstream
         assert conn is not None
         self.upstream = None  # the connection now belongs to the tunnel
-        conn.pool.active -= 1
+        conn.pool.detach(conn)
         self._release_target(OK)  # the request is done; the tunnel is not a request in flight
         self.client.start_tunnel(self, conn, raw + rest)
 
@@ -753,11 +476,6 @@ class Exchange:
 
     def upstream_resume_writing(self) -> None:
         self.client.resume_reading_for(self)
-
-    def _can_replay(self) -> bool:
-        if self.body_kind == REQ_NONE:
-            return True
-        return self.body_done and self._replay is not None
 
     # -- endings ------------------------------------------------------------------------------------
     def respond(self, response: Response) -> None:
@@ -808,16 +526,8 @@ class Exchange:
             return
         if self.status == 0:
             self.status = 499  # nginx's "client closed request"
-        self._release_upstream_on_error()
-        if self._connect_task is not None:
-            pass  # _on_connected sees `done` and returns the fresh connection to the pool
+        self._release_upstream_on_error()  # a connection still opening goes to the pool (_on_connected)
         self._finish()
-
-    def _release_upstream_on_error(self) -> None:
-        conn = self.upstream
-        if conn is not None:
-            self.upstream = None
-            conn.pool.discard(conn)
 
     def _finish(self) -> None:
         self.done = True
@@ -836,135 +546,7 @@ class Exchange:
             self._release_target(self._outcome)
         self.client.exchange_finished(self)
 
-    def on_finish(self, callback: Callable[[Exchange], None]) -> None:
-        """Have `callback(ex)` run once when this request ends, however it ends (response sent, gateway
-        answer, client gone): for what must be released even if a later plugin or the consumer's own
-        pipeline takes over (a concurrency slot). Runs after the log phase; exceptions are logged."""
-        if self._on_finish is None:
-            self._on_finish = [callback]
-        else:
-            self._on_finish.append(callback)
-
-    def _run_on_finish(self) -> None:
-        callbacks = self._on_finish or ()
-        self._on_finish = None
-        for callback in callbacks:
-            try:
-                callback(self)
-            except Exception as exc:
-                self.client.worker.log_exception("on_finish callback failed", exc, self)
-
-    # -- conveniences for plugins and logs ----------------------------------------------------------------
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start_time
-
-    def get_header(self, name: str) -> str | None:
-        """The first value of a request header (case-insensitive), as sent by the client."""
-        key = name.lower().encode("latin-1")
-        special = _SPECIAL_GETTERS.get(key)
-        if special is not None:
-            value = getattr(self, special)
-            return value.decode("latin-1") if value else None
-        for hname, hvalue in self.headers:
-            if hname.lower() == key:
-                return hvalue.decode("latin-1")
-        return None
-
-    def set_header(self, name: str, value: str) -> None:
-        """Replace (or add) a request header forwarded to the backend (ValueError if either is not a
-        valid header field name or value: CR, LF, NUL and other control characters never pass)."""
-        self.remove_header(name)
-        self.headers.append(header_field(name, value))
-
-    def add_header(self, name: str, value: str) -> None:
-        self.headers.append(header_field(name, value))
-
-    def remove_header(self, name: str) -> None:
-        key = name.lower().encode("latin-1")
-        self.headers = [(n, v) for n, v in self.headers if n.lower() != key]
-
-    @property
-    def client_ip(self) -> str:
-        return self.client.peer_ip.decode("latin-1")
-
-    # -- plugin support (tollway.plugins; documented in docs/plugins/writing-plugins.md) ----------------
-    def header_bytes(self, lname: bytes) -> bytes | None:
-        """The first value of a forwarded request header; `lname` is the lowercase name as bytes.
-        (Host, X-Forwarded-* and X-Request-Id are attributes, not in the forwarded list.)"""
-        for name, value in self.headers:
-            if name.lower() == lname:
-                return value
-        return None
-
-    def pop_header(self, lname: bytes) -> bytes | None:
-        """Remove every field named `lname` (lowercase bytes) from the forwarded request headers and
-        return the first value, or None (then nothing changes)."""
-        headers = self.headers
-        found: bytes | None = None
-        for i in range(len(headers)):
-            name, value = headers[i]
-            if name.lower() == lname:
-                found = value
-                self.headers = headers[:i] + [h for h in headers[i + 1 :] if h[0].lower() != lname]
-                break
-        return found
-
-    def set_query(self, query: str) -> None:
-        """Replace the query string forwarded to the backend (already encoded, without the "?")."""
-        if _BAD_QUERY.search(query) is not None:
-            raise ValueError("a query string must be encoded: no spaces, control characters or #")
-        path = self.upstream_path.partition(b"?")[0]
-        self.query = query
-        self.upstream_path = path + b"?" + query.encode("latin-1") if query else path
-
-    def add_response_header(self, name: str, value: str) -> None:
-        """Add a header to whatever response this request gets (the backend's or the gateway's)."""
-        self._response_header(name, value, _ADD)
-
-    def set_response_header(self, name: str, value: str) -> None:
-        """Like add_response_header, but replacing any field of that name the response has."""
-        self._response_header(name, value, _REPLACE)
-
-    def add_response_fields(self, fields: list[tuple[bytes, bytes]]) -> None:
-        """Add header fields the caller built itself, already valid (names are tokens, values have no
-        control characters): no per-request validation, for fields a plugin makes from numbers."""
-        extra = self._resp_headers
-        if extra is None:
-            extra = self._resp_headers = []
-        for name, value in fields:
-            extra.append((name, value, _ADD))
-
-    def remove_response_header(self, name: str) -> None:
-        """Remove a header from the backend's response (a gateway answer has only the fields plugins
-        add): what a backend must not tell the client, like a CORS grant the gateway refused."""
-        self._response_header(name, "", _REMOVE)
-
-    def _response_header(self, name: str, value: str, mode: int) -> None:
-        field = header_field(name, value)
-        extra = self._resp_headers
-        if extra is None:
-            extra = self._resp_headers = []
-        extra.append((field[0], field[1], mode))
-
-    def _add_response_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
-        for name, value, mode in self._resp_headers or ():
-            if mode != _ADD:
-                lname = name.lower()
-                headers[:] = [h for h in headers if h[0].lower() != lname]
-            if mode != _REMOVE:
-                headers.append((name, value))
-
-    def whole_request_body(self, max_size: int) -> bytes | Awaitable[bytes | None] | None:
-        """The whole request body, for a plugin that must read it before deciding (key-auth's
-        `key_in_body`); call it in rewrite/access. Bytes when the body is all here, else an awaitable
-        resolving to it once it is (None if the request ends first); None when it is not read: chunked,
-        or a Content-Length over `max_size`. The body is still forwarded as received."""
-        kind = self.body_kind
-        if kind == REQ_NONE:
-            return b""
-        if kind != REQ_LENGTH or self.content_length > max_size or self.upstream is not None:
-            return None
+    def _whole_body(self) -> bytes | Awaitable[bytes | None]:
         if self.body_done:
             return b"".join(self._body_buf)
         waiter = self._body_waiter
@@ -987,31 +569,14 @@ class Exchange:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def buffer_request_body(self, transform: Callable[[bytes], bytes | None], max_size: int) -> bool:
-        """Have `transform(body)` rewrite the whole request body before it is forwarded (it returns the
-        new body, or None to keep it). Only bodies with a Content-Length of at most `max_size` are
-        buffered; returns False (and the body streams untouched) otherwise. Call it in rewrite/access."""
-        if self.body_kind != REQ_LENGTH or self.content_length > max_size or self.upstream is not None:
-            return False
-        previous = self.request_body_transform
-        if previous is None:
-            self.request_body_transform = transform
-        else:  # a second plugin transforms what the first produced
-            self.request_body_transform = lambda body: transform(previous(body) or body)
-        return True
-
-    def buffer_response_body(self, transform: Callable[[bytes], bytes | None], max_size: int) -> bool:
-        """The same for the response body, from a response hook: only responses with a Content-Length
-        of at most `max_size` are buffered; chunked or larger ones stream through untouched (False)."""
-        head = self.response_head
-        if head is None or head.body_kind != BODY_LENGTH or head.content_length > max_size:
-            return False
-        previous = self.response_body_transform
-        if previous is None:
-            self.response_body_transform = transform
-        else:
-            self.response_body_transform = lambda body: transform(previous(body) or body)
-        return True
+    def _run_on_finish(self) -> None:
+        callbacks = self._on_finish or ()
+        self._on_finish = None
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception as exc:
+                self.client.worker.log_exception("on_finish callback failed", exc, self)
 
     def _transform_request_body(self) -> bool:
         """Before forwarding: True to go on; False while the body is still arriving or on failure."""
@@ -1060,46 +625,4 @@ class Exchange:
         return True
 
 
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")  # HTAB and obs-text allowed (RFC 9110 5.5)
-_BAD_QUERY = re.compile(r"[\x00-\x20\x7f#]")
-
-
-def header_field(name: str, value: str) -> tuple[bytes, bytes]:
-    """A request or response header field as bytes, or ValueError: a name that is not a token or a value
-    with CR, LF, NUL or another control character would let a value inject headers or split messages."""
-    bname = name.encode("latin-1")
-    value = value.strip(" \t")
-    try:
-        bvalue = value.encode("latin-1")  # what get_header decoded comes back unchanged
-    except UnicodeEncodeError:
-        bvalue = value.encode("utf-8")
-    if _TOKEN.fullmatch(bname) is None:
-        raise ValueError(f"invalid header name {name!r}")
-    if _FIELD_VALUE.fullmatch(bvalue) is None:
-        raise ValueError(f"invalid value for header {name!r}: control characters are not allowed")
-    return bname, bvalue
-
-
-def _breaker_message(upstream: str, limit: str) -> str:
-    if limit == "max-connections":
-        return f"upstream {upstream!r} is at its connection limit (circuit breaker: max_connections)"
-    return (
-        f"upstream {upstream!r} has too many requests waiting for a connection "
-        "(circuit breaker: max_pending_requests)"
-    )
-
-
-_SPECIAL_GETTERS = {
-    b"host": "host",
-    b"x-request-id": "request_id",
-    b"x-forwarded-for": "x_forwarded_for",
-    b"x-forwarded-proto": "x_forwarded_proto",
-    b"x-forwarded-host": "x_forwarded_host",
-    b"upgrade": "upgrade",
-    b"connection": "connection_header",
-    b"traceparent": "traceparent",
-    b"tracestate": "tracestate",
-}
-
-__all__ = ["BODY_LENGTH", "Exchange", "header_field"]
+__all__ = ["BODY_LENGTH", "Exchange", "RequestIds"]

@@ -10,17 +10,20 @@ from __future__ import annotations
 import ipaddress
 import ssl
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from tollway.config.schema import Consumer, GatewayConfig, GatewaySettings, Route, Service
-from tollway.counters.metrics import RouteMetrics
-from tollway.observability.tracecontext import TraceSettings
 from tollway.proxy.forwarded import Forwarded
 from tollway.proxy.pipeline import Pipeline
 from tollway.router import Router
 from tollway.upstream.cluster import Cluster
 from tollway.upstream.pool import Pool
 from tollway.upstream.worker_registry import UpstreamRegistry
+
+if TYPE_CHECKING:  # built by the layers above (observability), handed in by the worker
+    from tollway.counters.metrics import RouteMetrics
+    from tollway.observability.tracecontext import TraceSettings
 
 # (host, port, tls context, tls server name[, pool settings, owner upstream]) -> the worker's pool
 PoolFactory = Callable[..., Pool]
@@ -99,6 +102,7 @@ class Snapshot:
         services: dict[str, CompiledService],
         routes: list[CompiledRoute],
         router: Router[CompiledRoute],
+        trace: TraceSettings,
     ) -> None:
         self.version = version
         self.config = config
@@ -112,7 +116,7 @@ class Snapshot:
         self.trusted_networks = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in config.gateway.trusted_proxies
         )
-        self.trace = TraceSettings.from_config(config.gateway.tracing)
+        self.trace = trace  # gateway.tracing, compiled: W3C trace context on every forwarded request
         self.forwarded: Forwarded | None = Forwarded.from_config(config.gateway.forwarded_headers)
 
     def __repr__(self) -> str:
@@ -128,12 +132,24 @@ class Snapshot:
         return any(address in net for net in self.trusted_networks)
 
 
+# (config, compiled routes) -> None: gives each route its plugin pipeline (tollway.plugins.build)
+AttachPipelines = Callable[[GatewayConfig, list[CompiledRoute]], None]
+
+
 def build_snapshot(
-    config: GatewayConfig, version: int, pool_for: PoolFactory, upstreams: UpstreamRegistry | None = None
+    config: GatewayConfig,
+    version: int,
+    pool_for: PoolFactory,
+    upstreams: UpstreamRegistry | None = None,
+    *,
+    trace: TraceSettings,
+    attach_pipelines: AttachPipelines | None = None,
 ) -> Snapshot:
     """Compile a config. `upstreams` is the worker's registry (state that outlives snapshots); without
     one (tests, tools) the clusters get a private registry. The caller activates the registry's new
-    clusters once it adopts the snapshot (`upstreams.activate`)."""
+    clusters once it adopts the snapshot (`upstreams.activate`). What belongs to the layers above the
+    proxy comes from the caller: `trace` (gateway.tracing, compiled) and `attach_pipelines` (builds the
+    routes' plugin pipelines; required when the config uses plugins)."""
     if upstreams is None:
         upstreams = UpstreamRegistry(None)
     clusters = {u.name: upstreams.upstream_cluster(u, pool_for) for u in config.upstreams}
@@ -149,11 +165,11 @@ def build_snapshot(
         for r in config.routes
     ]
     if _uses_plugins(config):
-        from tollway.plugins.build import attach_pipelines  # plugins are ordinary (interpreted) Python
-
+        if attach_pipelines is None:
+            raise ValueError("the config uses plugins: build_snapshot needs attach_pipelines")
         attach_pipelines(config, routes)
     router = Router([(spec, compiled) for spec, compiled in zip(config.routes, routes, strict=True)])
-    snapshot = Snapshot(version, config, services, routes, router)
+    snapshot = Snapshot(version, config, services, routes, router, trace)
     snapshot.clusters = list(clusters.values()) + [
         s.cluster for s in services.values() if s.cluster.name not in clusters
     ]

@@ -21,9 +21,10 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from tollway.config.schema import GatewayConfig
+from tollway.observability.tracecontext import TraceSettings
 from tollway.observability.worker_side import WorkerObservability
-from tollway.protocol.server import ClientConnection
 from tollway.proxy.exchange import RequestIds
+from tollway.proxy.server import ClientConnection
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
@@ -34,6 +35,7 @@ from tollway.upstream.worker_registry import UpstreamRegistry
 if TYPE_CHECKING:
     from tollway.errors import TollwayError, UpstreamError
     from tollway.proxy.exchange import Exchange
+    from tollway.proxy.snapshot import CompiledRoute
 
 log = logging.getLogger("tollway.worker")
 _ERROR_LOG_INTERVAL = 10.0  # seconds between log lines for the same backend failure
@@ -101,7 +103,15 @@ class Worker:
     def apply_config(self, version: int, config: GatewayConfig) -> None:
         self._apply_pool_limits(config)
         try:
-            snapshot = build_snapshot(config, version, self.pool_for, self.upstreams)
+            trace = TraceSettings.from_config(config.gateway.tracing)
+            snapshot = build_snapshot(
+                config,
+                version,
+                self.pool_for,
+                self.upstreams,
+                trace=trace,
+                attach_pipelines=_attach_pipelines,
+            )
         except Exception as exc:  # the supervisor validated it; a failure here is a bug worth a trace
             log.exception("worker %d could not apply config version %d", self.index, version)
             if self.channel is not None:
@@ -273,6 +283,13 @@ def main() -> int:
     finally:
         loop.close()
     return 0
+
+
+def _attach_pipelines(config: GatewayConfig, routes: list[CompiledRoute]) -> None:
+    """The routes' plugin pipelines; the plugins are imported only once a config uses them."""
+    from tollway.plugins.build import attach_pipelines
+
+    attach_pipelines(config, routes)
 
 
 def _drain_on_signal(worker: Worker) -> None:

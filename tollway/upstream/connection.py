@@ -33,8 +33,8 @@ from tollway.protocol.http1 import (
 if TYPE_CHECKING:
     import asyncio
 
-    from tollway.protocol.server import TunnelSink
     from tollway.proxy.exchange import Exchange
+    from tollway.proxy.server import TunnelSink
     from tollway.upstream.pool import Pool
 
 

@@ -120,6 +120,11 @@ class Pool:
         self.active -= 1
         conn.abort()
 
+    def detach(self, conn: UpstreamConnection) -> None:
+        """An active connection that leaves the pool for good without being closed by it: one that
+        failed (it closes itself) or one handed to a tunnel (it belongs to the client connection now)."""
+        self.active -= 1
+
     def forget(self, conn: UpstreamConnection) -> None:
         """Called when a connection closes: drop it from the idle list if it is there."""
         for i, (_, idle) in enumerate(self.idle):

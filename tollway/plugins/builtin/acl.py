@@ -15,10 +15,10 @@ from pydantic import Field, model_validator
 
 from tollway.plugins.base import Plugin, PluginConfig, PluginContext
 from tollway.plugins.consumers import Consumer
-from tollway.proxy.responses import Response, error_response
+from tollway.proxy.pdk import Response, error_response
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 
 class AclConfig(PluginConfig):
@@ -46,7 +46,7 @@ class Acl(Plugin[AclConfig]):
         self._send_groups = not config.hide_groups_header
         self._decisions: dict[Consumer, bool] = {}  # consumers are per config version, like this plugin
 
-    def access(self, ex: Exchange) -> Response | None:
+    def access(self, ex: RequestContext) -> Response | None:
         consumer = ex.consumer
         if not isinstance(consumer, Consumer):
             return error_response(401, "authentication required", ex.request_id.decode("latin-1"))

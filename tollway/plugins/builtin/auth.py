@@ -22,11 +22,11 @@ from pydantic import Field
 from tollway.counters import metrics
 from tollway.plugins.base import Loc, Plugin, PluginConfig, PluginContext
 from tollway.plugins.consumers import Consumer, identify
-from tollway.proxy.responses import Response, error_response
+from tollway.proxy.pdk import Response, error_response
 
 if TYPE_CHECKING:
     from tollway.config.schema import GatewayConfig
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 UNAUTHORIZED_MESSAGE = "missing or invalid credentials"
 
@@ -56,14 +56,14 @@ class AuthPlugin(Plugin[AuthConfigT]):
         challenge = f'{self.scheme} realm="{config.realm}"'.encode("latin-1") if self.scheme else b""
         self._challenge = [(b"WWW-Authenticate", challenge)] if challenge else None
 
-    def already_authenticated(self, ex: Exchange) -> bool:
+    def already_authenticated(self, ex: RequestContext) -> bool:
         """In an OR of authentication plugins (all with `anonymous`), an earlier one succeeded."""
         return self.anonymous is not None and ex.credential is not None
 
-    def accept(self, ex: Exchange, consumer: Consumer, credential: Any) -> None:
+    def accept(self, ex: RequestContext, consumer: Consumer, credential: Any) -> None:
         identify(ex, consumer, credential)
 
-    def reject(self, ex: Exchange, reason: str = "invalid") -> Response | None:
+    def reject(self, ex: RequestContext, reason: str = "invalid") -> Response | None:
         anonymous = self.anonymous
         if anonymous is not None:
             if ex.consumer is None:  # an earlier plugin of the OR may have set the anonymous consumer
@@ -79,7 +79,7 @@ class AuthPlugin(Plugin[AuthConfigT]):
             yield ("anonymous",), f"unknown consumer {config.anonymous!r}"
 
 
-def query_params(ex: Exchange, names: frozenset[str], hide: bool) -> list[tuple[str, str]]:
+def query_params(ex: RequestContext, names: frozenset[str], hide: bool) -> list[tuple[str, str]]:
     """Every query parameter named one of `names`, decoded, in order; with `hide`, all of them are
     removed from the request. More than one is ambiguous: which one would the client mean?"""
     found = [(name, value) for name, value in parse_qsl(ex.query, keep_blank_values=True) if name in names]

@@ -32,12 +32,12 @@ from tollway.plugins.base import PluginConfig, PluginContext
 from tollway.plugins.builtin.auth import AuthConfig, AuthPlugin
 from tollway.plugins.builtin.passwords import Verifier, check_hash, verifier
 from tollway.plugins.consumers import Consumer, identify
-from tollway.proxy.responses import Response, error_response
+from tollway.proxy.pdk import Response, error_response
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 _SECRET = os.urandom(32)  # keys the cache: per process, never stored
 _EXECUTOR: ThreadPoolExecutor | None = None
@@ -111,7 +111,7 @@ class BasicAuth(AuthPlugin[BasicAuthConfig]):
         self._max_pending = config.max_pending_checks
         self._hide = config.hide_credentials
 
-    def access(self, ex: Exchange) -> Response | Awaitable[Response | None] | None:
+    def access(self, ex: RequestContext) -> Response | Awaitable[Response | None] | None:
         if self.anonymous is not None and ex.credential is not None:
             return None
         header = ex.pop_header(_AUTHORIZATION) if self._hide else ex.header_bytes(_AUTHORIZATION)
@@ -127,7 +127,7 @@ class BasicAuth(AuthPlugin[BasicAuthConfig]):
             del self._cache[key]
         return self._check(ex, key, token)
 
-    async def _check(self, ex: Exchange, key: bytes, token: bytes) -> Response | None:
+    async def _check(self, ex: RequestContext, key: bytes, token: bytes) -> Response | None:
         pending = self._checking.get(key)
         if pending is None:
             if len(self._checking) >= self._max_pending:

@@ -1,7 +1,7 @@
 """concurrency-limit: at most `limit` requests in flight per key on the node (all its workers together).
 
 A request takes a slot in the access phase and gives it back when it ends, however it ends — response
-sent, the gateway's own answer, the client gone (`Exchange.on_finish`) — so WebSockets and long
+sent, the gateway's own answer, the client gone (`RequestContext.on_finish`) — so WebSockets and long
 downloads hold their slot for as long as they run. Over the limit: 429 with Retry-After: 1. Counts are
 leased (docs/rate-limiting.md, "Concurrency"): a worker that dies cannot leave slots taken forever;
 they vanish within two leases, while live workers renew theirs every lease/3.
@@ -26,8 +26,7 @@ from tollway.state.shared import node_table
 from tollway.state.spec import Decision, LimitSpec
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
-    from tollway.proxy.responses import Response
+    from tollway.proxy.pdk import RequestContext, Response
 
 
 class ConcurrencyLimitConfig(LimitPluginConfig):
@@ -84,7 +83,7 @@ class ConcurrencyLimit(Plugin[ConcurrencyLimitConfig]):
         self._keys = KeyBuilder(list(config.key), config.header_name)
         self._answers = LimitAnswers(self.name, [self.spec], config.headers, config.status, config.message)
 
-    def access(self, ex: Exchange) -> Response | None:
+    def access(self, ex: RequestContext) -> Response | None:
         held = self._held
         if held.renewal is None:  # first request of this limit in this worker: the loop is running
             held.renewal = held.policy.start_renewal(asyncio.get_running_loop())

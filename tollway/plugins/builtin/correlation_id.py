@@ -15,7 +15,7 @@ from pydantic import Field
 from tollway.plugins.base import HeaderName, Plugin, PluginConfig, PluginContext
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 
 class CorrelationIdConfig(PluginConfig):
@@ -46,7 +46,7 @@ class CorrelationId(Plugin[CorrelationIdConfig]):
         self._prefix = str(uuid.uuid4()).encode() + b"#"  # 8-4-4-4-12, like "uuid" (and Kong's)
         self._counter = 0
 
-    def access(self, ex: Exchange) -> None:
+    def access(self, ex: RequestContext) -> None:
         if self._is_request_id:
             value = ex.request_id
         else:

@@ -25,10 +25,10 @@ from pydantic import Field, field_validator
 
 from tollway.config.types import Duration
 from tollway.plugins.base import HeaderName, Plugin, PluginConfig, PluginContext
-from tollway.proxy.responses import Response, error_response
+from tollway.proxy.pdk import Response, error_response
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 # What a response grants cross-origin: removed from the backend's response when the origin is refused.
 _GRANTS = ("Access-Control-Allow-Origin", "Access-Control-Allow-Credentials", "Access-Control-Expose-Headers")
@@ -94,7 +94,7 @@ class Cors(Plugin[CorsConfig]):
         self._max_age = str(int(config.max_age)) if config.max_age is not None else None
         self._seen: dict[str, bool] = {}  # origin -> allowed (bounded)
 
-    def access(self, ex: Exchange) -> Response | None:
+    def access(self, ex: RequestContext) -> Response | None:
         origin_bytes = ex.header_bytes(b"origin")
         if origin_bytes is None:
             return None
@@ -124,7 +124,7 @@ class Cors(Plugin[CorsConfig]):
             return "*"
         return origin  # exact match, pattern, or "*" with credentials: reflect (and Vary: Origin)
 
-    def _decorate(self, ex: Exchange, origin: str) -> None:
+    def _decorate(self, ex: RequestContext, origin: str) -> None:
         value = self._allow_origin(origin)
         ex.set_response_header("Access-Control-Allow-Origin", value)
         if value != "*":
@@ -134,7 +134,7 @@ class Cors(Plugin[CorsConfig]):
         if self._expose:
             ex.set_response_header("Access-Control-Expose-Headers", self._expose)
 
-    def _preflight(self, ex: Exchange, origin: str, allowed: bool) -> Response:
+    def _preflight(self, ex: RequestContext, origin: str, allowed: bool) -> Response:
         rid = ex.request_id.decode("latin-1")
         method = (ex.header_bytes(b"access-control-request-method") or b"").decode("latin-1").strip()
         requested = (ex.header_bytes(b"access-control-request-headers") or b"").decode("latin-1").strip()

@@ -14,10 +14,10 @@ from pydantic import Field, model_validator
 from tollway.config.types import Cidr
 from tollway.plugins.base import Plugin, PluginConfig, PluginContext
 from tollway.plugins.builtin.netutil import IpSet, parse_ip, real_client_ip
-from tollway.proxy.responses import Response, error_response
+from tollway.proxy.pdk import Response, error_response
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 _CACHE_LIMIT = 4096
 
@@ -48,7 +48,7 @@ class IpRestriction(Plugin[IpRestrictionConfig]):
         self._has_allow = bool(config.allow)
         self._cache: dict[str, bool] = {}
 
-    def access(self, ex: Exchange) -> Response | None:
+    def access(self, ex: RequestContext) -> Response | None:
         ip = real_client_ip(ex)
         allowed = self._cache.get(ip)
         if allowed is None:

@@ -42,14 +42,13 @@ from tollway.plugins.builtin.auth import AuthConfig, AuthPlugin, query_params
 from tollway.plugins.builtin.jwks import JwksSource, source_for
 from tollway.plugins.builtin.transform import MANAGED_HEADERS
 from tollway.plugins.consumers import Consumer, identify
-from tollway.proxy.exchange import header_field
+from tollway.proxy.pdk import header_field
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from tollway.config.schema import GatewayConfig
-    from tollway.proxy.exchange import Exchange
-    from tollway.proxy.responses import Response
+    from tollway.proxy.pdk import RequestContext, Response
 
 Algorithm = Literal[
     "HS256",
@@ -269,7 +268,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
         return signers
 
     # -- per request ----------------------------------------------------------------------------------------
-    def access(self, ex: Exchange) -> Response | Awaitable[Response | None] | None:
+    def access(self, ex: RequestContext) -> Response | Awaitable[Response | None] | None:
         if self.anonymous is not None and ex.credential is not None:
             return None
         token = self._take_token(ex)
@@ -299,7 +298,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
 
     async def _verify_after_fetch(
         self,
-        ex: Exchange,
+        ex: RequestContext,
         token: bytes,
         digest: bytes,
         header: dict[str, Any],
@@ -331,7 +330,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
 
     def _verify(
         self,
-        ex: Exchange,
+        ex: RequestContext,
         token: bytes,
         digest: bytes,
         header: dict[str, Any],
@@ -385,7 +384,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
                     raise _Invalid from exc
         return out
 
-    def _accept(self, ex: Exchange, entry: Verified) -> None:
+    def _accept(self, ex: RequestContext, entry: Verified) -> None:
         headers = entry[3]
         if self._forward_lnames:  # the client cannot send what the token is supposed to say
             ex.headers = [h for h in ex.headers if h[0].lower() not in self._forward_lnames]
@@ -394,7 +393,7 @@ class JwtAuth(AuthPlugin[JwtConfig]):
             ex.headers.extend(headers)
 
     # -- finding the token ----------------------------------------------------------------------------
-    def _take_token(self, ex: Exchange) -> bytes | None:
+    def _take_token(self, ex: RequestContext) -> bytes | None:
         """The token, from every place configured: None if there is none, or if different tokens were
         sent (header and query, two headers...): which one would the client mean? (Kong's rule.)"""
         tokens: list[bytes] = []
@@ -413,13 +412,13 @@ class JwtAuth(AuthPlugin[JwtConfig]):
                 return _MANY_TOKENS
         return token
 
-    def _header_values(self, ex: Exchange, lname: bytes) -> list[bytes]:
+    def _header_values(self, ex: RequestContext, lname: bytes) -> list[bytes]:
         values = [value for name, value in ex.headers if name.lower() == lname]
         if values and self._hide:
             ex.headers = [h for h in ex.headers if h[0].lower() != lname]
         return values
 
-    def _from_cookies(self, ex: Exchange) -> list[bytes]:
+    def _from_cookies(self, ex: RequestContext) -> list[bytes]:
         header = ex.header_bytes(b"cookie")
         if header is None:
             return []

@@ -28,8 +28,7 @@ from tollway.plugins.builtin.transform import is_form, is_json
 from tollway.plugins.consumers import Consumer, identify
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
-    from tollway.proxy.responses import Response
+    from tollway.proxy.pdk import RequestContext, Response
 
 Index = dict[bytes, tuple[Consumer, Any]]
 
@@ -113,7 +112,7 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         self._max_body = config.max_body_size
         self._hide = config.hide_credentials
 
-    def access(self, ex: Exchange) -> Response | Awaitable[Response | None] | None:
+    def access(self, ex: RequestContext) -> Response | Awaitable[Response | None] | None:
         if self.anonymous is not None and ex.credential is not None:
             return None  # an earlier authentication plugin of an OR succeeded
         key: Found = None
@@ -128,10 +127,10 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
             key = self._from_body(ex, body)
         return self._decide(ex, key)
 
-    async def _after_body(self, ex: Exchange, pending: Awaitable[bytes | None]) -> Response | None:
+    async def _after_body(self, ex: RequestContext, pending: Awaitable[bytes | None]) -> Response | None:
         return self._decide(ex, self._from_body(ex, await pending))
 
-    def _decide(self, ex: Exchange, key: Found) -> Response | None:
+    def _decide(self, ex: RequestContext, key: Found) -> Response | None:
         if key is None:
             return self.reject(ex, "missing")
         if isinstance(key, _Ambiguous):
@@ -145,7 +144,7 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         return None
 
     # -- where keys are -------------------------------------------------------------------------------
-    def _from_headers(self, ex: Exchange) -> Found:
+    def _from_headers(self, ex: RequestContext) -> Found:
         """The value of the first key name sent (key_names order); AMBIGUOUS if it was sent twice."""
         ranks = self._header_rank
         best = len(self._names)
@@ -177,7 +176,7 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
                 return values[0].encode("utf-8")
         return None
 
-    def _from_body(self, ex: Exchange, body: bytes | None) -> Found:
+    def _from_body(self, ex: RequestContext, body: bytes | None) -> Found:
         if not body or ex.header_bytes(b"content-encoding") is not None:
             return None  # (a compressed body is not unpacked to look for a key)
         content_type = ex.header_bytes(b"content-type")

@@ -20,13 +20,13 @@ from pydantic import BeforeValidator, Field, model_validator
 from tollway.counters import metrics
 from tollway.plugins.base import HeaderName, PluginConfig
 from tollway.plugins.builtin.netutil import real_client_ip
-from tollway.proxy.responses import Response
+from tollway.proxy.pdk import Response
 from tollway.state import headers as rl_headers
 
 if TYPE_CHECKING:
     from tollway.counters.metrics import Counter
     from tollway.plugins.consumers import Consumer
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
     from tollway.state.spec import Decision, LimitSpec
 
 KeyPart = Literal["consumer", "credential", "ip", "header", "path", "route", "service"]
@@ -85,7 +85,7 @@ class KeyBuilder:
     def __init__(self, parts: list[str], header_name: str | None) -> None:
         self._header = header_name or ""
         self._credentials: dict[int, tuple[Any, str]] = {}
-        getters: dict[str, Callable[[Exchange], str]] = {
+        getters: dict[str, Callable[[RequestContext], str]] = {
             "consumer": self._consumer,
             "credential": self._credential,
             "ip": real_client_ip,
@@ -100,19 +100,19 @@ class KeyBuilder:
     def __repr__(self) -> str:
         return f"<KeyBuilder {len(self._getters)} parts>"
 
-    def key(self, ex: Exchange) -> str:
+    def key(self, ex: RequestContext) -> str:
         single = self._single
         if single is not None:
             return single(ex)
         return "|".join([getter(ex) for getter in self._getters])
 
-    def _consumer(self, ex: Exchange) -> str:
+    def _consumer(self, ex: RequestContext) -> str:
         consumer: Consumer | None = ex.consumer
         if consumer is None:
             return "ip:" + real_client_ip(ex)
         return "consumer:" + consumer.id
 
-    def _credential(self, ex: Exchange) -> str:
+    def _credential(self, ex: RequestContext) -> str:
         credential = ex.credential
         if credential is None:
             return "ip:" + real_client_ip(ex)
@@ -126,23 +126,23 @@ class KeyBuilder:
             cached = self._credentials[id(credential)] = (credential, "credential:" + text)
         return cached[1]
 
-    def _header_value(self, ex: Exchange) -> str:
+    def _header_value(self, ex: RequestContext) -> str:
         value = ex.get_header(self._header)
         if value is None:
             return "ip:" + real_client_ip(ex)
         return "header:" + value
 
 
-def _path(ex: Exchange) -> str:
+def _path(ex: RequestContext) -> str:
     return ex.path
 
 
-def _route(ex: Exchange) -> str:
+def _route(ex: RequestContext) -> str:
     route = ex.route
     return route.name if route is not None else ""
 
 
-def _service(ex: Exchange) -> str:
+def _service(ex: RequestContext) -> str:
     service = ex.service
     return service.name if service is not None else ""
 
@@ -181,7 +181,7 @@ class LimitAnswers:
     def __repr__(self) -> str:
         return f"<LimitAnswers {self._plugin}>"
 
-    def decided(self, ex: Exchange, decisions: list[Decision]) -> Response | None:
+    def decided(self, ex: RequestContext, decisions: list[Decision]) -> Response | None:
         """Headers for this request's response; the denial if any limit denied, else None."""
         if self._ietf:
             value = rl_headers.ratelimit(decisions).encode("latin-1")
@@ -194,7 +194,7 @@ class LimitAnswers:
         self.count(ex, "allowed")
         return None
 
-    def _deny(self, ex: Exchange, decisions: list[Decision]) -> Response:
+    def _deny(self, ex: RequestContext, decisions: list[Decision]) -> Response:
         rid = ex.request_id.decode("latin-1")
         status, body = rl_headers.denial_body(decisions, rid, self._status, self._message)
         self.count(ex, "error" if any(d.unavailable for d in decisions if not d.allowed) else "limited")
@@ -202,7 +202,7 @@ class LimitAnswers:
         headers.append((b"Retry-After", rl_headers.retry_after(decisions).encode("latin-1")))
         return Response(status, body, headers)
 
-    def count(self, ex: Exchange, decision: str) -> None:
+    def count(self, ex: RequestContext, decision: str) -> None:
         route = ex.route.name if ex.route is not None else ""
         handles = self._handles.get(decision)
         if handles is None:

@@ -29,8 +29,7 @@ from tollway.state.redis_backends import backend_for
 from tollway.state.spec import Decision, LimitSpec
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
-    from tollway.proxy.responses import Response
+    from tollway.proxy.pdk import RequestContext, Response
 
 Algorithm = Literal["fixed", "sliding", "gcra"]
 _LIMIT_NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,63}$"
@@ -158,7 +157,7 @@ class RateLimiting(Plugin[RateLimitingConfig]):
             max_slice=config.batch.max_slice,
         )
 
-    def access(self, ex: Exchange) -> Response | Awaitable[Response | None] | None:
+    def access(self, ex: RequestContext) -> Response | Awaitable[Response | None] | None:
         key = self._keys.key(ex)
         single = self._single
         if single is not None:  # the common case: one limit, no list to check all-or-nothing
@@ -171,7 +170,7 @@ class RateLimiting(Plugin[RateLimitingConfig]):
             return self._answers.decided(ex, result)
         return self._decided_later(ex, result)
 
-    async def _decided_later(self, ex: Exchange, pending: Awaitable[list[Decision]]) -> Response | None:
+    async def _decided_later(self, ex: RequestContext, pending: Awaitable[list[Decision]]) -> Response | None:
         return self._answers.decided(ex, await pending)
 
 

@@ -14,11 +14,10 @@ from pydantic import Field
 
 from tollway.config.types import Size
 from tollway.plugins.base import Plugin, PluginConfig, PluginContext
-from tollway.proxy.exchange import REQ_NONE
-from tollway.proxy.responses import Response, error_response
+from tollway.proxy.pdk import REQ_NONE, Response, error_response
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 
 class RequestSizeLimitConfig(PluginConfig):
@@ -37,7 +36,7 @@ class RequestSizeLimit(Plugin[RequestSizeLimitConfig]):
         self._limit = config.max_body_size
         self._require_length = config.require_content_length
 
-    def access(self, ex: Exchange) -> Response | None:
+    def access(self, ex: RequestContext) -> Response | None:
         if ex.body_kind == REQ_NONE:
             return None
         limit = self._limit

@@ -28,7 +28,7 @@ from tollway.plugins.builtin.transform import (
 )
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 
 class RequestTransformerConfig(TransformOps):
@@ -63,7 +63,7 @@ class RequestTransformer(Plugin[RequestTransformerConfig]):
         self._max_body = config.max_body_size
         self._method = config.http_method.encode("latin-1") if config.http_method else None
 
-    def access(self, ex: Exchange) -> None:
+    def access(self, ex: RequestContext) -> None:
         if self._body.active and ex.body_kind and ex.header_bytes(b"content-encoding") is None:
             content_type = ex.header_bytes(b"content-type")
             if is_json(content_type):

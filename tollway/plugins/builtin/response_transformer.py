@@ -18,7 +18,7 @@ from tollway.plugins.base import Plugin, PluginContext
 from tollway.plugins.builtin.transform import BodyEdits, HeaderEdits, TransformOps, is_json
 
 if TYPE_CHECKING:
-    from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 
 class ResponseTransformerConfig(TransformOps):
@@ -43,7 +43,7 @@ class ResponseTransformer(Plugin[ResponseTransformerConfig]):
         self._body = BodyEdits(config)
         self._max_body = config.max_body_size
 
-    def response(self, ex: Exchange) -> None:
+    def response(self, ex: RequestContext) -> None:
         head = ex.response_head
         if head is None:
             return

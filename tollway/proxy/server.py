@@ -26,10 +26,10 @@ from tollway.errors import (
     RequestTimeout,
     TollwayError,
 )
-from tollway.observability.tracecontext import INVALID as INVALID_TRACEPARENT
 from tollway.protocol.deadline import Deadline
-from tollway.protocol.http1 import check_request_version, check_transfer_encoding
-from tollway.proxy.exchange import REQ_CHUNKED, REQ_LENGTH, Exchange, RequestIds
+from tollway.protocol.http1 import check_request_version
+from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, SPECIAL_FIELDS, special_field
+from tollway.proxy.exchange import Exchange, RequestIds
 
 if TYPE_CHECKING:
     import asyncio
@@ -47,40 +47,6 @@ _PAUSE_QUEUE: Final = 1
 _PAUSE_BODY: Final = 2
 _PAUSE_TUNNEL: Final = 4
 _PAUSE_REJECTED: Final = 8  # bad input: nothing more is read from this connection
-# Request headers handled by the gateway instead of being forwarded as they are.
-_HOST: Final = 0
-_CONNECTION: Final = 1
-_CL: Final = 2
-_TE: Final = 3
-_EXPECT: Final = 4
-_UPGRADE: Final = 5
-_XFF: Final = 6
-_XFP: Final = 7
-_XFH: Final = 8
-_RID: Final = 9
-_DROP: Final = 10
-_TRACEPARENT: Final = 11
-_TRACESTATE: Final = 12
-_SPECIAL: Final = {
-    b"host": _HOST,
-    b"connection": _CONNECTION,
-    b"content-length": _CL,
-    b"transfer-encoding": _TE,
-    b"expect": _EXPECT,
-    b"upgrade": _UPGRADE,
-    b"x-forwarded-for": _XFF,
-    b"x-forwarded-proto": _XFP,
-    b"x-forwarded-host": _XFH,
-    b"x-request-id": _RID,
-    b"traceparent": _TRACEPARENT,
-    b"tracestate": _TRACESTATE,
-    b"keep-alive": _DROP,
-    b"te": _DROP,
-    b"trailer": _DROP,
-    b"proxy-connection": _DROP,
-    b"proxy-authorization": _DROP,
-    b"proxy-authenticate": _DROP,
-}
 
 
 class ClientConnection:
@@ -243,11 +209,11 @@ class ClientConnection:
             raise HeadersTooLarge()
         if ex.method:
             return  # a trailer field after a chunked body: dropped (the body is forwarded re-chunked)
-        kind = _SPECIAL.get(name.lower())
+        kind = SPECIAL_FIELDS.get(name.lower())
         if kind is None:
             ex.headers.append((name, value))
         else:
-            _special_header(ex, kind, value)
+            special_field(ex, kind, value)
 
     def on_headers_complete(self) -> None:
         ex = self.current
@@ -502,38 +468,3 @@ class TunnelSink:
 
     def upstream_resume_writing(self) -> None:
         self.client._resume(_PAUSE_TUNNEL)
-
-
-def _special_header(ex: Exchange, kind: int, value: bytes) -> None:
-    if kind == _HOST:
-        if ex.host:
-            raise ClientError("more than one Host header")
-        if not value:
-            raise ClientError("empty Host header")  # also keeps a second Host from passing unnoticed
-        ex.host = value
-    elif kind == _CONNECTION:
-        ex.connection_header = ex.connection_header + b", " + value if ex.connection_header else value
-    elif kind == _CL:
-        ex.body_kind = REQ_LENGTH
-        ex.content_length = int(value.strip(b" \t"))
-    elif kind == _TE:
-        check_transfer_encoding(value, 1)
-        ex.body_kind = REQ_CHUNKED
-    elif kind == _EXPECT:
-        if value.strip(b" \t").lower() != b"100-continue":
-            raise ClientError("unsupported Expect header")
-        ex.expect_continue = True
-    elif kind == _UPGRADE:
-        ex.upgrade = value
-    elif kind == _XFF:
-        ex.x_forwarded_for = ex.x_forwarded_for + b", " + value if ex.x_forwarded_for else value
-    elif kind == _XFP:
-        ex.x_forwarded_proto = value
-    elif kind == _XFH:
-        ex.x_forwarded_host = value
-    elif kind == _RID and 0 < len(value) <= 200:
-        ex.request_id = value
-    elif kind == _TRACEPARENT:  # sent on by tollway.observability.tracecontext
-        ex.traceparent = INVALID_TRACEPARENT if ex.traceparent else value  # repeated: invalid
-    elif kind == _TRACESTATE:
-        ex.tracestate = ex.tracestate + b"," + value if ex.tracestate else value

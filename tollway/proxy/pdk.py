@@ -1,0 +1,303 @@
+"""The plugin development kit: what a plugin's hooks receive and may answer with.
+
+`RequestContext` is the request as plugins see it (every hook gets one, named `ex` by convention):
+the parsed request head (`tollway.protocol.request.RequestHead`: method, url, headers, host, ...),
+where it was routed, who the consumer is, the response status, and the methods that change what is
+forwarded or answered. A plugin answers with a `Response` (often an `error_response`) to stop the
+request. Plugins and the proxy both import this module; nothing here imports a plugin.
+
+The request's `Exchange` (tollway.proxy.exchange) is a `RequestContext` subclass, so a hook reads and
+writes plain fields of the one per-request object: the context costs no allocation and no copy.
+Everything not defined here (the exchange's relay and retry state) is internal and may change.
+Documented for plugin authors in docs/plugins/writing-plugins.md.
+
+Compiled with mypyc (setup.py HOT_MODULES).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from tollway.protocol.http1 import BODY_LENGTH
+from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, REQ_NONE, RequestHead
+from tollway.proxy.responses import Response, error_response
+
+if TYPE_CHECKING:
+    from tollway.protocol.http1 import ResponseHead
+    from tollway.proxy.pipeline import Pipeline
+    from tollway.proxy.server import ClientConnection
+    from tollway.proxy.snapshot import CompiledRoute, CompiledService, Snapshot
+
+_EMPTY_PARAMS: dict[str, str] = {}
+# What a plugin does to a response header field (RequestContext._resp_headers).
+ADD, REPLACE, REMOVE = 0, 1, 2
+
+
+class RequestContext(RequestHead):
+    """One request as plugins see it. Fields a plugin may read: those of `RequestHead`, and `path`
+    (normalised), `raw_path`, `query`, `params` (path parameters), `route`, `service`, `consumer` and
+    `credential` (set by an authentication plugin), `vars` (a dict plugins may share data in), `status`
+    and `response_head` (in the response and log phases), `bytes_sent`, `upstream_time` and `elapsed`
+    (in the log phase), `done`."""
+
+    __slots__ = (
+        "_on_finish",
+        "_resp_headers",
+        "body_done",
+        "body_received",
+        "bytes_sent",
+        "client",
+        "consumer",
+        "credential",
+        "done",
+        "max_body_size",
+        "params",
+        "path",
+        "pipeline",
+        "query",
+        "raw_path",
+        "request_body_transform",
+        "response_body_transform",
+        "response_head",
+        "response_started",
+        "route",
+        "service",
+        "snapshot",
+        "start_time",
+        "status",
+        "upstream_path",
+        "upstream_time",
+        "vars",
+    )
+
+    def __init__(self, client: ClientConnection, snapshot: Snapshot) -> None:
+        super().__init__()
+        self.client = client
+        self.snapshot = snapshot
+        self.start_time = time.perf_counter()
+        self.body_received = 0
+        self.body_done = False
+        self.path = ""
+        self.raw_path = ""
+        self.query = ""
+        self.params = _EMPTY_PARAMS
+        self.upstream_path = b""
+        self.route: CompiledRoute | None = None
+        self.service: CompiledService | None = None
+        self.consumer: Any = None
+        self.vars: dict[str, Any] | None = None
+        self.pipeline: Pipeline | None = None  # the route's, or its consumer's once one is known
+        self.credential: Any = None  # the credential an authentication plugin accepted
+        self.max_body_size: int = client.max_body_size  # a plugin may lower it for this request
+        self.request_body_transform: Callable[[bytes], bytes | None] | None = None
+        self.response_body_transform: Callable[[bytes], bytes | None] | None = None
+        # Fields added to the response: (name, value, ADD / REPLACE / REMOVE)
+        self._resp_headers: list[tuple[bytes, bytes, int]] | None = None
+        self._on_finish: list[Callable[[RequestContext], None]] | None = None  # see on_finish()
+        self.response_head: ResponseHead | None = None
+        self.response_started = False
+        self.status = 0
+        self.bytes_sent = 0  # response bytes written to the client
+        self.upstream_time = -1.0  # seconds from handing the request to a backend to its response head
+        self.done = False
+
+    def _forwarding(self) -> bool:
+        """True once the request head went to a backend (the exchange knows)."""
+        return False
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start_time
+
+    def get_header(self, name: str) -> str | None:
+        """The first value of a request header (case-insensitive), as sent by the client."""
+        key = name.lower().encode("latin-1")
+        special = _SPECIAL_GETTERS.get(key)
+        if special is not None:
+            value = getattr(self, special)
+            return value.decode("latin-1") if value else None
+        for hname, hvalue in self.headers:
+            if hname.lower() == key:
+                return hvalue.decode("latin-1")
+        return None
+
+    def set_header(self, name: str, value: str) -> None:
+        """Replace (or add) a request header forwarded to the backend (ValueError if either is not a
+        valid header field name or value: CR, LF, NUL and other control characters never pass)."""
+        self.remove_header(name)
+        self.headers.append(header_field(name, value))
+
+    def add_header(self, name: str, value: str) -> None:
+        self.headers.append(header_field(name, value))
+
+    def remove_header(self, name: str) -> None:
+        key = name.lower().encode("latin-1")
+        self.headers = [(n, v) for n, v in self.headers if n.lower() != key]
+
+    @property
+    def client_ip(self) -> str:
+        return self.client.peer_ip.decode("latin-1")
+
+    def header_bytes(self, lname: bytes) -> bytes | None:
+        """The first value of a forwarded request header; `lname` is the lowercase name as bytes.
+        (Host, X-Forwarded-* and X-Request-Id are attributes, not in the forwarded list.)"""
+        for name, value in self.headers:
+            if name.lower() == lname:
+                return value
+        return None
+
+    def pop_header(self, lname: bytes) -> bytes | None:
+        """Remove every field named `lname` (lowercase bytes) from the forwarded request headers and
+        return the first value, or None (then nothing changes)."""
+        headers = self.headers
+        found: bytes | None = None
+        for i in range(len(headers)):
+            name, value = headers[i]
+            if name.lower() == lname:
+                found = value
+                self.headers = headers[:i] + [h for h in headers[i + 1 :] if h[0].lower() != lname]
+                break
+        return found
+
+    def set_query(self, query: str) -> None:
+        """Replace the query string forwarded to the backend (already encoded, without the "?")."""
+        if _BAD_QUERY.search(query) is not None:
+            raise ValueError("a query string must be encoded: no spaces, control characters or #")
+        path = self.upstream_path.partition(b"?")[0]
+        self.query = query
+        self.upstream_path = path + b"?" + query.encode("latin-1") if query else path
+
+    def add_response_header(self, name: str, value: str) -> None:
+        """Add a header to whatever response this request gets (the backend's or the gateway's)."""
+        self._response_header(name, value, ADD)
+
+    def set_response_header(self, name: str, value: str) -> None:
+        """Like add_response_header, but replacing any field of that name the response has."""
+        self._response_header(name, value, REPLACE)
+
+    def add_response_fields(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """Add header fields the caller built itself, already valid (names are tokens, values have no
+        control characters): no per-request validation, for fields a plugin makes from numbers."""
+        extra = self._resp_headers
+        if extra is None:
+            extra = self._resp_headers = []
+        for name, value in fields:
+            extra.append((name, value, ADD))
+
+    def remove_response_header(self, name: str) -> None:
+        """Remove a header from the backend's response (a gateway answer has only the fields plugins
+        add): what a backend must not tell the client, like a CORS grant the gateway refused."""
+        self._response_header(name, "", REMOVE)
+
+    def _response_header(self, name: str, value: str, mode: int) -> None:
+        field = header_field(name, value)
+        extra = self._resp_headers
+        if extra is None:
+            extra = self._resp_headers = []
+        extra.append((field[0], field[1], mode))
+
+    def _add_response_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        for name, value, mode in self._resp_headers or ():
+            if mode != ADD:
+                lname = name.lower()
+                headers[:] = [h for h in headers if h[0].lower() != lname]
+            if mode != REMOVE:
+                headers.append((name, value))
+
+    def whole_request_body(self, max_size: int) -> bytes | Awaitable[bytes | None] | None:
+        """The whole request body, for a plugin that must read it before deciding (key-auth's
+        `key_in_body`); call it in rewrite/access. Bytes when the body is all here, else an awaitable
+        resolving to it once it is (None if the request ends first); None when it is not read: chunked,
+        or a Content-Length over `max_size`. The body is still forwarded as received."""
+        kind = self.body_kind
+        if kind == REQ_NONE:
+            return b""
+        if kind != REQ_LENGTH or self.content_length > max_size or self._forwarding():
+            return None
+        return self._whole_body()
+
+    def _whole_body(self) -> bytes | Awaitable[bytes | None] | None:
+        """Where the body is waiting is the exchange's business (it overrides this)."""
+        return None
+
+    def buffer_request_body(self, transform: Callable[[bytes], bytes | None], max_size: int) -> bool:
+        """Have `transform(body)` rewrite the whole request body before it is forwarded (it returns the
+        new body, or None to keep it). Only bodies with a Content-Length of at most `max_size` are
+        buffered; returns False (and the body streams untouched) otherwise. Call it in rewrite/access."""
+        if self.body_kind != REQ_LENGTH or self.content_length > max_size or self._forwarding():
+            return False
+        previous = self.request_body_transform
+        if previous is None:
+            self.request_body_transform = transform
+        else:  # a second plugin transforms what the first produced
+            self.request_body_transform = lambda body: transform(previous(body) or body)
+        return True
+
+    def buffer_response_body(self, transform: Callable[[bytes], bytes | None], max_size: int) -> bool:
+        """The same for the response body, from a response hook: only responses with a Content-Length
+        of at most `max_size` are buffered; chunked or larger ones stream through untouched (False)."""
+        head = self.response_head
+        if head is None or head.body_kind != BODY_LENGTH or head.content_length > max_size:
+            return False
+        previous = self.response_body_transform
+        if previous is None:
+            self.response_body_transform = transform
+        else:
+            self.response_body_transform = lambda body: transform(previous(body) or body)
+        return True
+
+    def on_finish(self, callback: Callable[[RequestContext], None]) -> None:
+        """Have `callback(ex)` run once when this request ends, however it ends (response sent, gateway
+        answer, client gone): for what must be released even if a later plugin or the consumer's own
+        pipeline takes over (a concurrency slot). Runs after the log phase; exceptions are logged."""
+        if self._on_finish is None:
+            self._on_finish = [callback]
+        else:
+            self._on_finish.append(callback)
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")  # HTAB and obs-text allowed (RFC 9110 5.5)
+_BAD_QUERY = re.compile(r"[\x00-\x20\x7f#]")
+
+
+def header_field(name: str, value: str) -> tuple[bytes, bytes]:
+    """A request or response header field as bytes, or ValueError: a name that is not a token or a value
+    with CR, LF, NUL or another control character would let a value inject headers or split messages."""
+    bname = name.encode("latin-1")
+    value = value.strip(" \t")
+    try:
+        bvalue = value.encode("latin-1")  # what get_header decoded comes back unchanged
+    except UnicodeEncodeError:
+        bvalue = value.encode("utf-8")
+    if _TOKEN.fullmatch(bname) is None:
+        raise ValueError(f"invalid header name {name!r}")
+    if _FIELD_VALUE.fullmatch(bvalue) is None:
+        raise ValueError(f"invalid value for header {name!r}: control characters are not allowed")
+    return bname, bvalue
+
+
+_SPECIAL_GETTERS = {
+    b"host": "host",
+    b"x-request-id": "request_id",
+    b"x-forwarded-for": "x_forwarded_for",
+    b"x-forwarded-proto": "x_forwarded_proto",
+    b"x-forwarded-host": "x_forwarded_host",
+    b"upgrade": "upgrade",
+    b"connection": "connection_header",
+    b"traceparent": "traceparent",
+    b"tracestate": "tracestate",
+}
+
+__all__ = [
+    "REQ_CHUNKED",
+    "REQ_LENGTH",
+    "REQ_NONE",
+    "RequestContext",
+    "Response",
+    "error_response",
+    "header_field",
+]
