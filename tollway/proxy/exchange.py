@@ -98,6 +98,7 @@ class RequestIds:
 class Exchange:
     __slots__ = (
         "_awaiting_body",
+        "_awaiting_chunk",
         "_body_buf",
         "_body_buffered",
         "_connect_task",
@@ -117,6 +118,7 @@ class Exchange:
         "body_kind",
         "body_received",
         "bytes_sent",
+        "chunk_parsed",
         "client",
         "connection_header",
         "consumer",
@@ -210,6 +212,8 @@ class Exchange:
         self.request_body_transform: Callable[[bytes], bytes | None] | None = None
         self.response_body_transform: Callable[[bytes], bytes | None] | None = None
         self._awaiting_body = False  # proceed() waits for a whole body to transform
+        self._awaiting_chunk = False  # proceed() holds the head until the first chunk has parsed
+        self.chunk_parsed = False  # a chunk of the (chunked) request body parsed completely
         self._resp_body: list[bytes] | None = None  # a response body buffered for a transform
         self._resp_headers: list[tuple[bytes, bytes, bool]] | None = None  # added to the response
         self._resp_extra = b""  # those fields as header lines, once the backend's head is in
@@ -332,6 +336,9 @@ class Exchange:
             return
         if self.request_body_transform is not None and not self._transform_request_body():
             return  # waiting for the rest of the body (request_done proceeds), or failed
+        if self.body_kind == REQ_CHUNKED and not self.chunk_parsed and not self.body_done:
+            self._hold_for_first_chunk()
+            return
         service = self.service
         assert service is not None
         target = service.cluster.pick(self)
@@ -446,6 +453,22 @@ class Exchange:
             parts.append(b"\r\n")
         return b"".join(parts)
 
+    def _hold_for_first_chunk(self) -> None:
+        """A chunked body whose first chunk has not parsed yet: the head waits for it, so a malformed
+        first chunk (bad size, data longer than its size) is refused with nothing sent to a backend."""
+        self._awaiting_chunk = True
+        if self.expect_continue and self.version == 1:
+            self.expect_continue = False
+            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.client.resume_reading_for(self)
+
+    def first_chunk_parsed(self) -> None:
+        """Called by the client connection when a request chunk (size, data, CRLF) has parsed."""
+        self.chunk_parsed = True
+        if self._awaiting_chunk and not self.done:
+            self._awaiting_chunk = False
+            self.proceed()
+
     # -- request body (called by the client connection as httptools parses it) -----------------------
     def request_body(self, data: bytes) -> None:
         """Called from the parser: an error raised here reaches the client connection's `_reject`,
@@ -472,12 +495,15 @@ class Exchange:
             self._body_buf.append(framed)
             self._body_buffered += len(framed)
             if self._body_buffered > _BUFFER_HIGH and not self._awaiting_body:
-                self.client.pause_reading_for(self)
+                if self._awaiting_chunk:  # a first chunk this large: its size line parsed, send on
+                    self.first_chunk_parsed()
+                else:
+                    self.client.pause_reading_for(self)
 
     def request_done(self) -> None:
         self.body_done = True
-        if self._awaiting_body:
-            self._awaiting_body = False
+        if self._awaiting_body or self._awaiting_chunk:
+            self._awaiting_body = self._awaiting_chunk = False
             self.proceed()  # the whole body is here: transform it and forward
             return
         conn = self.upstream
@@ -609,9 +635,10 @@ class Exchange:
         self.upstream = None
         if conn is not None:
             conn.pool.active -= 1
-        if replayable and not self._retried and not self.response_started and self._can_replay():
-            # A stale pooled connection (closed by the backend as we reused it): nothing reached the
-            # backend, so once more on a fresh connection to the same target, whatever the method.
+        if replayable and not self._retried and not self.response_started and self._replay_allowed():
+            # A stale pooled connection (closed by the backend as we reused it, without one byte of
+            # answer): once more on a fresh connection to the same target. The backend may still have
+            # run the request, so only what is safe to repeat (docs/upstreams.md).
             self._retried = True
             self._body_buf = list(self._replay or ())
             target = self.target
@@ -736,6 +763,14 @@ class Exchange:
 
     def upstream_resume_writing(self) -> None:
         self.client.resume_reading_for(self)
+
+    def _replay_allowed(self) -> bool:
+        if not self._can_replay():
+            return False
+        if self._idempotent():
+            return True
+        service = self.service
+        return service is not None and service.replay_non_idempotent
 
     def _can_replay(self) -> bool:
         if self.body_kind == REQ_NONE:

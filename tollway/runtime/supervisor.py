@@ -2,10 +2,13 @@
 request bytes.
 
 - It creates one SO_REUSEPORT listening socket per worker and listen address and keeps its own copy
-  open, so a worker that crashes and restarts loses no queued connection (the kernel spreads new
-  connections over the sockets; a restarted worker takes its socket back).
+  open (the kernel spreads new connections over the sockets; a restarted worker takes its socket
+  back). A dead worker's socket stops listening at once, so new connections go to the live workers
+  instead of waiting for the replacement, which listens again once its config is applied.
 - It validates config files, sends whole snapshots to workers, and reloads on SIGHUP or when the file
-  changes. A bad file keeps the running config and logs exactly why.
+  changes, once two reads of the file agree (an in-place write is not read half-way). A bad file, an
+  empty one, or one without routes (unless `gateway.allow_empty_routes`) keeps the running config and
+  logs exactly why.
 - It restarts a worker that dies (backing off if one keeps dying), and on SIGTERM drains: /ready turns
   503, listeners close after `drain_delay`, in-flight requests get `drain_timeout` to finish.
 - It serves the status listener (/live, /ready, /status, /metrics): metrics are collected from every
@@ -16,6 +19,7 @@ request bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -29,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from tollway import __version__
-from tollway.config.loader import load_file
 from tollway.config.schema import GatewayConfig
 from tollway.config.types import parse_hostport
 from tollway.errors import ConfigError
 from tollway.observability.exposition import CONTENT_TYPE, MetricsHub, resident_bytes
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
+from tollway.runtime.config_file import load_for_reload, read_stable, stat
 from tollway.runtime.status import start_status_server
 from tollway.runtime.worker import ENV_FDS
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
@@ -83,8 +87,10 @@ class Supervisor:
         self._done: asyncio.Event | None = None
         self._status_server: asyncio.AbstractServer | None = None
         # The file as it was when the running config was read: the watcher reloads when it differs.
-        self._watch_stat = _stat(self.config_path) if self.config_path is not None else None
+        self._watch_stat = stat(self.config_path) if self.config_path is not None else None
         self._failed_restarts: dict[int, int] = {}
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again: str | None = None  # a reload asked for while one was reading the file
         # upstreams: DNS, active health checks, shared ejections, /upstreams (tollway.upstream.manager)
         self.upstreams = UpstreamManager(self._broadcast, self._live_channels)
         # Node-shared rate-limit counters (tollway.state.shared): one table for every worker, kept
@@ -117,7 +123,7 @@ class Supervisor:
         for sig, handler in (
             (signal.SIGTERM, self._on_stop_signal),
             (signal.SIGINT, self._on_stop_signal),
-            (signal.SIGHUP, lambda: self.reload("SIGHUP")),
+            (signal.SIGHUP, lambda: self.request_reload("SIGHUP")),
             (signal.SIGUSR1, self.reopen_logs),
         ):
             loop.add_signal_handler(sig, handler)
@@ -174,15 +180,38 @@ class Supervisor:
         asyncio.get_running_loop().create_task(self.shutdown())
 
     # -- config ---------------------------------------------------------------------------------------
-    def reload(self, reason: str) -> bool:
-        """Load the config file again; apply it if valid, otherwise keep the running one."""
+    def request_reload(self, reason: str) -> None:
+        """Reload once the file is stable (SIGHUP, file watcher); reloads asked for meanwhile make one
+        more pass after the current one, never two readers at once."""
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = reason
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload_when_stable(reason))
+
+    async def _reload_when_stable(self, reason: str | None) -> None:
+        assert self.config_path is not None
+        while reason is not None and not self._stopping:
+            data, self._watch_stat = await read_stable(self.config_path)  # later changes: next poll
+            self.reload(reason, data)
+            reason, self._reload_again = self._reload_again, None
+
+    def reload(self, reason: str, data: bytes | None = None) -> bool:
+        """Apply the config file (`data`: its bytes, as read once stable); keep the running config if
+        the file is invalid, empty, or has no routes without `gateway.allow_empty_routes`."""
         if self.config_path is None or self._stopping:
             return False
-        self._watch_stat = _stat(self.config_path)  # before reading: a later change is seen next poll
+        if data is None:
+            self._watch_stat = stat(self.config_path)  # before reading: a later change is seen next poll
         try:
-            config = self._with_overrides(load_file(self.config_path))
+            config = self._with_overrides(load_for_reload(self.config_path, data))
         except ConfigError as exc:
-            self.last_reload = {"time": time.time(), "result": "failed", "version": self.version}
+            self.last_reload = {
+                "time": time.time(),
+                "result": "failed",
+                "version": self.version,
+                "reason": reason,
+                "issues": exc.issues[:20],
+            }
             self.metrics.registry.count("config_reloads_total", result="failed")
             log.error(
                 "config reload (%s) failed; still serving version %d:\n  %s",
@@ -228,12 +257,12 @@ class Supervisor:
             return
         while True:
             await asyncio.sleep(interval)
-            current = _stat(self.config_path)
+            current = stat(self.config_path)
             if current is None or current == self._watch_stat:
                 continue
-            await asyncio.sleep(0.2)  # let an editor finish writing
-            if _stat(self.config_path) != self._watch_stat:  # unless a SIGHUP reloaded it meanwhile
-                self.reload("file changed")
+            if self._reload_task is not None and not self._reload_task.done():
+                continue  # a reload is reading the file now
+            self.request_reload("file changed")
 
     # -- workers ----------------------------------------------------------------------------------------
     def _bind_all(self) -> None:
@@ -295,6 +324,11 @@ class Supervisor:
                 handler(handle, *message[1:])
 
     async def _on_worker_gone(self, handle: WorkerHandle) -> None:
+        if not self._stopping and self.workers.get(handle.slot) is handle and self.sockets:
+            # New connections must not queue for a process that is not there: the kernel sends them to
+            # the live workers' sockets until the replacement listens again (when it is ready).
+            for sock in self.sockets[handle.slot]:
+                _stop_listening(sock)
         self.metrics.worker_gone(handle.process.pid)  # its counters carry on in the merged totals
         code = await _reap(handle.process)
         if self.workers.get(handle.slot) is not handle:
@@ -479,17 +513,17 @@ def _listen_socket(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+def _stop_listening(sock: socket.socket) -> None:
+    """Take a listening socket out of its SO_REUSEPORT group without closing it (Linux: shutdown ends
+    the listen; connections still queued on it are reset). `listen()` again, as the worker's server
+    does when it starts, puts it back."""
+    with contextlib.suppress(OSError):  # elsewhere than Linux: they queue until the replacement is up
+        sock.shutdown(socket.SHUT_RD)
+
+
 def _default_workers(config: GatewayConfig) -> int:
     workers = config.gateway.workers
     return os.cpu_count() or 1 if workers == "auto" else int(workers)
-
-
-def _stat(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 async def _reap(process: subprocess.Popen[bytes]) -> int | None:
