@@ -3,8 +3,8 @@ request bytes.
 
 - It creates one SO_REUSEPORT listening socket per worker and listen address and keeps its own copy
   open (the kernel spreads new connections over the sockets; a restarted worker takes its socket
-  back). A dead worker's socket stops listening at once, so new connections go to the live workers
-  instead of waiting for the replacement, which listens again once its config is applied.
+  back). While a worker restarts, connections arriving on its socket are passed to the live workers
+  (tollway.runtime.handoff) instead of waiting for the replacement.
 - It validates config files, sends whole snapshots to workers, and reloads on SIGHUP or when the file
   changes, once two reads of the file agree (an in-place write is not read half-way). A bad file, an
   empty one, or one without routes (unless `gateway.allow_empty_routes`) keeps the running config and
@@ -19,7 +19,6 @@ request bytes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -39,6 +38,8 @@ from tollway.errors import ConfigError
 from tollway.observability.exposition import CONTENT_TYPE, MetricsHub, resident_bytes
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.config_file import load_for_reload, read_stable, stat
+from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
+from tollway.runtime.handoff import Orphans
 from tollway.runtime.status import start_status_server
 from tollway.runtime.worker import ENV_FDS
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
@@ -59,6 +60,7 @@ class WorkerHandle:
     started: float = field(default_factory=time.monotonic)
     ready_version: int = 0
     restarts: int = 0
+    handoff: socket.socket | None = None  # passes it connections accepted for a restarting worker
 
 
 class Supervisor:
@@ -91,6 +93,7 @@ class Supervisor:
         self._failed_restarts: dict[int, int] = {}
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again: str | None = None  # a reload asked for while one was reading the file
+        self.orphans: Orphans | None = None  # accepts for restarting workers (set when running)
         # upstreams: DNS, active health checks, shared ejections, /upstreams (tollway.upstream.manager)
         self.upstreams = UpstreamManager(self._broadcast, self._live_channels)
         # Node-shared rate-limit counters (tollway.state.shared): one table for every worker, kept
@@ -113,6 +116,7 @@ class Supervisor:
             self.on_event("error", {"message": f"cannot listen on {addresses}: {exc.strerror or exc}"})
             return 1
         await self._start_status_listener()
+        self.orphans = Orphans(loop, self._handoff_receivers)
         await self.upstreams.start(self.config)
         self.state_table = create_for_workers()
         for slot in range(self.nworkers):
@@ -157,6 +161,8 @@ class Supervisor:
         self.on_event("draining", {"timeout": gateway.drain_timeout})
         if not fast and gateway.drain_delay:
             await asyncio.sleep(gateway.drain_delay)  # /ready says 503 while the balancer notices
+        if self.orphans is not None:
+            self.orphans.close()
         self._close_sockets()
         timeout = 0.0 if fast else gateway.drain_timeout
         for handle in self.workers.values():
@@ -288,10 +294,13 @@ class Supervisor:
 
     async def _spawn(self, slot: int) -> None:
         parent, child = socket.socketpair()
+        handoff, handoff_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        handoff.setblocking(False)
         fds = [child.fileno(), *(s.fileno() for s in self.sockets[slot])]
         env = dict(os.environ)
         env[ENV_FDS] = ",".join(str(x) for x in (slot, *fds))
-        pass_fds = list(fds)
+        env[HANDOFF_ENV_FD] = str(handoff_child.fileno())
+        pass_fds = [*fds, handoff_child.fileno()]
         if self.state_table is not None:  # tollway.state: the node-shared table, by fd
             env[STATE_ENV_FD] = str(self.state_table.fileno())
             pass_fds.append(self.state_table.fileno())
@@ -299,7 +308,8 @@ class Supervisor:
             [sys.executable, "-m", "tollway.runtime.worker"], pass_fds=pass_fds, env=env, close_fds=True
         )
         child.close()
-        handle = WorkerHandle(slot, process, restarts=self._failed_restarts.get(slot, 0))
+        handoff_child.close()
+        handle = WorkerHandle(slot, process, restarts=self._failed_restarts.get(slot, 0), handoff=handoff)
         self.workers[slot] = handle
         handle.channel = await open_channel(
             parent,
@@ -314,6 +324,8 @@ class Supervisor:
         kind = message[0]
         if kind == "ready":
             handle.ready_version = message[1]
+            if self.orphans is not None:
+                self.orphans.release(handle.slot)  # it accepts on its own socket now
         elif kind == "config_failed":
             log.error("worker %d could not apply config version %d: %s", handle.slot, message[1], message[2])
         elif kind.startswith("upstream_"):
@@ -324,11 +336,13 @@ class Supervisor:
                 handler(handle, *message[1:])
 
     async def _on_worker_gone(self, handle: WorkerHandle) -> None:
-        if not self._stopping and self.workers.get(handle.slot) is handle and self.sockets:
-            # New connections must not queue for a process that is not there: the kernel sends them to
-            # the live workers' sockets until the replacement listens again (when it is ready).
-            for sock in self.sockets[handle.slot]:
-                _stop_listening(sock)
+        if handle.handoff is not None:
+            handle.handoff.close()
+            handle.handoff = None
+        current = self.workers.get(handle.slot) is handle
+        if current and not self._stopping and self.sockets and self.orphans is not None and self.nworkers > 1:
+            # Connections the kernel hashes to its socket go to the live workers until the new one is up.
+            self.orphans.watch(handle.slot, self.sockets[handle.slot])
         self.metrics.worker_gone(handle.process.pid)  # its counters carry on in the merged totals
         code = await _reap(handle.process)
         if self.workers.get(handle.slot) is not handle:
@@ -406,6 +420,13 @@ class Supervisor:
         for handle in self.workers.values():
             if handle.channel is not None and handle.slot != skip_slot:
                 handle.channel.send(message)
+
+    def _handoff_receivers(self) -> list[socket.socket]:
+        return [
+            h.handoff
+            for h in self.workers.values()
+            if h.handoff is not None and h.channel is not None and h.ready_version
+        ]
 
     def _live_channels(self) -> list[ChannelProtocol]:
         return [h.channel for h in self.workers.values() if h.channel is not None]
@@ -511,14 +532,6 @@ def _listen_socket(host: str, port: int, backlog: int) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
-
-
-def _stop_listening(sock: socket.socket) -> None:
-    """Take a listening socket out of its SO_REUSEPORT group without closing it (Linux: shutdown ends
-    the listen; connections still queued on it are reset). `listen()` again, as the worker's server
-    does when it starts, puts it back."""
-    with contextlib.suppress(OSError):  # elsewhere than Linux: they queue until the replacement is up
-        sock.shutdown(socket.SHUT_RD)
 
 
 def _default_workers(config: GatewayConfig) -> int:

@@ -25,6 +25,8 @@ from tollway.protocol.server import ClientConnection
 from tollway.proxy.exchange import RequestIds
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
+from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
+from tollway.runtime.handoff import adopt
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
 from tollway.state.shared import SharedTable, set_node_table
 from tollway.upstream.pool import Pool, PoolSettings
@@ -46,11 +48,13 @@ class Worker:
         index: int,
         channel_sock: socket.socket,
         listen_socks: list[socket.socket],
+        handoff_sock: socket.socket | None = None,
     ) -> None:
         self.loop = loop
         self.index = index
         self.channel_sock = channel_sock
         self.listen_socks = listen_socks
+        self.handoff_sock = handoff_sock  # connections the supervisor accepted for a restarting worker
         self.channel: ChannelProtocol | None = None
         self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by the first config
         self.draining = False
@@ -80,6 +84,8 @@ class Worker:
                 backlog=self.snapshot.settings.backlog,
             )
             self.servers.append(server)
+        if self.handoff_sock is not None:
+            adopt(self.loop, self.handoff_sock, self._serve_passed)
         self.channel.send(("ready", self.snapshot.version))
         await self._stopped.wait()
 
@@ -115,12 +121,24 @@ class Worker:
         elif self.channel is not None:
             self.channel.send(("ready", version))
 
+    def _serve_passed(self, sock: socket.socket) -> None:
+        """A connection the supervisor accepted on a restarting worker's socket (tollway.runtime.handoff)."""
+        if self.draining:
+            sock.close()
+            return
+        task = self.loop.create_task(
+            self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock=sock)  # type: ignore[arg-type,return-value]
+        )
+        task.add_done_callback(_ignore_failure)
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, then close everything."""
         if self.draining:
             return
         self.draining = True
         self._configured.set()
+        if self.handoff_sock is not None:
+            self.handoff_sock.close()  # the supervisor passes nothing more to a draining worker
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
@@ -261,7 +279,9 @@ def main() -> int:
     asyncio.set_event_loop(loop)
     channel = socket.socket(fileno=int(channel_fd))
     listeners = [socket.socket(fileno=int(fd)) for fd in listen_fds]
-    worker = Worker(loop, int(index_text), channel, listeners)
+    handoff_fd = os.environ.pop(HANDOFF_ENV_FD, None)
+    handoff = socket.socket(fileno=int(handoff_fd)) if handoff_fd is not None else None
+    worker = Worker(loop, int(index_text), channel, listeners, handoff)
     loop.add_signal_handler(signal.SIGTERM, _drain_on_signal, worker)
     loop.add_signal_handler(signal.SIGUSR1, worker.on_reopen_logs)  # logrotate may signal workers too
     try:
@@ -269,6 +289,11 @@ def main() -> int:
     finally:
         loop.close()
     return 0
+
+
+def _ignore_failure(task: asyncio.Task[object]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("a passed connection could not be served: %s", task.exception())
 
 
 def _drain_on_signal(worker: Worker) -> None:

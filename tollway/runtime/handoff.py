@@ -1,0 +1,106 @@
+"""Connections of a dead worker go to the live ones while its replacement starts.
+
+Each worker has an SO_REUSEPORT listening socket of its own, which the supervisor keeps open; the
+kernel hashes every new connection to one of them. When a worker dies, connections keep arriving on
+its socket, and without help they would wait there until the replacement has started and applied
+its config — a second or more. So while a slot has no worker, the supervisor accepts on that socket
+itself and passes each accepted socket (its file descriptor, over a Unix socket with SCM_RIGHTS) to a
+live worker, which serves it like one it accepted. The supervisor never reads a byte of it. When the
+replacement reports ready, the supervisor stops; the replacement's own server accepts from then on.
+
+With a single worker there is nobody to pass to: connections wait for the replacement, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger("tollway.supervisor")
+ENV_FD = "TOLLWAY_HANDOFF_FD"
+_BATCH = 64  # descriptors accepted (and passed) per wake-up; the rest wait for the next one
+
+
+class Orphans:
+    """Supervisor side: accept on the listening sockets of dead workers, pass the connections on.
+
+    `receivers()` gives the handoff sockets of the workers that can take connections now."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, receivers: Callable[[], list[socket.socket]]) -> None:
+        self.loop = loop
+        self.receivers = receivers
+        self.adopted: dict[int, list[socket.socket]] = {}  # slot -> listening sockets accepted on
+        self.passed = 0  # connections handed to other workers (for tests and logs)
+        self._next = 0
+
+    def watch(self, slot: int, socks: Iterable[socket.socket]) -> None:
+        if slot in self.adopted:
+            return
+        socks = list(socks)
+        self.adopted[slot] = socks
+        for sock in socks:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def release(self, slot: int) -> None:
+        """The slot's new worker is ready: it accepts on its socket itself."""
+        for sock in self.adopted.pop(slot, ()):
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(sock.fileno())
+
+    def close(self) -> None:
+        for slot in list(self.adopted):
+            self.release(slot)
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(_BATCH):
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: leave it queued, try at the next wake-up
+                log.warning("accepting for a restarting worker failed: %s", exc)
+                return
+            with conn:  # our copy closes; the worker's stays open
+                self._pass(conn)
+
+    def _pass(self, conn: socket.socket) -> None:
+        receivers = self.receivers()
+        for i in range(len(receivers)):
+            receiver = receivers[(self._next + i) % len(receivers)]
+            try:
+                socket.send_fds(receiver, [b"c"], [conn.fileno()])
+            except OSError:
+                continue  # that worker is going away or is flooded: the next one
+            self._next += i + 1
+            self.passed += 1
+            return
+        log.warning("no live worker could take a connection while a worker restarts; it is closed")
+
+
+def adopt(
+    loop: asyncio.AbstractEventLoop, receiver: socket.socket, serve: Callable[[socket.socket], None]
+) -> None:
+    """Worker side: serve every connection the supervisor passes over `receiver`."""
+    receiver.setblocking(False)
+
+    def on_readable() -> None:
+        for _ in range(_BATCH):
+            try:
+                _, fds, _, _ = socket.recv_fds(receiver, 16, _BATCH)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                loop.remove_reader(receiver.fileno())
+                return
+            if not fds:
+                loop.remove_reader(receiver.fileno())  # the supervisor is gone
+                return
+            for fd in fds:
+                sock = socket.socket(fileno=fd)
+                sock.setblocking(False)
+                serve(sock)
+
+    loop.add_reader(receiver.fileno(), on_readable)
