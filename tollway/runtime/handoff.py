@@ -33,7 +33,7 @@ class Orphans:
         self.loop = loop
         self.receivers = receivers
         self.adopted: dict[int, list[socket.socket]] = {}  # slot -> listening sockets accepted on
-        self.passed = 0  # connections handed to other workers (for tests and logs)
+        self.passed: dict[int, int] = {}  # slot -> connections handed to other workers for it
         self._next = 0
 
     def watch(self, slot: int, socks: Iterable[socket.socket]) -> None:
@@ -41,20 +41,28 @@ class Orphans:
             return
         socks = list(socks)
         self.adopted[slot] = socks
+        self.passed[slot] = 0
         for sock in socks:
-            self.loop.add_reader(sock.fileno(), self._accept, sock)
+            self.loop.add_reader(sock.fileno(), self._accept, slot, sock)
 
     def release(self, slot: int) -> None:
         """The slot's new worker is ready: it accepts on its socket itself."""
         for sock in self.adopted.pop(slot, ()):
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(sock.fileno())
+        passed = self.passed.pop(slot, 0)
+        if passed:
+            log.info(
+                "worker %d is back; the other workers served the %d connections that came for it",
+                slot,
+                passed,
+            )
 
     def close(self) -> None:
         for slot in list(self.adopted):
             self.release(slot)
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, slot: int, listener: socket.socket) -> None:
         for _ in range(_BATCH):
             try:
                 conn, _ = listener.accept()
@@ -64,9 +72,10 @@ class Orphans:
                 log.warning("accepting for a restarting worker failed: %s", exc)
                 return
             with conn:  # our copy closes; the worker's stays open
-                self._pass(conn)
+                if self._pass(conn):
+                    self.passed[slot] = self.passed.get(slot, 0) + 1
 
-    def _pass(self, conn: socket.socket) -> None:
+    def _pass(self, conn: socket.socket) -> bool:
         receivers = self.receivers()
         for i in range(len(receivers)):
             receiver = receivers[(self._next + i) % len(receivers)]
@@ -75,9 +84,9 @@ class Orphans:
             except OSError:
                 continue  # that worker is going away or is flooded: the next one
             self._next += i + 1
-            self.passed += 1
-            return
+            return True
         log.warning("no live worker could take a connection while a worker restarts; it is closed")
+        return False
 
 
 def adopt(
