@@ -55,10 +55,11 @@ def test_connections_during_a_worker_restart_do_not_wait_for_it(gateway, backend
         stop.set()
         for t in threads:
             t.join(15)
-    during = [(latency, outcome) for s, latency, outcome in results if killed_at + 0.05 < s < restarted_at]
+    during = [(s, latency, outcome) for s, latency, outcome in results if killed_at <= s < restarted_at]
     assert len(during) > 20, "too few requests while the worker was down"
-    assert [o for _, o in during if o != "ok"] == []
-    worst = max(latency for latency, _ in during)
+    # A connection the dying process accepted in its last moment is reset with it; later ones never fail.
+    assert [o for s, _, o in during if o != "ok" and s > killed_at + 0.05] == []
+    worst = max(latency for _, latency, outcome in during if outcome == "ok")
     # Queued for the replacement, connections waited 0.9-4 s; served by the other worker they take
     # one request's time (bounded loosely: the test machine is shared).
     assert worst < 0.5, f"a connection waited {worst:.3f}s while the worker restarted"
