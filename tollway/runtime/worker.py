@@ -127,7 +127,7 @@ class Worker:
             sock.close()
             return
         task = self.loop.create_task(
-            self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock=sock)  # type: ignore[arg-type,return-value]
+            self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock=sock)  # type: ignore[arg-type,return-value,type-var]
         )
         task.add_done_callback(_ignore_failure)
 
