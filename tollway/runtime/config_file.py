@@ -39,8 +39,8 @@ def read(path: Path) -> bytes | None:
 
 
 async def read_stable(path: Path) -> tuple[bytes | None, Stat | None]:
-    """The file's bytes once two reads `SETTLE` apart agree, and its stat as of then; None for the
-    bytes if it is unreadable or kept changing for `SETTLE_MAX`."""
+    """The file's bytes once two reads `SETTLE` apart agree (None if it cannot be read), and its stat
+    as of then. ConfigError if it is still changing after `SETTLE_MAX`."""
     previous = read(path)
     deadline = time.monotonic() + SETTLE_MAX
     while True:
@@ -50,7 +50,7 @@ async def read_stable(path: Path) -> tuple[bytes | None, Stat | None]:
         if current == previous:
             return current, current_stat
         if time.monotonic() > deadline:
-            return None, current_stat
+            raise ConfigError([f"{path}: the file kept changing for {SETTLE_MAX:g}s; not applied"], str(path))
         previous = current
 
 

@@ -35,6 +35,7 @@ class Orphans:
         self.adopted: dict[int, list[socket.socket]] = {}  # slot -> listening sockets accepted on
         self.passed: dict[int, int] = {}  # slot -> connections handed to other workers for it
         self._next = 0
+        self._waiting = False  # no worker could take connections: not accepting until one is ready
 
     def watch(self, slot: int, socks: Iterable[socket.socket]) -> None:
         if slot in self.adopted:
@@ -42,14 +43,25 @@ class Orphans:
         socks = list(socks)
         self.adopted[slot] = socks
         self.passed[slot] = 0
+        if not self._waiting:
+            self._listen(slot, socks)
+
+    def _listen(self, slot: int, socks: list[socket.socket]) -> None:
         for sock in socks:
             self.loop.add_reader(sock.fileno(), self._accept, slot, sock)
 
-    def release(self, slot: int) -> None:
-        """The slot's new worker is ready: it accepts on its socket itself."""
-        for sock in self.adopted.pop(slot, ()):
+    def _unlisten(self, socks: list[socket.socket]) -> None:
+        for sock in socks:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(sock.fileno())
+
+    def release(self, slot: int) -> None:
+        """The slot's new worker is ready: it accepts on its socket itself."""
+        self._unlisten(self.adopted.pop(slot, []))
+        if self._waiting:  # a worker is ready again: the other dead slots' connections can go to it
+            self._waiting = False
+            for other, socks in self.adopted.items():
+                self._listen(other, socks)
         passed = self.passed.pop(slot, 0)
         if passed:
             log.info(
@@ -59,10 +71,16 @@ class Orphans:
             )
 
     def close(self) -> None:
-        for slot in list(self.adopted):
-            self.release(slot)
+        for socks in self.adopted.values():
+            self._unlisten(socks)
+        self.adopted.clear()
 
     def _accept(self, slot: int, listener: socket.socket) -> None:
+        if not self.receivers():  # every worker is down: connections wait in the backlogs meanwhile
+            self._waiting = True
+            for socks in self.adopted.values():
+                self._unlisten(socks)
+            return
         for _ in range(_BATCH):
             try:
                 conn, _ = listener.accept()

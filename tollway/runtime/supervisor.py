@@ -197,8 +197,12 @@ class Supervisor:
     async def _reload_when_stable(self, reason: str | None) -> None:
         assert self.config_path is not None
         while reason is not None and not self._stopping:
-            data, self._watch_stat = await read_stable(self.config_path)  # later changes: next poll
-            self.reload(reason, data)
+            try:
+                data, self._watch_stat = await read_stable(self.config_path)  # later changes: next poll
+            except ConfigError as exc:  # still changing after a few seconds
+                self._reload_failed(reason, exc)
+            else:
+                self.reload(reason, data)
             reason, self._reload_again = self._reload_again, None
 
     def reload(self, reason: str, data: bytes | None = None) -> bool:
@@ -211,21 +215,7 @@ class Supervisor:
         try:
             config = self._with_overrides(load_for_reload(self.config_path, data))
         except ConfigError as exc:
-            self.last_reload = {
-                "time": time.time(),
-                "result": "failed",
-                "version": self.version,
-                "reason": reason,
-                "issues": exc.issues[:20],
-            }
-            self.metrics.registry.count("config_reloads_total", result="failed")
-            log.error(
-                "config reload (%s) failed; still serving version %d:\n  %s",
-                reason,
-                self.version,
-                "\n  ".join(exc.issues),
-            )
-            self.on_event("reload_failed", {"reason": reason, "issues": exc.issues})
+            self._reload_failed(reason, exc)
             return False
         self._warn_restart_only(config)
         self.config = config
@@ -239,6 +229,24 @@ class Supervisor:
         log.info("config version %d applied (%s)", self.version, reason)
         self.on_event("reloaded", {"reason": reason, "version": self.version})
         return True
+
+    def _reload_failed(self, reason: str, exc: ConfigError) -> None:
+        """The running config stays; the failure is logged, counted and shown on /status."""
+        self.last_reload = {
+            "time": time.time(),
+            "result": "failed",
+            "version": self.version,
+            "reason": reason,
+            "issues": exc.issues[:20],
+        }
+        self.metrics.registry.count("config_reloads_total", result="failed")
+        log.error(
+            "config reload (%s) failed; still serving version %d:\n  %s",
+            reason,
+            self.version,
+            "\n  ".join(exc.issues),
+        )
+        self.on_event("reload_failed", {"reason": reason, "issues": exc.issues})
 
     def _with_overrides(self, config: GatewayConfig) -> GatewayConfig:
         if not self.overrides:

@@ -10,6 +10,7 @@ replaces the old with one assignment, and requests in flight finish on the snaps
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -137,8 +138,10 @@ class Worker:
             return
         self.draining = True
         self._configured.set()
-        if self.handoff_sock is not None:
-            self.handoff_sock.close()  # the supervisor passes nothing more to a draining worker
+        if self.handoff_sock is not None:  # the supervisor passes nothing more to a draining worker
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.handoff_sock.fileno())
+            self.handoff_sock.close()
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
