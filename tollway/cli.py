@@ -117,6 +117,14 @@ def check(
         f"[green]✓[/green] {config} is valid: {len(cfg.services)} services, {len(cfg.routes)} routes, "
         f"{len(cfg.upstreams)} upstreams, {len(cfg.consumers)} consumers, {len(cfg.plugins)} global plugins"
     )
+    if not cfg.routes:
+        from tollway.runtime.config_file import NO_ROUTES
+
+        if cfg.gateway.allow_empty_routes:
+            verdict = "a reload applies it (gateway.allow_empty_routes: true)"
+        else:
+            verdict = "a reload refuses it unless gateway.allow_empty_routes: true"
+        err.print(f"[yellow]warning: {NO_ROUTES}; {verdict}[/yellow]")
 
 
 @app.command()

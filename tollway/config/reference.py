@@ -32,7 +32,10 @@ such as `"64k"`, `"10mb"`. Unknown fields are errors, so a typo never passes sil
 
 Reloading (SIGHUP, or saving the file while `watch_interval` is on) applies everything except
 `gateway.listen`, `gateway.status_listen`, `gateway.workers` and `gateway.backlog`, which need a
-restart. Limits and client timeouts apply to connections opened after the reload.
+restart. Limits and client timeouts apply to connections opened after the reload. A reload never
+applies an empty file, nor one without routes unless it sets `gateway.allow_empty_routes: true`;
+replace the file atomically (write a new file, then rename it over the old one) so a reload never
+reads it half-written (docs/operations.md).
 
 This file is generated from the schema (`python -m tollway.config.reference`); plugin options are
 documented with each plugin in [docs/plugins](plugins/).

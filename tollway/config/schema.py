@@ -146,6 +146,11 @@ class Service(Model):
     )
     read_timeout: Duration = Field(60.0, gt=0, description="time between bytes from the backend [504]")
     write_timeout: Duration = Field(60.0, gt=0, description="time between bytes to the backend [504]")
+    replay_non_idempotent: bool = Field(
+        False,
+        description="when a reused keep-alive connection is closed without an answer, send POST/PATCH "
+        "(and other non-idempotent) requests once more too; off: only idempotent ones",
+    )
     plugins: list[PluginInstance] = Field(
         default_factory=list, description="plugins on every route of this service"
     )

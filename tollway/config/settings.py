@@ -259,6 +259,11 @@ class GatewaySettings(Model):
         0.0, ge=0, description="SIGTERM: time /ready answers 503 before listeners close"
     )
     watch_interval: Duration = Field(1.0, ge=0, description="config file change polling; 0 = SIGHUP only")
+    allow_empty_routes: bool = Field(
+        False,
+        description="let a reload apply a config without routes (every request then gets 404); off: "
+        "such a reload is refused and the running config stays",
+    )
     server_header: str | None = Field(None, description="Server header on gateway answers; null = none")
     limits: Limits = Field(default_factory=Limits, description="request size limits")
     timeouts: Timeouts = Field(default_factory=Timeouts, description="client-side timeouts")

@@ -94,11 +94,13 @@ class Exchange(UpstreamTries):
 
     __slots__ = (
         "_awaiting_body",
+        "_awaiting_chunk",
         "_body_waiter",
         "_dechunk",
         "_pending_head",
         "_resp_body",
         "_resp_extra",
+        "chunk_parsed",
         "forwarded_prefix",
         "parent_span_id",
         "sampled",
@@ -117,6 +119,8 @@ class Exchange(UpstreamTries):
         self._awaiting_body = False  # proceed() waits for a whole body to transform
         self._body_waiter: asyncio.Future[None] | None = None  # a plugin waits for it (whole_request_body)
         self.forwarded_prefix = b""  # what strip_path removed, when X-Forwarded-Prefix is on
+        self._awaiting_chunk = False  # proceed() holds the head until the first chunk has parsed
+        self.chunk_parsed = False  # a chunk of the (chunked) request body parsed completely
         self._resp_body: list[bytes] | None = None  # a response body buffered for a transform
         self._resp_extra = b""  # the fields plugins added, as header lines, once the backend's head is in
         self._pending_head: bytes | None = None
@@ -218,6 +222,9 @@ class Exchange(UpstreamTries):
             return
         if self.request_body_transform is not None and not self._transform_request_body():
             return  # waiting for the rest of the body (request_done proceeds), or failed
+        if self.body_kind == REQ_CHUNKED and not self.chunk_parsed and not self.body_done:
+            self._hold_for_first_chunk()
+            return
         service = self.service
         assert service is not None
         target = service.cluster.pick(self)
@@ -294,6 +301,22 @@ class Exchange(UpstreamTries):
             parts.append(b"\r\n")
         return b"".join(parts)
 
+    def _hold_for_first_chunk(self) -> None:
+        """A chunked body whose first chunk has not parsed yet: the head waits for it, so a malformed
+        first chunk (bad size, data longer than its size) is refused with nothing sent to a backend."""
+        self._awaiting_chunk = True
+        if self.expect_continue and self.version == 1:
+            self.expect_continue = False
+            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.client.resume_reading_for(self)
+
+    def first_chunk_parsed(self) -> None:
+        """Called by the client connection when a request chunk (size, data, CRLF) has parsed."""
+        self.chunk_parsed = True
+        if self._awaiting_chunk and not self.done:
+            self._awaiting_chunk = False
+            self.proceed()
+
     # -- request body (called by the client connection as httptools parses it) -----------------------
     def request_body(self, data: bytes) -> None:
         """Called from the parser: an error raised here reaches the client connection's `_reject`,
@@ -320,12 +343,15 @@ class Exchange(UpstreamTries):
             self._body_buf.append(framed)
             self._body_buffered += len(framed)
             if self._body_buffered > _BUFFER_HIGH and not self._awaiting_body:
-                self.client.pause_reading_for(self)
+                if self._awaiting_chunk:  # a first chunk this large: its size line parsed, send on
+                    self.first_chunk_parsed()
+                else:
+                    self.client.pause_reading_for(self)
 
     def request_done(self) -> None:
         self.body_done = True
-        if self._awaiting_body:
-            self._awaiting_body = False
+        if self._awaiting_body or self._awaiting_chunk:
+            self._awaiting_body = self._awaiting_chunk = False
             if self._body_waiter is not None:
                 self._wake_body_waiter()  # a plugin reads the body before it decides
                 return

@@ -53,6 +53,7 @@ class ClientConnection:
     __slots__ = (
         "_head_bytes",
         "_head_size",
+        "_last",
         "_paused",
         "_rejected",
         "_tunnel",
@@ -109,6 +110,9 @@ class ClientConnection:
         self._head_size = 0
         self._head_bytes = 0
         self._rejected: tuple[Exchange, TollwayError] | None = None  # answered after the requests before it
+        # No request after the current ones is served: one asked to close the connection (Connection:
+        # close, HTTP/1.0) or was answered with a close. Bytes after it are discarded, never forwarded.
+        self._last = False
         self._tunnel: UpstreamConnection | None = None
         self._tunnel_pending = b""
         self.deadline = Deadline(worker.loop, self._timed_out)
@@ -139,6 +143,9 @@ class ClientConnection:
         except httptools.HttpParserUpgrade as exc:
             self._on_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
+            if self._last and self.current is None:
+                self._discard_rest()  # bytes after the last request (llhttp: "Data after Connection: close")
+                return
             self._reject(self._parse_error(exc))
         except TollwayError as exc:
             self._reject(exc)
@@ -187,6 +194,8 @@ class ClientConnection:
 
     # -- httptools callbacks ------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self._last:
+            raise _AfterLastRequest()  # stops the parser: nothing after the last request is read
         self.current = Exchange(self, self.worker.snapshot)
         self._head_size = 0
         self._head_bytes = 0
@@ -229,6 +238,8 @@ class ClientConnection:
             major, _, minor = version.partition(".")
             check_request_version(int(major), int(minor or "0"))
         ex.keep_alive = self.keepalive_timeout > 0 and parser.should_keep_alive()
+        if not ex.keep_alive:
+            self._last = True
         if method == b"CONNECT":
             raise ClientError("CONNECT is not supported")
         if not ex.host and ex.version == 1 and ex.url[:1] == b"/":
@@ -277,6 +288,13 @@ class ClientConnection:
         if ex is self.active and not ex.done and ex.body_kind:
             self._rearm()
 
+    def on_chunk_complete(self) -> None:
+        """A chunk of a chunked request body parsed, data and CRLF included: the first one releases
+        the request head held for it (Exchange.first_chunk_parsed)."""
+        ex = self.current
+        if ex is not None and not ex.chunk_parsed:
+            ex.first_chunk_parsed()
+
     # -- used by exchanges ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -304,6 +322,7 @@ class ClientConnection:
         if transport is None:
             return
         if not ex.keep_alive or self.draining:
+            self._last = True  # requests already read behind it (same packet) are never started
             transport.close()
             return
         if self.queue:
@@ -397,6 +416,10 @@ class ClientConnection:
         except Exception as exc:  # a bug must cost one request a 500, never the worker
             ex.fail(exc)
 
+    def _discard_rest(self) -> None:
+        """Input after the last request: dropped unread; the connection closes after the answers."""
+        self._pause(_PAUSE_REJECTED)
+
     def _parse_error(self, exc: httptools.HttpParserError) -> TollwayError:
         """httptools wraps exceptions raised in our callbacks; a bug there is logged, not blamed on
         the client."""
@@ -443,6 +466,10 @@ class ClientConnection:
             self.active.fail(RequestTimeout("timed out reading the request body"))
         else:
             transport.abort()
+
+
+class _AfterLastRequest(Exception):
+    """Raised from a parser callback to stop parsing input that follows the connection's last request."""
 
 
 class TunnelSink:

@@ -40,6 +40,7 @@ class CompiledService:
         "host_value",
         "name",
         "read_timeout",
+        "replay_non_idempotent",
         "write_timeout",
     )
 
@@ -53,6 +54,7 @@ class CompiledService:
         self.connect_timeout = service.connect_timeout
         self.read_timeout = service.read_timeout
         self.write_timeout = service.write_timeout
+        self.replay_non_idempotent = service.replay_non_idempotent
 
     def __repr__(self) -> str:
         return f"<CompiledService {self.name} -> {self.cluster.name}>"

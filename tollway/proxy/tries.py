@@ -131,9 +131,10 @@ class UpstreamTries(RequestContext):
         self.upstream = None
         if conn is not None:
             conn.pool.detach(conn)
-        if replayable and not self._retried and not self.response_started and self._can_replay():
-            # A stale pooled connection (closed by the backend as we reused it): nothing reached the
-            # backend, so once more on a fresh connection to the same target, whatever the method.
+        if replayable and not self._retried and not self.response_started and self._replay_allowed():
+            # A stale pooled connection (closed by the backend as we reused it, without one byte of
+            # answer): once more on a fresh connection to the same target. The backend may still have
+            # run the request, so only what is safe to repeat (docs/upstreams.md).
             self._retried = True
             self._body_buf = list(self._replay or ())
             target = self.target
@@ -236,6 +237,14 @@ class UpstreamTries(RequestContext):
         if self._held and target is not None and service is not None:
             self._held = False
             service.cluster.release(target, self, outcome, self.upstream_time)
+
+    def _replay_allowed(self) -> bool:
+        if not self._can_replay():
+            return False
+        if self._idempotent():
+            return True
+        service = self.service
+        return service is not None and service.replay_non_idempotent
 
     def _can_replay(self) -> bool:
         if self.body_kind == REQ_NONE:

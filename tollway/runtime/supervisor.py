@@ -2,10 +2,13 @@
 request bytes.
 
 - It creates one SO_REUSEPORT listening socket per worker and listen address and keeps its own copy
-  open, so a worker that crashes and restarts loses no queued connection (the kernel spreads new
-  connections over the sockets; a restarted worker takes its socket back).
+  open (the kernel spreads new connections over the sockets; a restarted worker takes its socket
+  back). While a worker restarts, connections arriving on its socket are passed to the live workers
+  (tollway.runtime.handoff) instead of waiting for the replacement.
 - It validates config files, sends whole snapshots to workers, and reloads on SIGHUP or when the file
-  changes. A bad file keeps the running config and logs exactly why.
+  changes, once two reads of the file agree (an in-place write is not read half-way). A bad file, an
+  empty one, or one without routes (unless `gateway.allow_empty_routes`) keeps the running config and
+  logs exactly why.
 - It restarts a worker that dies (backing off if one keeps dying), and on SIGTERM drains: /ready turns
   503, listeners close after `drain_delay`, in-flight requests get `drain_timeout` to finish.
 - It serves the status listener (/live, /ready, /status, /metrics): metrics are collected from every
@@ -29,13 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from tollway import __version__
-from tollway.config.loader import load_file
 from tollway.config.schema import GatewayConfig
 from tollway.config.types import parse_hostport
 from tollway.errors import ConfigError
 from tollway.observability.supervisor_side import CONTENT_TYPE, MetricsHub, resident_bytes
 from tollway.plugins.registry import PLUGIN_CHECK
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
+from tollway.runtime.config_file import load_for_reload, read_stable, stat
+from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
+from tollway.runtime.handoff import Orphans
 from tollway.runtime.supervisor_status import start_status_server
 from tollway.runtime.worker import ENV_FDS
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
@@ -56,6 +61,7 @@ class WorkerHandle:
     started: float = field(default_factory=time.monotonic)
     ready_version: int = 0
     restarts: int = 0
+    handoff: socket.socket | None = None  # passes it connections accepted for a restarting worker
 
 
 class Supervisor:
@@ -85,8 +91,11 @@ class Supervisor:
         self._status_server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # fire-and-forget tasks, referenced until done
         # The file as it was when the running config was read: the watcher reloads when it differs.
-        self._watch_stat = _stat(self.config_path) if self.config_path is not None else None
+        self._watch_stat = stat(self.config_path) if self.config_path is not None else None
         self._failed_restarts: dict[int, int] = {}
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again: str | None = None  # a reload asked for while one was reading the file
+        self.orphans: Orphans | None = None  # accepts for restarting workers (set when running)
         # upstreams: DNS, active health checks, shared ejections, /upstreams
         # (tollway.upstream.supervisor_manager)
         self.upstreams = UpstreamManager(self._broadcast, self._live_channels)
@@ -110,6 +119,7 @@ class Supervisor:
             self.on_event("error", {"message": f"cannot listen on {addresses}: {exc.strerror or exc}"})
             return 1
         await self._start_status_listener()
+        self.orphans = Orphans(loop, self._handoff_receivers)
         await self.upstreams.start(self.config)
         self.state_table = create_for_workers()
         for slot in range(self.nworkers):
@@ -120,7 +130,7 @@ class Supervisor:
         for sig, handler in (
             (signal.SIGTERM, self._on_stop_signal),
             (signal.SIGINT, self._on_stop_signal),
-            (signal.SIGHUP, lambda: self.reload("SIGHUP")),
+            (signal.SIGHUP, lambda: self.request_reload("SIGHUP")),
             (signal.SIGUSR1, self.reopen_logs),
         ):
             loop.add_signal_handler(sig, handler)
@@ -154,6 +164,8 @@ class Supervisor:
         self.on_event("draining", {"timeout": gateway.drain_timeout})
         if not fast and gateway.drain_delay:
             await asyncio.sleep(gateway.drain_delay)  # /ready says 503 while the balancer notices
+        if self.orphans is not None:
+            self.orphans.close()
         self._close_sockets()
         timeout = 0.0 if fast else gateway.drain_timeout
         for handle in self.workers.values():
@@ -182,23 +194,36 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     # -- config ---------------------------------------------------------------------------------------
-    def reload(self, reason: str) -> bool:
-        """Load the config file again; apply it if valid, otherwise keep the running one."""
+    def request_reload(self, reason: str) -> None:
+        """Reload once the file is stable (SIGHUP, file watcher); reloads asked for meanwhile make one
+        more pass after the current one, never two readers at once."""
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = reason
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload_when_stable(reason))
+
+    async def _reload_when_stable(self, reason: str | None) -> None:
+        assert self.config_path is not None
+        while reason is not None and not self._stopping:
+            try:
+                data, self._watch_stat = await read_stable(self.config_path)  # later changes: next poll
+            except ConfigError as exc:  # still changing after a few seconds
+                self._reload_failed(reason, exc)
+            else:
+                self.reload(reason, data)
+            reason, self._reload_again = self._reload_again, None
+
+    def reload(self, reason: str, data: bytes | None = None) -> bool:
+        """Apply the config file (`data`: its bytes, as read once stable); keep the running config if
+        the file is invalid, empty, or has no routes without `gateway.allow_empty_routes`."""
         if self.config_path is None or self._stopping:
             return False
-        self._watch_stat = _stat(self.config_path)  # before reading: a later change is seen next poll
+        if data is None:
+            self._watch_stat = stat(self.config_path)  # before reading: a later change is seen next poll
         try:
-            config = self._with_overrides(load_file(self.config_path, PLUGIN_CHECK))
+            config = self._with_overrides(load_for_reload(self.config_path, data, PLUGIN_CHECK))
         except ConfigError as exc:
-            self.last_reload = {"time": time.time(), "result": "failed", "version": self.version}
-            self.metrics.registry.count("config_reloads_total", result="failed")
-            log.error(
-                "config reload (%s) failed; still serving version %d:\n  %s",
-                reason,
-                self.version,
-                "\n  ".join(exc.issues),
-            )
-            self.on_event("reload_failed", {"reason": reason, "issues": exc.issues})
+            self._reload_failed(reason, exc)
             return False
         self._warn_restart_only(config)
         self.config = config
@@ -212,6 +237,24 @@ class Supervisor:
         log.info("config version %d applied (%s)", self.version, reason)
         self.on_event("reloaded", {"reason": reason, "version": self.version})
         return True
+
+    def _reload_failed(self, reason: str, exc: ConfigError) -> None:
+        """The running config stays; the failure is logged, counted and shown on /status."""
+        self.last_reload = {
+            "time": time.time(),
+            "result": "failed",
+            "version": self.version,
+            "reason": reason,
+            "issues": exc.issues[:20],
+        }
+        self.metrics.registry.count("config_reloads_total", result="failed")
+        log.error(
+            "config reload (%s) failed; still serving version %d:\n  %s",
+            reason,
+            self.version,
+            "\n  ".join(exc.issues),
+        )
+        self.on_event("reload_failed", {"reason": reason, "issues": exc.issues})
 
     def _with_overrides(self, config: GatewayConfig) -> GatewayConfig:
         if not self.overrides:
@@ -236,12 +279,12 @@ class Supervisor:
             return
         while True:
             await asyncio.sleep(interval)
-            current = _stat(self.config_path)
+            current = stat(self.config_path)
             if current is None or current == self._watch_stat:
                 continue
-            await asyncio.sleep(0.2)  # let an editor finish writing
-            if _stat(self.config_path) != self._watch_stat:  # unless a SIGHUP reloaded it meanwhile
-                self.reload("file changed")
+            if self._reload_task is not None and not self._reload_task.done():
+                continue  # a reload is reading the file now
+            self.request_reload("file changed")
 
     # -- workers ----------------------------------------------------------------------------------------
     def _bind_all(self) -> None:
@@ -267,10 +310,13 @@ class Supervisor:
 
     async def _spawn(self, slot: int) -> None:
         parent, child = socket.socketpair()
+        handoff, handoff_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        handoff.setblocking(False)
         fds = [child.fileno(), *(s.fileno() for s in self.sockets[slot])]
         env = dict(os.environ)
         env[ENV_FDS] = ",".join(str(x) for x in (slot, *fds))
-        pass_fds = list(fds)
+        env[HANDOFF_ENV_FD] = str(handoff_child.fileno())
+        pass_fds = [*fds, handoff_child.fileno()]
         if self.state_table is not None:  # tollway.state: the node-shared table, by fd
             env[STATE_ENV_FD] = str(self.state_table.fileno())
             pass_fds.append(self.state_table.fileno())
@@ -278,7 +324,8 @@ class Supervisor:
             [sys.executable, "-m", "tollway.runtime.worker"], pass_fds=pass_fds, env=env, close_fds=True
         )
         child.close()
-        handle = WorkerHandle(slot, process, restarts=self._failed_restarts.get(slot, 0))
+        handoff_child.close()
+        handle = WorkerHandle(slot, process, restarts=self._failed_restarts.get(slot, 0), handoff=handoff)
         self.workers[slot] = handle
         handle.channel = await open_channel(
             parent,
@@ -293,6 +340,8 @@ class Supervisor:
         kind = message[0]
         if kind == "ready":
             handle.ready_version = message[1]
+            if self.orphans is not None:
+                self.orphans.release(handle.slot)  # it accepts on its own socket now
         elif kind == "config_failed":
             log.error("worker %d could not apply config version %d: %s", handle.slot, message[1], message[2])
         elif kind.startswith("upstream_"):
@@ -303,6 +352,13 @@ class Supervisor:
                 handler(handle, *message[1:])
 
     async def _on_worker_gone(self, handle: WorkerHandle) -> None:
+        if handle.handoff is not None:
+            handle.handoff.close()
+            handle.handoff = None
+        current = self.workers.get(handle.slot) is handle
+        if current and not self._stopping and self.sockets and self.orphans is not None and self.nworkers > 1:
+            # Connections the kernel hashes to its socket go to the live workers until the new one is up.
+            self.orphans.watch(handle.slot, self.sockets[handle.slot])
         self.metrics.worker_gone(handle.process.pid)  # its counters carry on in the merged totals
         code = await _reap(handle.process)
         if self.workers.get(handle.slot) is not handle:
@@ -380,6 +436,13 @@ class Supervisor:
         for handle in self.workers.values():
             if handle.channel is not None and handle.slot != skip_slot:
                 handle.channel.send(message)
+
+    def _handoff_receivers(self) -> list[socket.socket]:
+        return [
+            h.handoff
+            for h in self.workers.values()
+            if h.handoff is not None and h.channel is not None and h.ready_version
+        ]
 
     def _live_channels(self) -> list[ChannelProtocol]:
         return [h.channel for h in self.workers.values() if h.channel is not None]
@@ -490,14 +553,6 @@ def _listen_socket(host: str, port: int, backlog: int) -> socket.socket:
 def _default_workers(config: GatewayConfig) -> int:
     workers = config.gateway.workers
     return os.cpu_count() or 1 if workers == "auto" else int(workers)
-
-
-def _stat(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 async def _reap(process: subprocess.Popen[bytes]) -> int | None:

@@ -10,6 +10,7 @@ replaces the old with one assignment, and requests in flight finish on the snaps
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -27,6 +28,8 @@ from tollway.proxy.exchange import RequestIds
 from tollway.proxy.server import ClientConnection
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
+from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
+from tollway.runtime.handoff import adopt
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
 from tollway.state.shared import SharedTable, set_node_table
 from tollway.upstream.pool import Pool, PoolSettings
@@ -49,11 +52,13 @@ class Worker:
         index: int,
         channel_sock: socket.socket,
         listen_socks: list[socket.socket],
+        handoff_sock: socket.socket | None = None,
     ) -> None:
         self.loop = loop
         self.index = index
         self.channel_sock = channel_sock
         self.listen_socks = listen_socks
+        self.handoff_sock = handoff_sock  # connections the supervisor accepted for a restarting worker
         self.channel: ChannelProtocol | None = None
         self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by the first config
         self.draining = False
@@ -84,6 +89,8 @@ class Worker:
                 backlog=self.snapshot.settings.backlog,
             )
             self.servers.append(server)
+        if self.handoff_sock is not None:
+            adopt(self.loop, self.handoff_sock, self._serve_passed)
         self.channel.send(("ready", self.snapshot.version))
         await self._stopped.wait()
 
@@ -127,12 +134,26 @@ class Worker:
         elif self.channel is not None:
             self.channel.send(("ready", version))
 
+    def _serve_passed(self, sock: socket.socket) -> None:
+        """A connection the supervisor accepted on a restarting worker's socket (tollway.runtime.handoff)."""
+        if self.draining:
+            sock.close()
+            return
+        task = self.loop.create_task(
+            self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock=sock)  # type: ignore[arg-type,return-value,type-var]
+        )
+        task.add_done_callback(_ignore_failure)
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, then close everything."""
         if self.draining:
             return
         self.draining = True
         self._configured.set()
+        if self.handoff_sock is not None:  # the supervisor passes nothing more to a draining worker
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.handoff_sock.fileno())
+            self.handoff_sock.close()
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
@@ -275,7 +296,9 @@ def main() -> int:
     asyncio.set_event_loop(loop)
     channel = socket.socket(fileno=int(channel_fd))
     listeners = [socket.socket(fileno=int(fd)) for fd in listen_fds]
-    worker = Worker(loop, int(index_text), channel, listeners)
+    handoff_fd = os.environ.pop(HANDOFF_ENV_FD, None)
+    handoff = socket.socket(fileno=int(handoff_fd)) if handoff_fd is not None else None
+    worker = Worker(loop, int(index_text), channel, listeners, handoff)
     loop.add_signal_handler(signal.SIGTERM, _drain_on_signal, worker)
     loop.add_signal_handler(signal.SIGUSR1, worker.on_reopen_logs)  # logrotate may signal workers too
     try:
@@ -290,6 +313,11 @@ def _attach_pipelines(config: GatewayConfig, routes: list[CompiledRoute]) -> Non
     from tollway.plugins.build import attach_pipelines
 
     attach_pipelines(config, routes)
+
+
+def _ignore_failure(task: asyncio.Task[object]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("a passed connection could not be served: %s", task.exception())
 
 
 def _drain_on_signal(worker: Worker) -> None:
