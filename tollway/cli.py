@@ -168,7 +168,8 @@ def _print_issues(exc: Any) -> None:
 
 def _print_event(kind: str, data: dict[str, Any]) -> None:
     if kind == "started":
-        listen = ", ".join(f"http://{a}" for a in data["listen"])
+        schemes = data.get("schemes") or ["http"] * len(data["listen"])
+        listen = ", ".join(f"{scheme}://{a}" for scheme, a in zip(schemes, data["listen"], strict=True))
         status = f" · status http://{data['status_listen']}" if data["status_listen"] else ""
         out.print(
             f"[bold]tollway {data['version']}[/bold] listening on {listen} "

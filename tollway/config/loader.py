@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from tollway.config.schema import GatewayConfig
+from tollway.config.tls import check_tls
 from tollway.errors import ConfigError
 
 Loc = tuple[str | int, ...]
@@ -27,6 +28,7 @@ _ENTITY_NAME_FIELD = {
     "upstreams": "name",
     "consumers": "username",
     "plugins": "name",
+    "certificates": "name",
 }
 
 
@@ -87,6 +89,7 @@ def validate(data: Any, source: str = "<config>", lines: dict[Loc, int] | None =
         issues += [issue for issue in check_references(data) if issue.loc not in known]
         raise ConfigError(format_issues(issues, data, source, lines or {}), source) from None
     problems = [*check_references(data), *_check_plugins(config)]
+    problems += [Issue(loc, message) for loc, message in check_tls(config)]
     if problems:
         raise ConfigError(format_issues(problems, data, source, lines or {}), source)
     return config

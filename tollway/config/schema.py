@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tollway.config.types import Cidr, Duration, ListenAddress, Name, Size, parse_hostport
+from tollway.config.tls import Certificate, ListenerTls, UpstreamTls
+from tollway.config.types import Cidr, Duration, ListenAddress, Name, Size, TrafficListen, parse_hostport
 from tollway.observability.fields import DEFAULT_FIELDS, check_field
 
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
@@ -236,11 +237,12 @@ def parse_nameserver(text: str) -> tuple[str, int]:
 class GatewaySettings(Model):
     """Settings of the gateway node. `listen`, `status_listen` and `workers` apply at start only."""
 
-    listen: list[ListenAddress] = Field(
+    listen: list[TrafficListen] = Field(
         default_factory=lambda: ["0.0.0.0:8000"],
         min_length=1,
-        description='addresses clients connect to: "host:port", "[::1]:port", ":port" (all interfaces); '
-        "every worker listens on each; `tollway run --listen` replaces them",
+        description='addresses clients connect to: "host:port", "[::1]:port", ":port" (all interfaces), '
+        'followed by "tls" for HTTPS or "mtls" for HTTPS with client certificates (docs/tls.md); every '
+        "worker listens on each; `tollway run --listen` replaces them",
     )
     status_listen: ListenAddress | None = Field(
         "127.0.0.1:8100", description="the status listener (/live, /ready, /status); null turns it off"
@@ -272,6 +274,7 @@ class GatewaySettings(Model):
         default_factory=Metrics, description="Prometheus metrics at /metrics on the status listener"
     )
     tracing: Tracing = Field(default_factory=Tracing, description="W3C trace context and OTLP span export")
+    tls: ListenerTls = Field(default_factory=ListenerTls, description="TLS listeners' policy (docs/tls.md)")
 
 
 # -- plugins ---------------------------------------------------------------------------------------------
@@ -321,6 +324,9 @@ class Service(Model):
     write_timeout: Duration = Field(60.0, gt=0, description="time between bytes to the backend [504]")
     plugins: list[PluginInstance] = Field(
         default_factory=list, description="plugins on every route of this service"
+    )
+    tls: UpstreamTls = Field(
+        default_factory=UpstreamTls, description="TLS to an https:// url: verification, SNI, client cert"
     )
 
     @model_validator(mode="after")
@@ -447,6 +453,21 @@ class Route(Model):
     retry_non_idempotent: bool = Field(
         False, description="let the upstream retry POST/PATCH (and other non-idempotent) requests once sent"
     )
+    # TLS (docs/tls.md)
+    protocols: list[Literal["http", "https"]] = Field(
+        default_factory=list, description="client schemes this route matches; empty = both"
+    )
+    snis: list[HostPattern] = Field(
+        default_factory=list,
+        description='TLS server names (SNI) this route matches, like hosts ("*.example.com"); empty = any',
+    )
+    https_redirect: bool = Field(
+        False, description="answer clear-text requests with a redirect to https (308, 301 for GET/HEAD)"
+    )
+    hsts: str | None = Field(
+        None,
+        description='Strict-Transport-Security value added to answers over https, e.g. "max-age=31536000"',
+    )
 
     @field_validator("headers", "query", mode="before")
     @classmethod
@@ -478,8 +499,8 @@ class Route(Model):
 
     @model_validator(mode="after")
     def _check_route(self) -> Route:
-        if not (self.hosts or self.paths or self.methods or self.headers or self.query):
-            raise ValueError("needs at least one of hosts, paths, methods, headers or query")
+        if not (self.hosts or self.paths or self.methods or self.headers or self.query or self.snis):
+            raise ValueError("needs at least one of hosts, paths, methods, headers, query or snis")
         if self.rewrite is not None:
             if not self.rewrite.startswith("/"):
                 raise ValueError('rewrite: must start with "/"')
@@ -823,6 +844,10 @@ class Upstream(Model):
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, description="per-worker limits")
     pool: PoolOptions = Field(default_factory=PoolOptions, description="keep-alive connections to targets")
     dns: UpstreamDns = Field(default_factory=UpstreamDns, description="how hostname targets are resolved")
+    scheme: Literal["http", "https"] = Field("http", description="https: talk TLS to every target")
+    tls: UpstreamTls = Field(
+        default_factory=UpstreamTls, description="TLS to targets (scheme https): verify, SNI, client cert"
+    )
 
     @model_validator(mode="after")
     def _check_upstream(self) -> Upstream:
@@ -867,4 +892,7 @@ class GatewayConfig(Model):
     consumers: list[Consumer] = Field(default_factory=list, description="who is calling")
     plugins: list[PluginInstance] = Field(
         default_factory=list, description="global plugins, unless route, service or consumer narrows one"
+    )
+    certificates: list[Certificate] = Field(
+        default_factory=list, description="certificates served by TLS listeners, chosen by SNI (docs/tls.md)"
     )

@@ -31,12 +31,12 @@ from typing import Any
 from tollway import __version__
 from tollway.config.loader import load_file
 from tollway.config.schema import GatewayConfig
-from tollway.config.types import parse_hostport
+from tollway.config.types import parse_hostport, parse_listen
 from tollway.errors import ConfigError
 from tollway.observability.exposition import CONTENT_TYPE, MetricsHub, resident_bytes
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.status import start_status_server
-from tollway.runtime.worker import ENV_FDS
+from tollway.runtime.worker import ENV_FDS, ENV_LISTEN_KINDS
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
 from tollway.state.shared import SharedTable, create_for_workers
 from tollway.upstream.manager import UpstreamManager
@@ -73,6 +73,7 @@ class Supervisor:
         self.nworkers = workers or _default_workers(self.config)
         self.sockets: list[list[socket.socket]] = []
         self.listening: list[str] = []
+        self.listen_kinds: list[str] = []  # per listen address: "" (clear), "tls" or "mtls"
         self.status_address: str | None = None
         self.workers: dict[int, WorkerHandle] = {}
         self.draining = False
@@ -134,6 +135,7 @@ class Supervisor:
             "version": __version__,
             "pid": os.getpid(),
             "listen": self.listening,
+            "schemes": ["https" if kind else "http" for kind in self.listen_kinds],
             "status_listen": self.status_address,
             "workers": self.nworkers,
             "config_version": self.version,
@@ -242,8 +244,10 @@ class Supervisor:
         gateway = self.config.gateway
         self.sockets = [[] for _ in range(self.nworkers)]
         bound = []
+        self.listen_kinds = []
         for address in gateway.listen:
-            host, port = parse_hostport(address)
+            host, port, flags = parse_listen(address)
+            self.listen_kinds.append("mtls" if "mtls" in flags else "tls" if "tls" in flags else "")
             for slot in range(self.nworkers):
                 sock = _listen_socket(host, port, gateway.backlog)
                 port = sock.getsockname()[1]
@@ -262,6 +266,7 @@ class Supervisor:
         fds = [child.fileno(), *(s.fileno() for s in self.sockets[slot])]
         env = dict(os.environ)
         env[ENV_FDS] = ",".join(str(x) for x in (slot, *fds))
+        env[ENV_LISTEN_KINDS] = ",".join(self.listen_kinds)
         pass_fds = list(fds)
         if self.state_table is not None:  # tollway.state: the node-shared table, by fd
             env[STATE_ENV_FD] = str(self.state_table.fileno())

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from tollway.config.schema import GatewayConfig
 from tollway.observability.worker_side import WorkerObservability
 from tollway.protocol.server import ClientConnection
+from tollway.protocol.tls import ServerTls, server_tls_options, update_server_tls
 from tollway.proxy.exchange import RequestIds
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tollway.worker")
 _ERROR_LOG_INTERVAL = 10.0  # seconds between log lines for the same backend failure
 ENV_FDS = "TOLLWAY_WORKER_FDS"
+ENV_LISTEN_KINDS = "TOLLWAY_WORKER_LISTEN_KINDS"  # per listening socket: "", "tls" or "mtls"
 
 
 class Worker:
@@ -46,11 +48,14 @@ class Worker:
         index: int,
         channel_sock: socket.socket,
         listen_socks: list[socket.socket],
+        listen_kinds: list[str] | None = None,
     ) -> None:
         self.loop = loop
         self.index = index
         self.channel_sock = channel_sock
         self.listen_socks = listen_socks
+        self.listen_kinds = listen_kinds or [""] * len(listen_socks)
+        self.tls: ServerTls | None = None  # certificates of TLS listeners (tollway.protocol.tls)
         self.channel: ChannelProtocol | None = None
         self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by the first config
         self.draining = False
@@ -73,11 +78,12 @@ class Worker:
         await self._configured.wait()
         if self.draining:
             return
-        for sock in self.listen_socks:
+        for sock, kind in zip(self.listen_socks, self.listen_kinds, strict=True):
             server = await self.loop.create_server(
                 lambda: ClientConnection(self),  # type: ignore[arg-type,return-value]
                 sock=sock,
                 backlog=self.snapshot.settings.backlog,
+                **server_tls_options(self.tls, kind),
             )
             self.servers.append(server)
         self.channel.send(("ready", self.snapshot.version))
@@ -106,6 +112,7 @@ class Worker:
                 self.channel.send(("config_failed", version, f"{type(exc).__name__}: {exc}"))
             return
         first = self.snapshot is None
+        self.tls = update_server_tls(self.tls, config, any(self.listen_kinds))
         self.snapshot = snapshot
         self.upstreams.activate(snapshot.clusters)
         self.observability.apply(config)
@@ -261,7 +268,8 @@ def main() -> int:
     asyncio.set_event_loop(loop)
     channel = socket.socket(fileno=int(channel_fd))
     listeners = [socket.socket(fileno=int(fd)) for fd in listen_fds]
-    worker = Worker(loop, int(index_text), channel, listeners)
+    kinds = os.environ.pop(ENV_LISTEN_KINDS, "").split(",") if listen_fds else []
+    worker = Worker(loop, int(index_text), channel, listeners, kinds)
     loop.add_signal_handler(signal.SIGTERM, _drain_on_signal, worker)
     loop.add_signal_handler(signal.SIGUSR1, worker.on_reopen_logs)  # logrotate may signal workers too
     try:
