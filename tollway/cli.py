@@ -111,6 +111,10 @@ def check(
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
+    from tollway.config.tls import tls_warnings
+
+    for warning in tls_warnings(cfg):
+        err.print(f"[yellow]warning: {warning}[/yellow]", markup=True)
     out.print(
         f"[green]✓[/green] {config} is valid: {len(cfg.services)} services, {len(cfg.routes)} routes, "
         f"{len(cfg.upstreams)} upstreams, {len(cfg.consumers)} consumers, {len(cfg.plugins)} global plugins"

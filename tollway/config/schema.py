@@ -499,8 +499,8 @@ class Route(Model):
 
     @model_validator(mode="after")
     def _check_route(self) -> Route:
-        if not (self.hosts or self.paths or self.methods or self.headers or self.query or self.snis):
-            raise ValueError("needs at least one of hosts, paths, methods, headers, query or snis")
+        if not (self.hosts or self.paths or self.methods or self.headers or self.query):
+            raise ValueError("needs at least one of hosts, paths, methods, headers or query")
         if self.rewrite is not None:
             if not self.rewrite.startswith("/"):
                 raise ValueError('rewrite: must start with "/"')

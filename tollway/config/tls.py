@@ -212,3 +212,53 @@ def load_problem(cert: Certificate) -> str | None:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
         return f"cannot load certificate and key: {reason} (wrong key, passphrase, or not PEM?)"
     return None
+
+
+# -- expiry and warnings (`tollway check`, the supervisor at load, the expiry metric) ---------------------
+EXPIRY_WARNING_DAYS = 30
+
+
+def _read_pem(value: str) -> bytes:
+    if is_pem_text(value):
+        return value.encode()
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def certificate_expiry(cert: Certificate) -> float | None:
+    """When the certificate (the first of its file: the leaf) expires, as a UNIX time; None if unreadable."""
+    from cryptography import x509  # a dependency; imported here so loading a config without TLS skips it
+
+    try:
+        leaf = x509.load_pem_x509_certificate(_read_pem(cert.cert))
+    except (OSError, ValueError):
+        return None
+    return leaf.not_valid_after_utc.timestamp()
+
+
+def tls_warnings(config: GatewayConfig, now: float | None = None) -> list[str]:
+    """What is valid but deserves attention: certificates expired or expiring within 30 days, backends
+    whose certificates are not verified."""
+    import time
+
+    now = time.time() if now is None else now
+    warnings = []
+    for cert in config.certificates:
+        expiry = certificate_expiry(cert)
+        if expiry is None:
+            continue
+        days = (expiry - now) / 86400
+        if days < 0:
+            warnings.append(f"certificate {cert.name!r} expired {-days:.0f} days ago")
+        elif days < EXPIRY_WARNING_DAYS:
+            warnings.append(f"certificate {cert.name!r} expires in {days:.0f} days")
+    for kind in ("services", "upstreams"):
+        for entity in getattr(config, kind):
+            uses_tls = entity.url.startswith("https:") if kind == "services" and entity.url else False
+            uses_tls = uses_tls or getattr(entity, "scheme", "http") == "https"
+            if uses_tls and not entity.tls.verify:
+                warnings.append(
+                    f"{kind[:-1]} {entity.name!r}: tls.verify is false, the backend's certificate is not "
+                    "checked (anyone on the path can impersonate it)"
+                )
+    return warnings

@@ -8,7 +8,6 @@ in flight keep the snapshot they started with, so swapping in a new one is a sin
 from __future__ import annotations
 
 import ipaddress
-import ssl
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -20,6 +19,7 @@ from tollway.router import Router
 from tollway.upstream.cluster import Cluster
 from tollway.upstream.pool import Pool
 from tollway.upstream.registry import UpstreamRegistry
+from tollway.upstream.tls import client_context, server_name
 
 # (host, port, tls context, tls server name[, pool settings, owner upstream]) -> the worker's pool
 PoolFactory = Callable[..., Pool]
@@ -166,17 +166,6 @@ def _url_cluster(service: Service, pool_for: PoolFactory, upstreams: UpstreamReg
     default_port = 443 if tls else 80
     host = parts.hostname or ""
     port = parts.port or default_port
-    context = _client_tls_context() if tls else None
-    pool = pool_for(host, port, context, host if tls else None)
+    context = client_context(service.tls) if tls else None
+    pool = pool_for(host, port, context, server_name(service.tls, host) if tls else None)
     return upstreams.url_cluster(service.name, host, port, pool, default_port), parts.path
-
-
-_TLS_CONTEXT: ssl.SSLContext | None = None
-
-
-def _client_tls_context() -> ssl.SSLContext:
-    """One verifying client context per process: building one costs milliseconds."""
-    global _TLS_CONTEXT
-    if _TLS_CONTEXT is None:
-        _TLS_CONTEXT = ssl.create_default_context()
-    return _TLS_CONTEXT

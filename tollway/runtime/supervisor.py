@@ -31,6 +31,7 @@ from typing import Any
 from tollway import __version__
 from tollway.config.loader import load_file
 from tollway.config.schema import GatewayConfig
+from tollway.config.tls import tls_warnings
 from tollway.config.types import parse_hostport, parse_listen
 from tollway.errors import ConfigError
 from tollway.observability.exposition import CONTENT_TYPE, MetricsHub, resident_bytes
@@ -108,6 +109,7 @@ class Supervisor:
             self.on_event("error", {"message": f"cannot listen on {addresses}: {exc.strerror or exc}"})
             return 1
         await self._start_status_listener()
+        _log_warnings(self.config)
         await self.upstreams.start(self.config)
         self.state_table = create_for_workers()
         for slot in range(self.nworkers):
@@ -195,6 +197,7 @@ class Supervisor:
             self.on_event("reload_failed", {"reason": reason, "issues": exc.issues})
             return False
         self._warn_restart_only(config)
+        _log_warnings(config)
         self.config = config
         self.upstreams.apply(config)
         self.version += 1
@@ -469,6 +472,11 @@ class Supervisor:
 def _requests_in(view: dict[str, Any]) -> int:
     """Requests a worker answered, from its collected numbers."""
     return sum(sum(route[0].values()) for route in view.get("routes", {}).values())
+
+
+def _log_warnings(config: GatewayConfig) -> None:
+    for warning in tls_warnings(config):  # expiring certificates, unverified backends (docs/tls.md)
+        log.warning("%s", warning)
 
 
 def _listen_socket(host: str, port: int, backlog: int) -> socket.socket:

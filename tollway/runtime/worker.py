@@ -163,7 +163,7 @@ class Worker:
     ) -> Pool:
         """The pool for a backend address. An upstream's targets get pools of their own (`owner`, with the
         upstream's pool settings), so its connection count is its own; service URLs share by address."""
-        key = (host, port, server_hostname if tls is not None else None, settings, owner)
+        key = (host, port, tls, server_hostname, settings, owner)  # tls: one context per TLS setting
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(self.loop, host, port, settings or self.pool_settings, tls, server_hostname)

@@ -12,9 +12,12 @@ The verdict logic (`CheckState`) is plain methods with no I/O, so tests drive it
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+Tls = tuple[ssl.SSLContext | None, str | None]  # (context, SNI name) for https upstreams
 
 if TYPE_CHECKING:
     from tollway.config.schema import ActiveHealthcheck
@@ -81,12 +84,15 @@ class CheckState:
         return settings.interval
 
 
-async def probe(host: str, port: int, settings: ActiveHealthcheck, default_host: str) -> CheckResult:
-    """One probe of host:port; never raises, never outlives `settings.timeout`."""
+async def probe(
+    host: str, port: int, settings: ActiveHealthcheck, default_host: str, tls: Tls = (None, None)
+) -> CheckResult:
+    """One probe of host:port (over TLS for https upstreams); never raises, never outlives
+    `settings.timeout`."""
     start = time.perf_counter()
     try:
         async with asyncio.timeout(settings.timeout):
-            status = await _probe(host, port, settings, default_host)
+            status = await _probe(host, port, settings, default_host, tls)
     except TimeoutError:
         return CheckResult(False, None, f"timed out after {settings.timeout:g}s", time.perf_counter() - start)
     except OSError as exc:
@@ -102,8 +108,11 @@ async def probe(host: str, port: int, settings: ActiveHealthcheck, default_host:
     return CheckResult(False, status, f"unexpected status {status}", duration)
 
 
-async def _probe(host: str, port: int, settings: ActiveHealthcheck, default_host: str) -> int | None:
-    reader, writer = await asyncio.open_connection(host, port)
+async def _probe(
+    host: str, port: int, settings: ActiveHealthcheck, default_host: str, tls: Tls
+) -> int | None:
+    context, name = tls
+    reader, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=name)
     try:
         if settings.type == "tcp":
             return None

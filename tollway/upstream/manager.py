@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from tollway.config.types import parse_hostport
 from tollway.observability import metrics
 from tollway.upstream.health import CheckResult, CheckState, probe
-from tollway.upstream.registry import Record, TargetKey, address_label, is_ip, target_records
+from tollway.upstream.registry import Record, TargetKey, address_label, is_ip, target_records, tls_for
 
 if TYPE_CHECKING:
     from tollway.config.schema import ActiveHealthcheck, GatewayConfig, Upstream, UpstreamDns
@@ -152,7 +152,7 @@ class UpstreamManager:
                         default_host = address_label(host, port)
                     else:
                         default_host = probe_host if port == 80 else f"{probe_host}:{port}"
-                    desired[key] = (host, port, active, default_host)
+                    desired[key] = (host, port, active, default_host, tls_for(upstream, spec, host))
         for key, (task, signature) in list(self._check_tasks.items()):
             if desired.get(key) != signature:
                 task.cancel()
@@ -167,11 +167,17 @@ class UpstreamManager:
                 self._check_tasks[key] = (task, signature)
 
     async def _check_loop(
-        self, key: TargetKey, host: str, port: int, settings: ActiveHealthcheck, default_host: str
+        self,
+        key: TargetKey,
+        host: str,
+        port: int,
+        settings: ActiveHealthcheck,
+        default_host: str,
+        tls: tuple[Any, str | None] = (None, None),
     ) -> None:
         state = self.checks.setdefault(key, CheckState())
         while True:
-            result = await probe(host, port, settings, default_host)
+            result = await probe(host, port, settings, default_host, tls)
             self.record_check(key, state, result, settings)
             await asyncio.sleep(state.next_interval(settings, self.ejection(key) is not None))
 
