@@ -37,6 +37,7 @@ BUILTIN: dict[str, str] = {
     "key-auth": "tollway.plugins.key_auth:KeyAuth",
     "basic-auth": "tollway.plugins.basic_auth:BasicAuth",
     "jwt": "tollway.plugins.jwt:JwtAuth",
+    "mtls-auth": "tollway.plugins.mtls_auth:MtlsAuth",
     "acl": "tollway.plugins.acl:Acl",
     "ip-restriction": "tollway.plugins.ip_restriction:IpRestriction",
     "request-size-limit": "tollway.plugins.request_size_limit:RequestSizeLimit",

@@ -99,6 +99,9 @@ def certificate_context(cert: Certificate, settings: ListenerTls) -> ssl.SSLCont
     load_chain(context, cert)
     if settings.client_auth is not None:
         _load_client_auth(context, settings.client_auth)
+        # Whether a certificate is asked for is the listener's (base context's) choice; this only makes
+        # Python's getpeercert(), which reads the *current* context's mode, report what was verified.
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 
