@@ -461,8 +461,10 @@ class Route(Model):
         default_factory=list,
         description='TLS server names (SNI) this route matches, like hosts ("*.example.com"); empty = any',
     )
-    https_redirect: bool = Field(
-        False, description="answer clear-text requests with a redirect to https (308, 301 for GET/HEAD)"
+    https_redirect: bool | Annotated[int, Field(ge=1, le=65535)] = Field(
+        False,
+        description="answer clear-text requests with a redirect to https (301 for GET/HEAD, else 308); a "
+        "number instead of true is the HTTPS port to send clients to",
     )
     hsts: str | None = Field(
         None,

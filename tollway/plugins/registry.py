@@ -38,6 +38,7 @@ BUILTIN: dict[str, str] = {
     "basic-auth": "tollway.plugins.basic_auth:BasicAuth",
     "jwt": "tollway.plugins.jwt:JwtAuth",
     "mtls-auth": "tollway.plugins.mtls_auth:MtlsAuth",
+    "https-policy": "tollway.plugins.https_policy:HttpsPolicy",
     "acl": "tollway.plugins.acl:Acl",
     "ip-restriction": "tollway.plugins.ip_restriction:IpRestriction",
     "request-size-limit": "tollway.plugins.request_size_limit:RequestSizeLimit",

@@ -29,6 +29,7 @@ from tollway.errors import (
 from tollway.observability.tracecontext import INVALID as INVALID_TRACEPARENT
 from tollway.protocol.deadline import Deadline
 from tollway.protocol.http1 import check_request_version, check_transfer_encoding
+from tollway.protocol.tls import sni_of
 from tollway.proxy.exchange import REQ_CHUNKED, REQ_LENGTH, Exchange, RequestIds
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class ClientConnection:
         "scheme",
         "send_timeout",
         "server_header",
+        "sni",
         "transport",
         "trusted",
         "worker",
@@ -136,6 +138,7 @@ class ClientConnection:
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
         self.peer_ip = b""
         self.scheme = b"http"
+        self.sni = ""  # the TLS server name the client sent (tollway.protocol.tls)
         self.trusted = False
         self.draining: bool = worker.draining
         self._paused = 0
@@ -159,6 +162,7 @@ class ClientConnection:
         self.trusted = self.worker.snapshot.is_trusted_proxy(ip)
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = b"https"
+            self.sni = sni_of(transport)
         transport.set_write_buffer_limits(65536)
         self.worker.connection_opened(self)
         self.deadline.arm(self.header_timeout, "header")

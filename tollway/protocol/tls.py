@@ -152,6 +152,7 @@ class ServerTls:
         if context is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         conn.context = context
+        conn.tollway_sni = server_name or ""  # type: ignore[attr-defined]  # read by sni_of
         return None
 
 
@@ -172,3 +173,9 @@ def server_tls_options(tls: ServerTls | None, kind: str) -> dict[str, Any]:
     if not kind or tls is None:
         return {}
     return {"ssl": tls.base_context(kind == "mtls"), "ssl_handshake_timeout": tls.handshake_timeout}
+
+
+def sni_of(transport: Any) -> str:
+    """The server name a TLS client asked for ("" without SNI); read once per connection."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    return getattr(ssl_object, "tollway_sni", "") if ssl_object is not None else ""

@@ -304,6 +304,8 @@ class Exchange:
             self.path,
             self.query,
             self.headers,
+            self.client.scheme,
+            self.client.sni,
         )
         if found is None:
             self.respond(error_response(404, "no route matched", self.request_id.decode("latin-1")))

@@ -153,7 +153,7 @@ def build_snapshot(
 
 
 def _uses_plugins(config: GatewayConfig) -> bool:
-    if config.plugins:
+    if config.plugins or any(r.https_redirect or r.hsts is not None for r in config.routes):
         return True
     entities: list[Service | Route | Consumer] = [*config.services, *config.routes, *config.consumers]
     return any(entity.plugins for entity in entities)
