@@ -34,7 +34,7 @@ class HttpsPolicyConfig(PluginConfig):
 
 class HttpsPolicy(Plugin[HttpsPolicyConfig]):
     name = "https-policy"
-    priority = 3900
+    priority = 3950
 
     def __init__(self, config: HttpsPolicyConfig, context: PluginContext) -> None:
         super().__init__(config, context)

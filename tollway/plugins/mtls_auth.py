@@ -105,7 +105,7 @@ Index = dict[str, tuple[Consumer, Any]]
 
 class MtlsAuth(AuthPlugin[MtlsAuthConfig]):
     name = "mtls-auth"
-    priority = 2600  # before key-auth (2500): a certificate is the stronger credential
+    priority = 2700  # before jwt (2600) and key-auth (2500): a certificate is the stronger credential
     consumer_credential = MtlsCredential
 
     def __init__(self, config: MtlsAuthConfig, context: PluginContext) -> None:
