@@ -54,6 +54,19 @@ def _load_client_auth(context: ssl.SSLContext, client_auth: ClientAuth) -> None:
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
+def _fixed_part(settings: ListenerTls) -> tuple[object, ...]:
+    """The settings a running listener keeps until restart (CA and CRL files reload live)."""
+    mode = settings.client_auth.mode if settings.client_auth is not None else None
+    return (
+        settings.min_version,
+        settings.ciphers,
+        settings.session_tickets,
+        tuple(settings.alpn),
+        mode,
+        settings.handshake_timeout,
+    )
+
+
 class CertificateTable:
     """SNI name → the context serving it, built once per config. Lookups are one or two dict probes:
     the exact name, then the wildcard of its parent domain (``*.example.com`` covers one label)."""
@@ -142,7 +155,7 @@ class ServerTls:
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("certificates not reloaded, the previous ones stay: %s", exc)
             return False
-        if config.gateway.tls != self.settings and self._bases:
+        if _fixed_part(config.gateway.tls) != _fixed_part(self.settings) and self._bases:
             log.warning("gateway.tls protocol settings changed: they apply at the next restart only")
         self.table = table
         return True
