@@ -257,3 +257,28 @@ def test_stalled_handshake_times_out_without_holding_the_worker(
     assert stalled.recv(100) == b""  # closed by the gateway once the handshake timeout passed
     assert time.monotonic() - started < 5.0
     stalled.close()
+
+
+def test_rsa_and_ecdsa_side_by_side_for_one_name(gateway: Any, backend: Any, pki: dict[str, Any]) -> None:
+    rsa = pki["ca"].issue(["dual.test"], kind="rsa", common_name="dual rsa").write(pki["dir"], "dual-rsa")
+    ecdsa = pki["ca"].issue(["dual.test"], kind="ec", common_name="dual ecdsa").write(pki["dir"], "dual-ec")
+    config = tls_config(backend().url, pki)
+    config["certificates"].append(
+        {
+            "name": "dual",
+            "cert": rsa[0],
+            "key": rsa[1],
+            "cert_alt": ecdsa[0],
+            "key_alt": ecdsa[1],
+            "snis": ["dual.test"],
+        }
+    )
+    port = tls_port(gateway(config))
+    rsa_only = client_context(pki["ca_file"], maximum=ssl.TLSVersion.TLSv1_2)
+    rsa_only.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    ecdsa_only = client_context(pki["ca_file"], maximum=ssl.TLSVersion.TLSv1_2)
+    ecdsa_only.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+    for context, expected in ((rsa_only, "dual rsa"), (ecdsa_only, "dual ecdsa")):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with context.wrap_socket(raw, server_hostname="dual.test") as sock:
+            assert common_name(sock) == expected

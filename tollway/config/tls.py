@@ -97,6 +97,12 @@ class Certificate(Model):
     name: Name = Field(description="unique; `gateway.tls.default_certificate` and metrics refer to it")
     cert: str = Field(description="PEM file path (the certificate, then its chain), or the PEM text itself")
     key: str = Field(description="PEM private key file path, or the PEM text itself")
+    cert_alt: str | None = Field(
+        None,
+        description="a second certificate of the other key type (ECDSA beside RSA, or RSA beside ECDSA), "
+        "served to clients that cannot use the first",
+    )
+    key_alt: str | None = Field(None, description="the key of cert_alt")
     passphrase_file: str | None = Field(None, description="file holding the passphrase of an encrypted key")
     passphrase_env: str | None = Field(
         None, description="environment variable holding the passphrase of an encrypted key"
@@ -110,6 +116,8 @@ class Certificate(Model):
     def _one_passphrase(self) -> Certificate:
         if self.passphrase_file is not None and self.passphrase_env is not None:
             raise ValueError("at most one of passphrase_file or passphrase_env")
+        if (self.cert_alt is None) != (self.key_alt is None):
+            raise ValueError("cert_alt and key_alt go together")
         return self
 
     def passphrase(self) -> bytes | None:
@@ -195,16 +203,22 @@ def pem_path(value: str) -> Iterator[str]:
 def load_chain(context: ssl.SSLContext, cert: Certificate) -> None:
     """Load a certificate entity's chain and key into `context` (OSError, ssl.SSLError, ValueError)."""
     passphrase = cert.passphrase()
-    with pem_path(cert.cert) as cert_file, pem_path(cert.key) as key_file:
-        # A callable for the password: an encrypted key without one fails instead of prompting on a tty.
-        context.load_cert_chain(cert_file, key_file, password=lambda: passphrase or b"")
+    pairs = [(cert.cert, cert.key)]
+    if cert.cert_alt is not None and cert.key_alt is not None:
+        # OpenSSL keeps one certificate per key type in a context and serves the one the client's
+        # signature algorithms allow: RSA and ECDSA side by side for the same names.
+        pairs.append((cert.cert_alt, cert.key_alt))
+    for chain, key in pairs:
+        with pem_path(chain) as cert_file, pem_path(key) as key_file:
+            # A callable for the password: an encrypted key without one fails instead of prompting.
+            context.load_cert_chain(cert_file, key_file, password=lambda: passphrase or b"")
 
 
 def load_problem(cert: Certificate) -> str | None:
     """Why a certificate entity cannot be served, or None."""
-    for field in ("cert", "key"):
+    for field in ("cert", "key", "cert_alt", "key_alt"):
         value = getattr(cert, field)
-        if not is_pem_text(value) and not os.path.isfile(value):
+        if value is not None and not is_pem_text(value) and not os.path.isfile(value):
             return f"{field}: {value}: no such file"
     try:
         load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert)
