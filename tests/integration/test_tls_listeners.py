@@ -103,19 +103,34 @@ def test_sni_picks_certificate_wildcard_default_and_alpn(
 
 def test_requests_over_tls_carry_the_real_scheme(gateway: Any, backend: Any, pki: dict[str, Any]) -> None:
     seen = backend()
-    gw = gateway(tls_config(seen.url, pki))
+    config = tls_config(seen.url, pki)
+    gw = gateway(config)
+    forged = {"X-Forwarded-Proto": "https", "Forwarded": "for=1.2.3.4;proto=https"}
     status, _, _ = https_get(tls_port(gw), pki["ca_file"], "api.test", "/over-tls")
     assert status == 200
     request = seen.seen[-1]
     assert request.header("x-forwarded-proto") == "https"
-    status, _, _ = https_get_clear(gw.listeners[0][1], "/clear")
+    assert request.header("forwarded") is None  # off by default
+    status, _, _ = https_get_clear(gw.listeners[0][1], "/clear", forged)
     assert status == 200
-    assert seen.seen[-1].header("x-forwarded-proto") == "http"
+    assert seen.seen[-1].header("x-forwarded-proto") == "http"  # the client's claim is not believed
+    assert seen.seen[-1].header("forwarded") is None
+    config["gateway"]["forwarded_header"] = True
+    gw.write_config(config)
+    gw.signal(__import__("signal").SIGHUP)
+    gw.wait_for_output("config version 2 applied")
+    https_get(tls_port(gw), pki["ca_file"], "api.test", "/over-tls")
+    assert seen.seen[-1].header_all("forwarded") == ['for=127.0.0.1;proto=https;host="api.test"']
+    https_get_clear(gw.listeners[0][1], "/clear", forged)
+    clear_host = f"127.0.0.1:{gw.listeners[0][1]}"
+    assert seen.seen[-1].header_all("forwarded") == [f'for=127.0.0.1;proto=http;host="{clear_host}"']
 
 
-def https_get_clear(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+def https_get_clear(
+    port: int, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", path)
+    conn.request("GET", path, headers=headers or {})
     resp = conn.getresponse()
     body = resp.read()
     conn.close()

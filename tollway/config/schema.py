@@ -256,7 +256,11 @@ class GatewaySettings(Model):
     )
     trusted_proxies: list[Cidr] = Field(
         default_factory=list,
-        description="clients whose X-Forwarded-For / -Proto / -Host are believed and extended",
+        description="clients whose X-Forwarded-For / -Proto / -Host and Forwarded are believed and extended",
+    )
+    forwarded_header: bool = Field(
+        False,
+        description="also send the standard Forwarded header (RFC 7239: for, proto, host) to backends",
     )
     drain_timeout: Duration = Field(30.0, ge=0, description="SIGTERM: time in-flight requests get to finish")
     drain_delay: Duration = Field(

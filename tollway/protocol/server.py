@@ -62,6 +62,7 @@ _RID: Final = 9
 _DROP: Final = 10
 _TRACEPARENT: Final = 11
 _TRACESTATE: Final = 12
+_FWD: Final = 13
 _SPECIAL: Final = {
     b"host": _HOST,
     b"connection": _CONNECTION,
@@ -75,6 +76,7 @@ _SPECIAL: Final = {
     b"x-request-id": _RID,
     b"traceparent": _TRACEPARENT,
     b"tracestate": _TRACESTATE,
+    b"forwarded": _FWD,
     b"keep-alive": _DROP,
     b"te": _DROP,
     b"trailer": _DROP,
@@ -535,6 +537,8 @@ def _special_header(ex: Exchange, kind: int, value: bytes) -> None:
         ex.x_forwarded_proto = value
     elif kind == _XFH:
         ex.x_forwarded_host = value
+    elif kind == _FWD:  # RFC 7239: believed from trusted proxies only, like X-Forwarded-*
+        ex.forwarded = ex.forwarded + b", " + value if ex.forwarded else value
     elif kind == _RID and 0 < len(value) <= 200:
         ex.request_id = value
     elif kind == _TRACEPARENT:  # sent on by tollway.observability.tracecontext

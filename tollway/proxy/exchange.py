@@ -28,6 +28,7 @@ from tollway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from tollway.protocol.forwarded import forwarded_element
 from tollway.protocol.http1 import (
     BODY_CHUNKED,
     BODY_LENGTH,
@@ -124,6 +125,7 @@ class Exchange:
         "credential",
         "done",
         "expect_continue",
+        "forwarded",
         "headers",
         "host",
         "keep_alive",
@@ -179,6 +181,7 @@ class Exchange:
         self.x_forwarded_for = b""
         self.x_forwarded_proto = b""
         self.x_forwarded_host = b""
+        self.forwarded = b""  # a client's Forwarded header (RFC 7239)
         self.request_id = b""
         # W3C trace context (tollway.observability.tracecontext): the client's headers as received,
         # then this hop's ids, chosen when the upstream head is built (or when the request ends).
@@ -435,6 +438,11 @@ class Exchange:
         parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
         if fwd_host:
             parts += (b"X-Forwarded-Host: ", fwd_host, b"\r\n")
+        forwarded = self.forwarded if client.trusted else b""
+        if self.snapshot.forwarded_header:
+            forwarded = forwarded_element(forwarded, client.peer_ip, client.scheme, self.host)
+        if forwarded:
+            parts += (b"Forwarded: ", forwarded, b"\r\n")
         parts += (b"X-Request-Id: ", self.request_id, b"\r\n")
         self.snapshot.trace.add_header(self, parts)  # traceparent, tracestate
         if self.upgrade:

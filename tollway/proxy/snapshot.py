@@ -78,6 +78,7 @@ class Snapshot:
     __slots__ = (
         "clusters",
         "config",
+        "forwarded_header",
         "router",
         "routes",
         "server_header",
@@ -105,6 +106,7 @@ class Snapshot:
         self.router = router
         header = config.gateway.server_header
         self.server_header = header.encode("latin-1") if header else None
+        self.forwarded_header = config.gateway.forwarded_header
         self.trusted_networks = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in config.gateway.trusted_proxies
         )
