@@ -65,6 +65,13 @@ class ClientAuth(Model):
     )
 
 
+Alpn = Literal["http/1.1"]
+
+
+def _default_alpn() -> list[Alpn]:
+    return ["http/1.1"]
+
+
 class ListenerTls(Model):
     """How TLS listeners (``listen`` entries ending in ``tls``) talk TLS. Protocol settings apply at start;
     certificates reload live."""
@@ -85,8 +92,8 @@ class ListenerTls(Model):
         10.0, gt=0, description="a client that has not finished its handshake by then is disconnected"
     )
     session_tickets: bool = Field(True, description="TLS session resumption with tickets")
-    alpn: list[Literal["http/1.1"]] = Field(
-        default_factory=lambda: ["http/1.1"], description="ALPN protocols offered (http/1.1 today)"
+    alpn: list[Alpn] = Field(
+        default_factory=_default_alpn, description="ALPN protocols offered (http/1.1 today)"
     )
     client_auth: ClientAuth | None = Field(None, description="client certificates on listeners marked mtls")
 
