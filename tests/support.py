@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-_LISTENING = re.compile(r"listening on http://(\S+?):(\d+) .*?(?:status http://(\S+?):(\d+))?$")
+_LISTENING = re.compile(r"listening on https?://(\S+?):(\d+)[ ,].*?(?:status http://(\S+?):(\d+))?$")
+_LISTENER = re.compile(r"(https?)://(\S+?):(\d+)[ ,]")
 
 
 # -- the gateway under test -----------------------------------------------------------------------------
@@ -38,6 +39,7 @@ class Gateway:
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
         self.status_port = 0
+        self.listeners: list[tuple[str, int]] = []  # (scheme, port) of each listen address, in order
         self.output: list[str] = []  # stdout lines (banner, access log)
         self.errors: list[str] = []  # stderr lines (diagnostics)
         self._readers: list[threading.Thread] = []
@@ -79,6 +81,8 @@ class Gateway:
                 if m:
                     self.port = int(m.group(2))
                     self.status_port = int(m.group(4) or 0)
+                    head = line.split(" · status ")[0]
+                    self.listeners = [(s, int(p)) for s, _, p in _LISTENER.findall(head + " ")]
                     ready.set()
         if ready is not None:
             ready.set()
@@ -205,17 +209,18 @@ class Backend:
     closed: int = 0  # connections that ended (closed by either side)
     raw: bytearray = field(default_factory=bytearray)  # every byte received, on every connection
     port: int = 0
+    tls: Any = None  # an ssl.SSLContext: serve HTTPS (tests/tls_support.py makes certificates)
     _server: asyncio.Server | None = None
     _runner: LoopThread | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, runner: LoopThread) -> Backend:
         self._runner = runner
-        self._server = runner.run(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self._server = runner.run(asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls))
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

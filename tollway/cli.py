@@ -113,6 +113,10 @@ def check(
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
+    from tollway.config.tls import tls_warnings
+
+    for warning in tls_warnings(cfg):
+        err.print(f"[yellow]warning: {warning}[/yellow]", markup=True)
     out.print(
         f"[green]✓[/green] {config} is valid: {len(cfg.services)} services, {len(cfg.routes)} routes, "
         f"{len(cfg.upstreams)} upstreams, {len(cfg.consumers)} consumers, {len(cfg.plugins)} global plugins"
@@ -178,7 +182,8 @@ def _print_issues(exc: Any) -> None:
 
 def _print_event(kind: str, data: dict[str, Any]) -> None:
     if kind == "started":
-        listen = ", ".join(f"http://{a}" for a in data["listen"])
+        schemes = data.get("schemes") or ["http"] * len(data["listen"])
+        listen = ", ".join(f"{scheme}://{a}" for scheme, a in zip(schemes, data["listen"], strict=True))
         status = f" · status http://{data['status_listen']}" if data["status_listen"] else ""
         out.print(
             f"[bold]tollway {data['version']}[/bold] listening on {listen} "

@@ -27,8 +27,11 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from tollway.demo_tls import https_status, self_signed
+
 _LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 _STATUS = re.compile(r"status http://([\d.]+):(\d+)")
+_HTTPS = re.compile(r"https://([\d.]+):(\d+)")
 INSTANCES = ("users-a", "users-b")
 CLIENT_LIMIT = 5  # requests a minute per client: the seed's example
 RATE_LIMIT = {
@@ -45,6 +48,7 @@ class Process:
     name: str
     popen: subprocess.Popen[str]
     port: int
+    tls_port: int = 0  # the gateway's HTTPS listener
 
 
 def run_demo(port: int, scripted_requests: int, exit_after: bool, console: Console) -> int:
@@ -57,12 +61,15 @@ def run_demo(port: int, scripted_requests: int, exit_after: bool, console: Conso
         if gateway_port != port:
             console.print(f"[yellow]port {port} is busy; using a free port instead[/yellow]")
         config_path = workdir / "demo.yaml"
-        config_path.write_text(yaml.safe_dump(demo_config(services, gateway_port), sort_keys=False))
+        config = demo_config(services, gateway_port)
+        cert_path = _add_https(config, workdir)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         gateway, status_port = _start_gateway(config_path, workdir)
         processes.append(gateway)
         _print_setup(console, services, gateway, status_port, config_path, workdir)
         _scripted_traffic(console, gateway.port, scripted_requests)
         _print_try_it(console, gateway.port, status_port)
+        _show_https(console, gateway.tls_port, cert_path)
         if not exit_after:
             _wait_for_interrupt(console, processes)
         return 0
@@ -127,7 +134,9 @@ def _start_gateway(config_path: Path, workdir: Path) -> tuple[Process, int]:
     if line is None:
         raise DemoError(f"the gateway did not start; see {workdir / 'gateway.log'}")
     status = _STATUS.search(line.string)
-    return Process("gateway", popen, int(line.group(2))), int(status.group(2)) if status else 0
+    https = _HTTPS.search(line.string)
+    gateway = Process("gateway", popen, int(line.group(2)), int(https.group(2)) if https else 0)
+    return gateway, int(status.group(2)) if status else 0
 
 
 def _read_line(
@@ -268,6 +277,29 @@ def _connect(port: int, client: str) -> http.client.HTTPConnection:
     except OSError:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     return conn
+
+
+# -- HTTPS (tollway.demo_tls) ------------------------------------------------------------------------------
+def _add_https(config: dict[str, Any], workdir: Path) -> str:
+    """An HTTPS listener beside the clear one, with a self-signed certificate made now."""
+    cert, key = self_signed(workdir)
+    config["gateway"]["listen"].append("127.0.0.1:0 tls")
+    config["certificates"] = [{"name": "demo", "cert": cert, "key": key, "snis": ["localhost"]}]
+    return cert
+
+
+def _show_https(console: Console, port: int, cert_path: str) -> None:
+    if not port:
+        return
+    try:
+        status, version = https_status(port, cert_path, "/users/1")
+    except OSError as exc:
+        raise DemoError(f"the HTTPS request failed: {exc}") from exc
+    console.print(
+        f"\n[bold]HTTPS[/bold] on https://127.0.0.1:{port} with a self-signed certificate made at start "
+        f"(GET /users/1 over {version}: {status}). Trust it explicitly:"
+    )
+    console.print(f"  curl --cacert {cert_path} https://localhost:{port}/users/1", markup=False)
 
 
 # -- output ----------------------------------------------------------------------------------------------

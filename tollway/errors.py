@@ -62,6 +62,13 @@ class UpstreamConnectError(UpstreamError):
     message = "upstream connection failed"
 
 
+class UpstreamTlsError(UpstreamConnectError):
+    """The TLS handshake with a backend failed (an untrusted or mismatched certificate, no shared
+    protocol): a 502 whose reason is logged, counted as error="tls"."""
+
+    message = "upstream TLS handshake failed"
+
+
 class UpstreamResetError(UpstreamError):
     message = "upstream closed the connection"
 

@@ -37,3 +37,6 @@ def test_demo_balances_both_instances_and_limits_a_client_to_five_a_minute() -> 
     put = [r for r in rows if r[2] == "PUT"]
     assert put and put[0][4] == "200"
     assert "2 × 429" in out
+    # HTTPS with the certificate made at start, verified by the demo's own request and shown for curl
+    assert re.search(r"HTTPS on https://127\.0\.0\.1:\d+ .*over TLSv1\.[23]: 200", out), out
+    assert re.search(r"curl --cacert \S+demo-cert\.pem https://localhost:\d+/users/1", out), out

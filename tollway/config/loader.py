@@ -20,6 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from tollway.config.schema import GatewayConfig
+from tollway.config.tls import check_tls
 from tollway.errors import ConfigError
 
 Loc = tuple[str | int, ...]
@@ -31,6 +32,7 @@ _ENTITY_NAME_FIELD = {
     "upstreams": "name",
     "consumers": "username",
     "plugins": "name",
+    "certificates": "name",
 }
 
 
@@ -104,6 +106,7 @@ def validate(
         issues += [issue for issue in check_references(data) if issue.loc not in known]
         raise ConfigError(format_issues(issues, data, source, lines or {}), source) from None
     problems = list(check_references(data))
+    problems += [Issue(loc, message) for loc, message in check_tls(config)]
     if plugins is not None:
         problems += [Issue(loc, message) for loc, message in plugins(config, _plugin_instances(config))]
     if problems:

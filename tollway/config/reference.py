@@ -66,6 +66,11 @@ SECTIONS: list[tuple[str, str]] = [
     ("upstreams[].dns", "UpstreamDns"),
     ("consumers[]", "Consumer"),
     ("plugins[] (and plugins: inside services, routes, consumers)", "PluginInstance"),
+    # TLS (tollway.config.tls, docs/tls.md)
+    ("gateway.tls", "ListenerTls"),
+    ("gateway.tls.client_auth", "ClientAuth"),
+    ("certificates[]", "Certificate"),
+    ("services[].tls, upstreams[].tls", "UpstreamTls"),
 ]
 
 
@@ -146,6 +151,10 @@ def _annotated_name(metadata: Any) -> str:
             return "size"
         if name in ("check_listen",):
             return "host:port"
+        if name == "check_traffic_listen":
+            return 'host:port, optionally followed by "tls" or "mtls"'
+        if name == "_check_sni":
+            return "host name or *.wildcard"
         if name == "check_cidr":
             return "IP or CIDR"
     return ""

@@ -12,7 +12,7 @@ them into plain slotted objects (see ``tollway.proxy.snapshot``).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
@@ -42,6 +42,7 @@ from tollway.config.settings import (
     parse_nameserver,
     syslog_target,
 )
+from tollway.config.tls import Certificate, UpstreamTls
 from tollway.config.types import Duration, Name
 from tollway.config.upstreams import (
     ActiveHealthcheck,
@@ -153,6 +154,9 @@ class Service(Model):
     )
     plugins: list[PluginInstance] = Field(
         default_factory=list, description="plugins on every route of this service"
+    )
+    tls: UpstreamTls = Field(
+        default_factory=UpstreamTls, description="TLS to an https:// url: verification, SNI, client cert"
     )
 
     @model_validator(mode="after")
@@ -278,6 +282,23 @@ class Route(Model):
     plugin_order: list[str] | None = Field(None, description="explicit plugin order for this route")
     retry_non_idempotent: bool = Field(
         False, description="let the upstream retry POST/PATCH (and other non-idempotent) requests once sent"
+    )
+    # TLS (docs/tls.md)
+    protocols: list[Literal["http", "https"]] = Field(
+        default_factory=list, description="client schemes this route matches; empty = both"
+    )
+    snis: list[HostPattern] = Field(
+        default_factory=list,
+        description='TLS server names (SNI) this route matches, like hosts ("*.example.com"); empty = any',
+    )
+    https_redirect: bool | Annotated[int, Field(ge=1, le=65535)] = Field(
+        False,
+        description="answer clear-text requests with a redirect to https (301 for GET/HEAD, else 308); a "
+        "number instead of true is the HTTPS port to send clients to",
+    )
+    hsts: str | None = Field(
+        None,
+        description='Strict-Transport-Security value added to answers over https, e.g. "max-age=31536000"',
     )
 
     @field_validator("headers", "query", mode="before")
@@ -407,4 +428,7 @@ class GatewayConfig(Model):
     consumers: list[Consumer] = Field(default_factory=list, description="who is calling")
     plugins: list[PluginInstance] = Field(
         default_factory=list, description="global plugins, unless route, service or consumer narrows one"
+    )
+    certificates: list[Certificate] = Field(
+        default_factory=list, description="certificates served by TLS listeners, chosen by SNI (docs/tls.md)"
     )

@@ -12,7 +12,8 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from tollway.config.log_fields import DEFAULT_FIELDS, check_field
 from tollway.config.model import Model
-from tollway.config.types import Cidr, Duration, ListenAddress, Size, parse_hostport
+from tollway.config.tls import ListenerTls
+from tollway.config.types import Cidr, Duration, ListenAddress, Size, TrafficListen, parse_hostport
 
 
 # -- node settings ---------------------------------------------------------------------------------------
@@ -224,16 +225,20 @@ class ForwardedHeaders(Model):
     x_forwarded_prefix: bool = Field(
         False, description="send X-Forwarded-Prefix: the path prefix a `strip_path` route removed"
     )
+    forwarded: bool = Field(
+        False, description="send the standard Forwarded header (RFC 7239: for, proto, host)"
+    )
 
 
 class GatewaySettings(Model):
     """Settings of the gateway node. `listen`, `status_listen` and `workers` apply at start only."""
 
-    listen: list[ListenAddress] = Field(
+    listen: list[TrafficListen] = Field(
         default_factory=lambda: ["0.0.0.0:8000"],
         min_length=1,
-        description='addresses clients connect to: "host:port", "[::1]:port", ":port" (all interfaces); '
-        "every worker listens on each; `tollway run --listen` replaces them",
+        description='addresses clients connect to: "host:port", "[::1]:port", ":port" (all interfaces), '
+        'followed by "tls" for HTTPS or "mtls" for HTTPS with client certificates (docs/tls.md); every '
+        "worker listens on each; `tollway run --listen` replaces them",
     )
     status_listen: ListenAddress | None = Field(
         "127.0.0.1:8100", description="the status listener (/live, /ready, /status); null turns it off"
@@ -247,8 +252,8 @@ class GatewaySettings(Model):
     )
     trusted_proxies: list[Cidr] = Field(
         default_factory=list,
-        description="clients whose X-Forwarded-For / -Proto / -Host are believed and extended (and whose "
-        "X-Real-IP / X-Forwarded-Port / -Prefix are kept, see forwarded_headers)",
+        description="clients whose X-Forwarded-For / -Proto / -Host and Forwarded are believed and extended "
+        "(and whose X-Real-IP / X-Forwarded-Port / -Prefix are kept, see forwarded_headers)",
     )
     forwarded_headers: ForwardedHeaders = Field(
         default_factory=ForwardedHeaders,
@@ -275,3 +280,4 @@ class GatewaySettings(Model):
         default_factory=Metrics, description="Prometheus metrics at /metrics on the status listener"
     )
     tracing: Tracing = Field(default_factory=Tracing, description="W3C trace context and OTLP span export")
+    tls: ListenerTls = Field(default_factory=ListenerTls, description="TLS listeners' policy (docs/tls.md)")

@@ -78,6 +78,30 @@ def check_listen(value: str) -> str:
     return value
 
 
+LISTEN_FLAGS = ("tls", "mtls")
+
+
+def parse_listen(value: str) -> tuple[str, int, frozenset[str]]:
+    """A traffic listener: ``"0.0.0.0:8443 tls"`` → ("0.0.0.0", 8443, {"tls"}). Flags: ``tls`` (HTTPS,
+    docs/tls.md) and ``mtls`` (also ask for client certificates; implies tls)."""
+    address, *words = value.split()
+    host, port = parse_hostport(address)
+    flags = frozenset(word.lower() for word in words)
+    unknown = flags - set(LISTEN_FLAGS)
+    if unknown:
+        raise ValueError(f"{value!r}: unknown listener option {sorted(unknown)[0]!r} (known: tls, mtls)")
+    if "mtls" in flags:
+        flags |= {"tls"}
+    return host, port, flags
+
+
+def check_traffic_listen(value: str) -> str:
+    if not value.strip():
+        raise ValueError("empty listen address")
+    parse_listen(value)
+    return value
+
+
 def check_cidr(value: str) -> str:
     try:
         ipaddress.ip_network(value, strict=False)
@@ -90,4 +114,5 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Name = Annotated[str, AfterValidator(check_name)]
 ListenAddress = Annotated[str, AfterValidator(check_listen)]
+TrafficListen = Annotated[str, AfterValidator(check_traffic_listen)]
 Cidr = Annotated[str, AfterValidator(check_cidr)]

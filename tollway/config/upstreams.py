@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from tollway.config.model import _HEADER_NAME, Model
+from tollway.config.tls import UpstreamTls
 from tollway.config.types import Duration, Name, Size, parse_hostport
 
 # -- upstreams: targets, balancing, health, retries, circuit breaking (docs/upstreams.md) -------------
@@ -288,6 +289,10 @@ class Upstream(Model):
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, description="per-worker limits")
     pool: PoolOptions = Field(default_factory=PoolOptions, description="keep-alive connections to targets")
     dns: UpstreamDns = Field(default_factory=UpstreamDns, description="how hostname targets are resolved")
+    scheme: Literal["http", "https"] = Field("http", description="https: talk TLS to every target")
+    tls: UpstreamTls = Field(
+        default_factory=UpstreamTls, description="TLS to targets (scheme https): verify, SNI, client cert"
+    )
 
     @model_validator(mode="after")
     def _check_upstream(self) -> Upstream:

@@ -75,7 +75,7 @@ CATALOG: dict[str, Entry] = {
     "upstream_errors_total": Entry(
         "counter",
         "Requests answered with a gateway error because the backend failed (after any retries), by error "
-        "(connect, timeout, reset, protocol, no_target, circuit_open, other)",
+        "(connect, tls, timeout, reset, protocol, no_target, circuit_open, other)",
         ("service", "target", "error"),
     ),
     "access_log_written_lines_total": Entry("counter", "Access log lines written to the sink"),
@@ -95,6 +95,13 @@ CATALOG: dict[str, Entry] = {
         "1 for a target's current health state (healthy, unhealthy: failing active checks, ejected: taken "
         "out by passive checks), 0 for the others",
         ("upstream", "target", "address", "state"),
+        merge="max",
+        source="supervisor",
+    ),
+    "tls_certificate_expiry_timestamp_seconds": Entry(
+        "gauge",
+        "When each configured certificate expires (UNIX time of its notAfter); alert well before it",
+        ("certificate",),
         merge="max",
         source="supervisor",
     ),

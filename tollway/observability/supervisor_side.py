@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import CollectorRegistry
 
 from tollway import __version__
+from tollway.config.tls import certificate_expiry
 from tollway.counters.catalog import REQUEST_METRICS
 from tollway.counters.metrics import KEY_STRIDE, METHODS, REGISTRY, Registry
 
@@ -234,6 +235,7 @@ class MetricsHub:
         self.extra_collectors: list[Any] = []
         self._waiting: dict[int, tuple[set[int], asyncio.Future[None]]] = {}
         self._tokens = itertools.count(1)
+        self._certificates: tuple[object, dict[str, float | None]] = (None, {})
 
     def __repr__(self) -> str:
         return f"<MetricsHub workers={len(self.latest)} collectors={len(self.extra_collectors)}>"
@@ -323,6 +325,22 @@ class MetricsHub:
             rss = resident_bytes(handle.process.pid) if handle.channel is not None else 0
             reg.gauge("worker_resident_memory_bytes", worker=str(handle.slot)).set(rss)
         self._refresh_target_health()
+        self._refresh_certificates()
+
+    def _refresh_certificates(self) -> None:
+        """tollway_tls_certificate_expiry_timestamp_seconds per certificate of the running config (read
+        once per config, not per scrape)."""
+        config = getattr(self.supervisor, "config", None)
+        if config is None or getattr(config, "certificates", None) is None:
+            return
+        if self._certificates[0] is not config:
+            expiries = {cert.name: certificate_expiry(cert) for cert in config.certificates}
+            self._certificates = (config, expiries)
+        family = self.registry.family("tls_certificate_expiry_timestamp_seconds", "gauge")
+        family.series.clear()  # certificates removed from the config disappear
+        for name, expiry in self._certificates[1].items():
+            if expiry is not None:
+                family.handle((name,)).set(expiry)
 
     def _refresh_target_health(self) -> None:
         """tollway_upstream_target_health from the supervisor's health-check and ejection state

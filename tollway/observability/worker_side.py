@@ -30,6 +30,7 @@ log = logging.getLogger("tollway.worker")
 # Upstream error classes (tollway.errors) -> the `error` label of tollway_upstream_errors_total.
 _ERROR_LABELS = {
     "UpstreamConnectError": "connect",
+    "UpstreamTlsError": "tls",
     "UpstreamTimeout": "timeout",
     "UpstreamResetError": "reset",
     "UpstreamProtocolError": "protocol",

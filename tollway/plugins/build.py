@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tollway.plugins.base import Plugin, PluginContext
+from tollway.plugins.builtin.https_policy import uses_route_policies, with_route_policies
 from tollway.plugins.consumers import Consumer, Consumers
 from tollway.plugins.registry import canonical_name, resolve
 from tollway.proxy.pipeline import ConsumerPipelines, Hook, OrderKey, Pipeline
@@ -200,6 +201,8 @@ def _instances(config: GatewayConfig) -> list[tuple[PluginInstance, str | None, 
 
 def attach_pipelines(config: GatewayConfig, routes: Sequence[CompiledRoute]) -> PluginSet:
     """Build every plugin of `config` and give each compiled route its pipeline."""
+    if uses_route_policies(config):  # routes' https_redirect / hsts options (docs/tls.md)
+        config = with_route_policies(config)
     plugins = PluginSet(config)
     plugins.attach(config, routes)
     return plugins

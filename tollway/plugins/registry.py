@@ -38,6 +38,8 @@ BUILTIN: dict[str, str] = {
     "key-auth": "tollway.plugins.builtin.key_auth:KeyAuth",
     "basic-auth": "tollway.plugins.builtin.basic_auth:BasicAuth",
     "jwt": "tollway.plugins.builtin.jwt:JwtAuth",
+    "mtls-auth": "tollway.plugins.builtin.mtls_auth:MtlsAuth",
+    "https-policy": "tollway.plugins.builtin.https_policy:HttpsPolicy",
     "acl": "tollway.plugins.builtin.acl:Acl",
     "ip-restriction": "tollway.plugins.builtin.ip_restriction:IpRestriction",
     "request-size-limit": "tollway.plugins.builtin.request_size_limit:RequestSizeLimit",

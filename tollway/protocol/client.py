@@ -61,12 +61,14 @@ async def request(
     max_body: int = 1024 * 1024,
     read_body: bool = True,
     ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> ClientResponse:
     """Send one request to `url` (http:// or https://) and read its response.
 
     `host` overrides the Host header (default: the URL's authority). `read_body=False` returns once the
     head is read (body b""), for callers that want only the status. https verifies the server against
-    the system's CAs unless `ssl_context` says otherwise. Raises HttpClientError, nothing else."""
+    the system's CAs unless `ssl_context` says otherwise, with the URL's host as the TLS server name
+    unless `server_hostname` says otherwise. Raises HttpClientError, nothing else."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HttpClientError(f"not an http(s) URL: {url!r}")
@@ -79,7 +81,7 @@ async def request(
     try:
         async with asyncio.timeout(timeout):
             return await _exchange(
-                parts.hostname, port, context, message, method, max_head, max_body, read_body
+                parts.hostname, server_hostname, port, context, message, method, max_head, max_body, read_body
             )
     except TimeoutError:
         raise HttpClientError(f"no complete response within {timeout:g}s") from None
@@ -107,6 +109,7 @@ def _serialize(
 
 async def _exchange(
     hostname: str,
+    server_hostname: str | None,
     port: int,
     context: ssl.SSLContext | None,
     message: bytes,
@@ -116,7 +119,10 @@ async def _exchange(
     read_body: bool,
 ) -> ClientResponse:
     reader, writer = await asyncio.open_connection(
-        hostname, port, ssl=context, server_hostname=hostname if context is not None else None
+        hostname,
+        port,
+        ssl=context,
+        server_hostname=(server_hostname or hostname) if context is not None else None,
     )
     try:
         writer.write(message)

@@ -38,6 +38,7 @@ _RID: Final = 9
 _DROP: Final = 10
 _TRACEPARENT: Final = 11
 _TRACESTATE: Final = 12
+_FWD: Final = 13
 SPECIAL_FIELDS: Final = {
     b"host": _HOST,
     b"connection": _CONNECTION,
@@ -51,6 +52,7 @@ SPECIAL_FIELDS: Final = {
     b"x-request-id": _RID,
     b"traceparent": _TRACEPARENT,
     b"tracestate": _TRACESTATE,
+    b"forwarded": _FWD,
     b"keep-alive": _DROP,
     b"te": _DROP,
     b"trailer": _DROP,
@@ -69,6 +71,7 @@ class RequestHead:
         "connection_header",
         "content_length",
         "expect_continue",
+        "forwarded",
         "headers",
         "host",
         "keep_alive",
@@ -95,6 +98,7 @@ class RequestHead:
         self.x_forwarded_for = b""
         self.x_forwarded_proto = b""
         self.x_forwarded_host = b""
+        self.forwarded = b""  # a client's Forwarded header (RFC 7239)
         self.request_id = b""
         # W3C trace context: the client's headers as received (tollway.observability.tracecontext)
         self.traceparent = b""
@@ -133,6 +137,8 @@ def special_field(head: RequestHead, kind: int, value: bytes) -> None:
         head.x_forwarded_proto = value
     elif kind == _XFH:
         head.x_forwarded_host = value
+    elif kind == _FWD:  # RFC 7239: believed from trusted proxies only, like X-Forwarded-*
+        head.forwarded = head.forwarded + b", " + value if head.forwarded else value
     elif kind == _RID and 0 < len(value) <= 200:
         head.request_id = value
     elif kind == _TRACEPARENT:  # sent on by tollway.observability.tracecontext

@@ -26,6 +26,7 @@ from tollway.errors import (
     TollwayError,
     UpstreamError,
 )
+from tollway.protocol.forwarded import forwarded_element
 from tollway.protocol.http1 import (
     BODY_CHUNKED,
     BODY_LENGTH,
@@ -192,6 +193,8 @@ class Exchange(UpstreamTries):
             self.path,
             self.query,
             self.headers,
+            self.client.scheme,
+            self.client.sni,
         )
         if found is None:
             self.respond(error_response(404, "no route matched", self.request_id.decode("latin-1")))
@@ -288,6 +291,11 @@ class Exchange(UpstreamTries):
         parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
         if fwd_host:
             parts += (b"X-Forwarded-Host: ", fwd_host, b"\r\n")
+        forwarded = self.forwarded if client.trusted else b""
+        if self.snapshot.forwarded_header:
+            forwarded = forwarded_element(forwarded, client.peer_ip, client.scheme, self.host)
+        if forwarded:
+            parts += (b"Forwarded: ", forwarded, b"\r\n")
         parts += (b"X-Request-Id: ", self.request_id, b"\r\n")
         self.snapshot.trace.add_header(self, parts)  # traceparent, tracestate
         if self.upgrade:

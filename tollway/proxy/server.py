@@ -29,6 +29,7 @@ from tollway.errors import (
 from tollway.protocol.deadline import Deadline
 from tollway.protocol.http1 import check_request_version
 from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, SPECIAL_FIELDS, special_field
+from tollway.protocol.tls import sni_of
 from tollway.proxy.exchange import Exchange, RequestIds
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class ClientConnection:
         "scheme",
         "send_timeout",
         "server_header",
+        "sni",
         "transport",
         "trusted",
         "worker",
@@ -103,6 +105,7 @@ class ClientConnection:
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
         self.peer_ip = b""
         self.scheme = b"http"
+        self.sni = ""  # the TLS server name the client sent (tollway.protocol.tls)
         self.trusted = False
         self.draining: bool = worker.draining
         self._paused = 0
@@ -129,6 +132,7 @@ class ClientConnection:
         self.trusted = self.worker.snapshot.is_trusted_proxy(ip)
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = b"https"
+            self.sni = sni_of(transport)
         transport.set_write_buffer_limits(65536)
         self.worker.connection_opened(self)
         self.deadline.arm(self.header_timeout, "header")

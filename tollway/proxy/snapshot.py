@@ -8,7 +8,6 @@ in flight keep the snapshot they started with, so swapping in a new one is a sin
 from __future__ import annotations
 
 import ipaddress
-import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -19,6 +18,7 @@ from tollway.proxy.pipeline import Pipeline
 from tollway.router import Router
 from tollway.upstream.cluster import Cluster
 from tollway.upstream.pool import Pool
+from tollway.upstream.tls import client_context, server_name
 from tollway.upstream.worker_registry import UpstreamRegistry
 
 if TYPE_CHECKING:  # built by the layers above (observability), handed in by the worker
@@ -87,6 +87,7 @@ class Snapshot:
         "clusters",
         "config",
         "forwarded",
+        "forwarded_header",
         "router",
         "routes",
         "server_header",
@@ -115,6 +116,7 @@ class Snapshot:
         self.router = router
         header = config.gateway.server_header
         self.server_header = header.encode("latin-1") if header else None
+        self.forwarded_header = config.gateway.forwarded_headers.forwarded
         self.trusted_networks = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in config.gateway.trusted_proxies
         )
@@ -183,7 +185,7 @@ def _strips(route: Route) -> bool:
 
 
 def _uses_plugins(config: GatewayConfig) -> bool:
-    if config.plugins:
+    if config.plugins or any(r.https_redirect or r.hsts is not None for r in config.routes):
         return True
     entities: list[Service | Route | Consumer] = [*config.services, *config.routes, *config.consumers]
     return any(entity.plugins for entity in entities)
@@ -196,17 +198,6 @@ def _url_cluster(service: Service, pool_for: PoolFactory, upstreams: UpstreamReg
     default_port = 443 if tls else 80
     host = parts.hostname or ""
     port = parts.port or default_port
-    context = _client_tls_context() if tls else None
-    pool = pool_for(host, port, context, host if tls else None)
+    context = client_context(service.tls) if tls else None
+    pool = pool_for(host, port, context, server_name(service.tls, host) if tls else None)
     return upstreams.url_cluster(service.name, host, port, pool, default_port), parts.path
-
-
-_TLS_CONTEXT: ssl.SSLContext | None = None
-
-
-def _client_tls_context() -> ssl.SSLContext:
-    """One verifying client context per process: building one costs milliseconds."""
-    global _TLS_CONTEXT
-    if _TLS_CONTEXT is None:
-        _TLS_CONTEXT = ssl.create_default_context()
-    return _TLS_CONTEXT

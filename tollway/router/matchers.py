@@ -69,3 +69,26 @@ def query_values(query: str) -> dict[str, list[str]]:
     for name, value in parse_qsl(query, keep_blank_values=True):
         values.setdefault(name, []).append(value)
     return values
+
+
+class NameMatcher:
+    """Host-name patterns as routes write them (exact, "*.example.com", "example.*"), for the TLS server
+    name (SNI) a client sent. An empty name (no SNI, or clear text) matches nothing."""
+
+    __slots__ = ("exact", "prefixes", "suffixes")
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.exact = frozenset(p for p in patterns if not p.startswith("*.") and not p.endswith(".*"))
+        self.suffixes = tuple(p[1:] for p in patterns if p.startswith("*."))  # ".example.com"
+        self.prefixes = tuple(p[:-1] for p in patterns if p.endswith(".*"))  # "example."
+
+    def matches(self, name: str) -> bool:
+        if not name:
+            return False
+        name = name.lower()
+        if name in self.exact:
+            return True
+        for suffix in self.suffixes:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                return True
+        return any(name.startswith(prefix) and len(name) > len(prefix) for prefix in self.prefixes)

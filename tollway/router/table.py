@@ -23,7 +23,14 @@ from typing import Any, Generic, TypeVar
 
 from tollway.config.schema import Route
 from tollway.router.index import Candidate, PathIndex
-from tollway.router.matchers import Matchers, all_match, compile_matchers, header_values, query_values
+from tollway.router.matchers import (
+    Matchers,
+    NameMatcher,
+    all_match,
+    compile_matchers,
+    header_values,
+    query_values,
+)
 from tollway.router.paths import PathPattern, compile_rewrite, parse_path_pattern
 
 T = TypeVar("T")
@@ -67,18 +74,33 @@ _UNCHANGED, _STRIP, _REWRITE = 0, 1, 2
 class RouteEntry:
     """One route as the hot path needs it; shared by all of the route's variants."""
 
-    __slots__ = ("headers", "methods", "methods_only", "mode", "payload", "plain", "query", "rewrite")
+    __slots__ = (
+        "headers",
+        "methods",
+        "methods_only",
+        "mode",
+        "payload",
+        "plain",
+        "query",
+        "rewrite",
+        "schemes",
+        "snis",
+    )
 
     def __init__(self, route: Route, payload: Any) -> None:
         self.payload = payload
         self.methods = frozenset(route.methods)  # empty: any method
         self.headers: Matchers | None = compile_matchers(route.headers)
         self.query: Matchers | None = compile_matchers(route.query)
+        # TLS matchers (docs/tls.md): the client's scheme and the server name it sent
+        self.schemes = frozenset(p.encode() for p in route.protocols) if route.protocols else None
+        self.snis: NameMatcher | None = NameMatcher(route.snis) if route.snis else None
         self.rewrite = compile_rewrite(route.rewrite) if route.rewrite is not None else ""
         self.mode = _REWRITE if route.rewrite is not None else _STRIP if route.strip_path else _UNCHANGED
         # Most routes check nothing but host and path, or add methods: let the hot path know at once.
-        self.plain = not self.methods and self.headers is None and self.query is None
-        self.methods_only = bool(self.methods) and self.headers is None and self.query is None
+        tls = self.schemes is not None or self.snis is not None
+        self.plain = not self.methods and self.headers is None and self.query is None and not tls
+        self.methods_only = bool(self.methods) and self.headers is None and self.query is None and not tls
 
     def forward(self, path: str, params: dict[str, str], cut: int) -> RouteMatch[Any]:
         """The match result; `cut` is where the path left after strip_path starts."""
@@ -141,7 +163,14 @@ class Router(Generic[T]):
         return f"<Router routes={self._routes} variants={self._variants} host_groups={hosts}>"
 
     def match(
-        self, method: str, host: str, path: str, query: str, headers: Sequence[tuple[bytes, bytes]]
+        self,
+        method: str,
+        host: str,
+        path: str,
+        query: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        scheme: bytes = b"http",
+        sni: str = "",
     ) -> RouteMatch[T] | MethodNotAllowed | None:
         """Route a request; None means no route (404). See docs/routing.md for the precedence."""
         if self._host_cache is None:
@@ -161,7 +190,7 @@ class Router(Generic[T]):
         # The common cases: the best candidate checks nothing more, or only the method.
         if entry.plain or (entry.methods_only and method in entry.methods):
             return entry.forward(path, params, cut)
-        return _choose(candidates, method, path, query, headers)
+        return _choose(candidates, method, path, query, headers, scheme, sni)
 
     # -- build ------------------------------------------------------------------------------------
     def _group(self, host: str | None) -> PathIndex:
@@ -206,13 +235,23 @@ class Router(Generic[T]):
 
 
 def _choose(
-    candidates: list[Candidate], method: str, path: str, query: str, headers: Sequence[tuple[bytes, bytes]]
+    candidates: list[Candidate],
+    method: str,
+    path: str,
+    query: str,
+    headers: Sequence[tuple[bytes, bytes]],
+    scheme: bytes,
+    sni: str,
 ) -> RouteMatch[Any] | MethodNotAllowed | None:
-    """Walk candidates best first; the first passing methods, headers and query wins."""
+    """Walk candidates best first; the first passing scheme, SNI, methods, headers and query wins."""
     header_map: dict[str, list[str]] | None = None
     query_map: dict[str, list[str]] | None = None
     allowed: frozenset[str] = frozenset()
     for _, entry, params, cut in candidates:
+        if entry.schemes is not None and scheme not in entry.schemes:
+            continue
+        if entry.snis is not None and not entry.snis.matches(sni):
+            continue
         if entry.headers is not None:
             header_map = header_values(headers) if header_map is None else header_map
             if not all_match(entry.headers, header_map):

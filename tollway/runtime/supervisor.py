@@ -33,7 +33,8 @@ from typing import Any
 
 from tollway import __version__
 from tollway.config.schema import GatewayConfig
-from tollway.config.types import parse_hostport
+from tollway.config.tls import tls_warnings
+from tollway.config.types import parse_hostport, parse_listen
 from tollway.errors import ConfigError
 from tollway.observability.supervisor_side import CONTENT_TYPE, MetricsHub, resident_bytes
 from tollway.plugins.registry import PLUGIN_CHECK
@@ -42,7 +43,7 @@ from tollway.runtime.config_file import load_for_reload, read_stable, stat
 from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
 from tollway.runtime.handoff import Orphans
 from tollway.runtime.supervisor_status import start_status_server
-from tollway.runtime.worker import ENV_FDS
+from tollway.runtime.worker import ENV_FDS, ENV_LISTEN_KINDS
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
 from tollway.state.shared import SharedTable, create_for_workers
 from tollway.upstream.supervisor_manager import UpstreamManager
@@ -80,6 +81,7 @@ class Supervisor:
         self.nworkers = workers or _default_workers(self.config)
         self.sockets: list[list[socket.socket]] = []
         self.listening: list[str] = []
+        self.listen_kinds: list[str] = []  # per listen address: "" (clear), "tls" or "mtls"
         self.status_address: str | None = None
         self.workers: dict[int, WorkerHandle] = {}
         self.draining = False
@@ -120,6 +122,7 @@ class Supervisor:
             return 1
         await self._start_status_listener()
         self.orphans = Orphans(loop, self._handoff_receivers)
+        _log_warnings(self.config)
         await self.upstreams.start(self.config)
         self.state_table = create_for_workers()
         for slot in range(self.nworkers):
@@ -147,6 +150,7 @@ class Supervisor:
             "version": __version__,
             "pid": os.getpid(),
             "listen": self.listening,
+            "schemes": ["https" if kind else "http" for kind in self.listen_kinds],
             "status_listen": self.status_address,
             "workers": self.nworkers,
             "config_version": self.version,
@@ -226,6 +230,7 @@ class Supervisor:
             self._reload_failed(reason, exc)
             return False
         self._warn_restart_only(config)
+        _log_warnings(config)
         self.config = config
         self.upstreams.apply(config)
         self.version += 1
@@ -293,8 +298,10 @@ class Supervisor:
         gateway = self.config.gateway
         self.sockets = [[] for _ in range(self.nworkers)]
         bound = []
+        self.listen_kinds = []
         for address in gateway.listen:
-            host, port = parse_hostport(address)
+            host, port, flags = parse_listen(address)
+            self.listen_kinds.append("mtls" if "mtls" in flags else "tls" if "tls" in flags else "")
             for slot in range(self.nworkers):
                 sock = _listen_socket(host, port, gateway.backlog)
                 port = sock.getsockname()[1]
@@ -316,6 +323,7 @@ class Supervisor:
         env = dict(os.environ)
         env[ENV_FDS] = ",".join(str(x) for x in (slot, *fds))
         env[HANDOFF_ENV_FD] = str(handoff_child.fileno())
+        env[ENV_LISTEN_KINDS] = ",".join(self.listen_kinds)
         pass_fds = [*fds, handoff_child.fileno()]
         if self.state_table is not None:  # tollway.state: the node-shared table, by fd
             env[STATE_ENV_FD] = str(self.state_table.fileno())
@@ -535,6 +543,11 @@ class Supervisor:
 def _requests_in(view: dict[str, Any]) -> int:
     """Requests a worker answered, from its collected numbers."""
     return sum(sum(route[0].values()) for route in view.get("routes", {}).values())
+
+
+def _log_warnings(config: GatewayConfig) -> None:
+    for warning in tls_warnings(config):  # expiring certificates, unverified backends (docs/tls.md)
+        log.warning("%s", warning)
 
 
 def _listen_socket(host: str, port: int, backlog: int) -> socket.socket:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from tollway.config.schema import GatewayConfig
 from tollway.observability.tracecontext import TraceSettings
 from tollway.observability.worker_side import WorkerObservability
+from tollway.protocol.tls import ServerTls, server_tls_options, update_server_tls
 from tollway.proxy.exchange import RequestIds
 from tollway.proxy.server import ClientConnection
 from tollway.proxy.snapshot import Snapshot, build_snapshot
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tollway.worker")
 _ERROR_LOG_INTERVAL = 10.0  # seconds between log lines for the same backend failure
 ENV_FDS = "TOLLWAY_WORKER_FDS"
+ENV_LISTEN_KINDS = "TOLLWAY_WORKER_LISTEN_KINDS"  # per listening socket: "", "tls" or "mtls"
 
 
 class Worker:
@@ -53,12 +55,15 @@ class Worker:
         channel_sock: socket.socket,
         listen_socks: list[socket.socket],
         handoff_sock: socket.socket | None = None,
+        listen_kinds: list[str] | None = None,
     ) -> None:
         self.loop = loop
         self.index = index
         self.channel_sock = channel_sock
         self.listen_socks = listen_socks
         self.handoff_sock = handoff_sock  # connections the supervisor accepted for a restarting worker
+        self.listen_kinds = listen_kinds or [""] * len(listen_socks)
+        self.tls: ServerTls | None = None  # certificates of TLS listeners (tollway.protocol.tls)
         self.channel: ChannelProtocol | None = None
         self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by the first config
         self.draining = False
@@ -82,11 +87,12 @@ class Worker:
         await self._configured.wait()
         if self.draining:
             return
-        for sock in self.listen_socks:
+        for sock, kind in zip(self.listen_socks, self.listen_kinds, strict=True):
             server = await self.loop.create_server(
                 lambda: ClientConnection(self),  # type: ignore[arg-type,return-value]
                 sock=sock,
                 backlog=self.snapshot.settings.backlog,
+                **server_tls_options(self.tls, kind),
             )
             self.servers.append(server)
         if self.handoff_sock is not None:
@@ -125,6 +131,7 @@ class Worker:
                 self.channel.send(("config_failed", version, f"{type(exc).__name__}: {exc}"))
             return
         first = self.snapshot is None
+        self.tls = update_server_tls(self.tls, config, any(self.listen_kinds))
         self.snapshot = snapshot
         self.upstreams.activate(snapshot.clusters)
         self.observability.apply(config)
@@ -139,10 +146,19 @@ class Worker:
         if self.draining:
             sock.close()
             return
+        tls = server_tls_options(self.tls, self._listener_kind(sock))  # a TLS listener's: handshake here
         task = self.loop.create_task(
-            self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock=sock)  # type: ignore[arg-type,return-value,type-var]
+            self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock=sock, **tls)  # type: ignore[arg-type,return-value,type-var]
         )
         task.add_done_callback(_ignore_failure)
+
+    def _listener_kind(self, sock: socket.socket) -> str:
+        """The kind ("", "tls", "mtls") of the listener a passed connection arrived on, by its port."""
+        port = sock.getsockname()[1]
+        for listener, kind in zip(self.listen_socks, self.listen_kinds, strict=False):
+            if listener.getsockname()[1] == port:
+                return kind
+        return ""
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, then close everything."""
@@ -194,7 +210,7 @@ class Worker:
     ) -> Pool:
         """The pool for a backend address. An upstream's targets get pools of their own (`owner`, with the
         upstream's pool settings), so its connection count is its own; service URLs share by address."""
-        key = (host, port, server_hostname if tls is not None else None, settings, owner)
+        key = (host, port, tls, server_hostname, settings, owner)  # tls: one context per TLS setting
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(self.loop, host, port, settings or self.pool_settings, tls, server_hostname)
@@ -298,7 +314,8 @@ def main() -> int:
     listeners = [socket.socket(fileno=int(fd)) for fd in listen_fds]
     handoff_fd = os.environ.pop(HANDOFF_ENV_FD, None)
     handoff = socket.socket(fileno=int(handoff_fd)) if handoff_fd is not None else None
-    worker = Worker(loop, int(index_text), channel, listeners, handoff)
+    kinds = os.environ.pop(ENV_LISTEN_KINDS, "").split(",") if listen_fds else []
+    worker = Worker(loop, int(index_text), channel, listeners, handoff, kinds)
     loop.add_signal_handler(signal.SIGTERM, _drain_on_signal, worker)
     loop.add_signal_handler(signal.SIGUSR1, worker.on_reopen_logs)  # logrotate may signal workers too
     try:

@@ -11,8 +11,9 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 
-from tollway.errors import UpstreamConnectError, UpstreamTimeout
+from tollway.errors import UpstreamConnectError, UpstreamTimeout, UpstreamTlsError
 from tollway.upstream.connection import UpstreamConnection
+from tollway.upstream.tls import describe_failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +89,10 @@ class Pool:
                 )
         except TimeoutError as exc:
             raise UpstreamTimeout(f"connecting to {self.label} timed out") from exc
-        except (OSError, ssl.SSLError) as exc:
-            reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+        except ssl.SSLError as exc:
+            raise UpstreamTlsError(describe_failure(exc, self.label, self.server_hostname)) from exc
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
             raise UpstreamConnectError(f"connecting to {self.label} failed: {reason}") from exc
         self.opened += 1
         self.active += 1

@@ -12,6 +12,7 @@ The verdict logic (`CheckState`) is plain methods with no I/O, so tests drive it
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from tollway.config.schema import ActiveHealthcheck
 
 _PROBE_HEADERS = ((b"User-Agent", b"tollway-healthcheck"), (b"Accept", b"*/*"))
+Tls = tuple[ssl.SSLContext | None, str | None]  # (context, SNI name) for https upstreams
 
 
 @dataclass
@@ -82,11 +84,14 @@ class CheckState:
         return settings.interval
 
 
-async def probe(host: str, port: int, settings: ActiveHealthcheck, default_host: str) -> CheckResult:
-    """One probe of host:port; never raises, never outlives `settings.timeout`."""
+async def probe(
+    host: str, port: int, settings: ActiveHealthcheck, default_host: str, tls: Tls = (None, None)
+) -> CheckResult:
+    """One probe of host:port (over TLS for https upstreams); never raises, never outlives
+    `settings.timeout`."""
     start = time.perf_counter()
     try:
-        status = await _probe(host, port, settings, default_host)
+        status = await _probe(host, port, settings, default_host, tls)
     except HttpClientError as exc:
         return CheckResult(False, None, str(exc), time.perf_counter() - start)
     duration = time.perf_counter() - start
@@ -97,29 +102,35 @@ async def probe(host: str, port: int, settings: ActiveHealthcheck, default_host:
     return CheckResult(False, status, f"unexpected status {status}", duration)
 
 
-async def _probe(host: str, port: int, settings: ActiveHealthcheck, default_host: str) -> int | None:
+async def _probe(
+    host: str, port: int, settings: ActiveHealthcheck, default_host: str, tls: Tls
+) -> int | None:
     """The HTTP status of a GET (tollway.protocol.client: the head is read, the body is not), or None
-    for a TCP probe that connected."""
+    for a TCP probe that connected (and, for https upstreams, completed its TLS handshake)."""
+    context, name = tls
     if settings.type == "tcp":
-        await _connect(host, port, settings.timeout)
+        await _connect(host, port, settings.timeout, tls)
         return None
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     response = await request(
-        f"http://{authority}{settings.http_path}",
+        f"{'https' if context is not None else 'http'}://{authority}{settings.http_path}",
         host=(settings.host or default_host).encode("idna"),
         headers=_PROBE_HEADERS,
         timeout=settings.timeout,
         read_body=False,
+        ssl_context=context,
+        server_hostname=name,
     )
     return response.status
 
 
-async def _connect(host: str, port: int, timeout: float) -> None:
+async def _connect(host: str, port: int, timeout: float, tls: Tls) -> None:
+    context, name = tls
     try:
         async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(host, port)
+            _, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=name)
     except TimeoutError:
         raise HttpClientError(f"timed out after {timeout:g}s") from None
-    except OSError as exc:
-        raise HttpClientError(exc.strerror or str(exc) or type(exc).__name__) from None
+    except (OSError, ssl.SSLError) as exc:
+        raise HttpClientError(getattr(exc, "strerror", None) or str(exc) or type(exc).__name__) from None
     writer.transport.abort()  # connected is all a TCP probe asks

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 from tollway.config.types import parse_hostport
 from tollway.counters import metrics
 from tollway.upstream.supervisor_health import CheckResult, CheckState, probe
-from tollway.upstream.worker_registry import Record, TargetKey, address_label, is_ip, target_records
+from tollway.upstream.worker_registry import Record, TargetKey, address_label, is_ip, target_records, tls_for
 
 if TYPE_CHECKING:
     from tollway.config.schema import ActiveHealthcheck, GatewayConfig, Upstream, UpstreamDns
     from tollway.config.schema import Target as TargetSpec
-    from tollway.upstream.dns import Resolver
+    from tollway.upstream.supervisor_dns import Resolver
 
 log = logging.getLogger("tollway.upstream")
 Message = tuple[Any, ...]
@@ -153,7 +153,7 @@ class UpstreamManager:
                         default_host = address_label(host, port)
                     else:
                         default_host = probe_host if port == 80 else f"{probe_host}:{port}"
-                    desired[key] = (host, port, active, default_host)
+                    desired[key] = (host, port, active, default_host, tls_for(upstream, spec, host))
         for key, (task, signature) in list(self._check_tasks.items()):
             if desired.get(key) != signature:
                 task.cancel()
@@ -168,11 +168,17 @@ class UpstreamManager:
                 self._check_tasks[key] = (task, signature)
 
     async def _check_loop(
-        self, key: TargetKey, host: str, port: int, settings: ActiveHealthcheck, default_host: str
+        self,
+        key: TargetKey,
+        host: str,
+        port: int,
+        settings: ActiveHealthcheck,
+        default_host: str,
+        tls: tuple[Any, str | None] = (None, None),
     ) -> None:
         state = self.checks.setdefault(key, CheckState())
         while True:
-            result = await probe(host, port, settings, default_host)
+            result = await probe(host, port, settings, default_host, tls)
             self.record_check(key, state, result, settings)
             await asyncio.sleep(state.next_interval(settings, self.ejection(key) is not None))
 
@@ -230,7 +236,7 @@ class UpstreamManager:
                     self._broadcast(("upstream_dns", *key, None), None)
                 self.dns_info.pop(key, None)
         if desired and (self.resolver is None or self.resolver.settings != self.config.gateway.dns):
-            from tollway.upstream.dns import Resolver
+            from tollway.upstream.supervisor_dns import Resolver
 
             self.resolver = Resolver(self.config.gateway.dns)
         for key, signature in desired.items():
@@ -276,7 +282,7 @@ class UpstreamManager:
     async def resolve(
         resolver: Resolver, target: str, srv: bool, options: UpstreamDns
     ) -> tuple[list[Record], float]:
-        from tollway.upstream.dns import ResolveError
+        from tollway.upstream.supervisor_dns import ResolveError
 
         types = list(options.record_types)
         if srv:

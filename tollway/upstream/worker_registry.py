@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from tollway.upstream.outlier import Outlier
 from tollway.upstream.pool import Pool, PoolSettings
 from tollway.upstream.retry import ON_ERROR, ON_TIMEOUT, RetryPolicy
 from tollway.upstream.target import Target, TargetState
+from tollway.upstream.tls import client_context, server_name
 
 if TYPE_CHECKING:
     from tollway.config.schema import Target as TargetSpec
@@ -71,6 +73,15 @@ def target_records(spec: TargetSpec, resolved: list[Record] | None) -> list[Reco
     if is_ip(host) or resolved is None:
         return [(host, port, spec.weight, spec.backup)]
     return [(h, p, spec.weight if w < 0 else w, spec.backup or b) for h, p, w, b in resolved]
+
+
+def tls_for(spec: Upstream, target: TargetSpec, address: str) -> tuple[ssl.SSLContext | None, str | None]:
+    """The TLS context and SNI name for a target of an https upstream: the target's own host name (even
+    once DNS turned it into addresses; the address for SRV answers) unless `tls.server_name` is set."""
+    if spec.scheme != "https":
+        return None, None
+    host = address if target.srv else parse_hostport(target.target)[0]
+    return client_context(spec.tls), server_name(spec.tls, host)
 
 
 def retry_policy(spec: Upstream) -> RetryPolicy:
@@ -182,6 +193,7 @@ class UpstreamRegistry:
         options = spec.pool
         settings = PoolSettings(options.max_idle, options.idle_timeout, options.max_requests)
         targets = []
+        default_port = 443 if spec.scheme == "https" else 80
         for target_spec in spec.targets:
             records = target_records(target_spec, self.resolved.get((spec.name, target_spec.key)))
             for host, port, weight, backup in records:
@@ -192,8 +204,10 @@ class UpstreamRegistry:
                     target_state.healthy = healthy
                     if target_state.update_available():
                         state.changed()
-                pool = pool_for(host, port, None, None, settings, spec.name)
-                targets.append(Target(host, port, weight, pool, 80, backup, target_state, target_spec.key))
+                pool = pool_for(host, port, *tls_for(spec, target_spec, host), settings, spec.name)
+                targets.append(
+                    Target(host, port, weight, pool, default_port, backup, target_state, target_spec.key)
+                )
         return targets
 
     # -- hooks used by clusters ----------------------------------------------------------------------------
