@@ -1,6 +1,7 @@
 """The `Forwarded` request header (RFC 7239) sent to backends when `gateway.forwarded_headers.forwarded`
-is on: ``for=<client>;proto=<http|https>;host=<host>``, appended to what a trusted proxy sent. It says the same
-as X-Forwarded-For/-Proto/-Host, in the standard form; the scheme is the one the client really used."""
+is on: ``for=<client>;proto=<http|https>;host=<host>``, appended to what a trusted proxy sent. It says
+the same as X-Forwarded-For/-Proto/-Host, in the standard form; the scheme is the one the client really
+used."""
 
 from __future__ import annotations
 
