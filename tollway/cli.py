@@ -84,16 +84,25 @@ def run(
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
-    raise typer.Exit(serve(config, cfg, workers, listen))
+    source = None
+    if cfg.gateway.store.backend != "file":  # entities come from a config store (docs/config-store.md)
+        from tollway.store.node import StoreSource
+
+        source = StoreSource(cfg, config)
+    raise typer.Exit(serve(config, cfg, workers, listen, source))
 
 
-def serve(path: Path | None, cfg: Any, workers: int | None, listen: list[str] | None) -> int:
+def serve(
+    path: Path | None, cfg: Any, workers: int | None, listen: list[str] | None, source: Any = None
+) -> int:
     """Run a supervisor in the foreground; used by `run` and by the demo."""
     import uvloop
 
     from tollway.runtime.supervisor import Supervisor
 
-    supervisor = Supervisor(path, cfg, workers=workers, listen=listen or None, on_event=_print_event)
+    supervisor = Supervisor(
+        path, cfg, workers=workers, listen=listen or None, on_event=_print_event, source=source
+    )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(supervisor.run())
 
@@ -206,6 +215,16 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+
+
+def _add_store_commands() -> None:
+    from tollway.store.cli import config_app, db_app
+
+    app.add_typer(db_app, name="db")
+    app.add_typer(config_app, name="config")
+
+
+_add_store_commands()
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tollway.config.store_settings import StoreSettings
 from tollway.config.types import Cidr, Duration, ListenAddress, Name, Size, parse_hostport
 from tollway.observability.fields import DEFAULT_FIELDS, check_field
 
@@ -272,6 +273,9 @@ class GatewaySettings(Model):
         default_factory=Metrics, description="Prometheus metrics at /metrics on the status listener"
     )
     tracing: Tracing = Field(default_factory=Tracing, description="W3C trace context and OTLP span export")
+    store: StoreSettings = Field(
+        default_factory=StoreSettings, description="where entities come from (docs/config-store.md)"
+    )
 
 
 # -- plugins ---------------------------------------------------------------------------------------------

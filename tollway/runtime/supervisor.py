@@ -32,7 +32,7 @@ from tollway import __version__
 from tollway.config.loader import load_file
 from tollway.config.schema import GatewayConfig
 from tollway.config.types import parse_hostport
-from tollway.errors import ConfigError
+from tollway.errors import ConfigError, TollwayError
 from tollway.observability.exposition import CONTENT_TYPE, MetricsHub, resident_bytes
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.status import start_status_server
@@ -65,6 +65,7 @@ class Supervisor:
         workers: int | None = None,
         listen: list[str] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        source: Any = None,
     ) -> None:
         self.config_path = Path(config_path) if config_path is not None else None
         self.overrides = {"listen": listen} if listen else {}
@@ -93,12 +94,16 @@ class Supervisor:
         # Observability: merged worker metrics, and hooks for other features (docs/monitoring.md).
         self.metrics = MetricsHub(self)
         self.status_sections: dict[str, Callable[[], Any]] = {}
+        # A config store (tollway.store.node.StoreSource): entities come from it, not from the file.
+        self.source = source
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def run(self) -> int:
         """Start everything, serve until drained; returns the process exit code."""
         loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
+        if self.source is not None and not await self._start_source():
+            return 1
         try:
             self._bind_all()
         except OSError as exc:
@@ -124,10 +129,22 @@ class Supervisor:
         self.on_event("started", self.describe())
         watcher = loop.create_task(self._watch_file())
         collector = loop.create_task(self._collect_periodically())
+        syncer = loop.create_task(self.source.run()) if self.source is not None else None
         await self._done.wait()
-        watcher.cancel()
-        collector.cancel()
+        for task in (watcher, collector, syncer):
+            if task is not None:
+                task.cancel()
         return 0
+
+    async def _start_source(self) -> bool:
+        """The first config from the store (or its last-known-good file); False if neither answers."""
+        try:
+            self.config = self._with_overrides(await self.source.start(self))
+        except TollwayError as exc:
+            log.error("%s", exc)
+            self.on_event("error", {"message": str(exc)})
+            return False
+        return True
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -181,17 +198,25 @@ class Supervisor:
         self._watch_stat = _stat(self.config_path)  # before reading: a later change is seen next poll
         try:
             config = self._with_overrides(load_file(self.config_path))
-        except ConfigError as exc:
+            if self.source is not None:
+                config = self.source.with_entities(config)
+        except TollwayError as exc:
+            issues = exc.issues if isinstance(exc, ConfigError) else [str(exc)]
             self.last_reload = {"time": time.time(), "result": "failed", "version": self.version}
             self.metrics.registry.count("config_reloads_total", result="failed")
             log.error(
                 "config reload (%s) failed; still serving version %d:\n  %s",
                 reason,
                 self.version,
-                "\n  ".join(exc.issues),
+                "\n  ".join(issues),
             )
-            self.on_event("reload_failed", {"reason": reason, "issues": exc.issues})
+            self.on_event("reload_failed", {"reason": reason, "issues": issues})
             return False
+        self.apply_config(config, reason)
+        return True
+
+    def apply_config(self, config: GatewayConfig, reason: str) -> None:
+        """Send a validated config to every worker (a file reload, or a config store change)."""
         self._warn_restart_only(config)
         self.config = config
         self.upstreams.apply(config)
@@ -203,7 +228,6 @@ class Supervisor:
                 handle.channel.send(("config", self.version, config))
         log.info("config version %d applied (%s)", self.version, reason)
         self.on_event("reloaded", {"reason": reason, "version": self.version})
-        return True
 
     def _with_overrides(self, config: GatewayConfig) -> GatewayConfig:
         if not self.overrides:
