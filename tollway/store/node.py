@@ -58,6 +58,7 @@ class StoreSource:
         settings = file_config.gateway.store
         self.settings = settings
         self.file_config = file_config
+        config_path = config_path.resolve()
         self.store = store or make_store(settings, config_path.parent)
         self.lkg_path = Path(settings.last_known_good or f"{config_path}.last-good.json")
         if not self.lkg_path.is_absolute():
