@@ -33,6 +33,7 @@ from tollway.errors import ConfigError
 from tollway.store import lastgood
 from tollway.store.base import ConfigStore, NodeInfo
 from tollway.store.factory import make_store
+from tollway.store.incremental import apply_delta
 from tollway.store.model import KINDS, Rows, StoreError, WriteRefused, validate_rows
 
 log = logging.getLogger("tollway.store")
@@ -186,15 +187,18 @@ class StoreSource:
             return False
         if version == self.rejected_version:
             return False
-        if self.rows is not None and self.source == "store" and version > self.rows.version:
-            current, changes = await self.store.changes_since(self.rows.version)
-            rows = self.rows.apply_changes(current, changes)
-            reason = f"store version {current}: " + _describe_changes(changes)
-        else:
-            rows = await self.store.load()
-            reason = f"store version {rows.version}"
         try:
-            config = self._validated(rows)
+            if self.rows is not None and self.source == "store" and version > self.rows.version:
+                # Catch up from the change log: only the changed entities travel and are validated.
+                current, changes = await self.store.changes_since(self.rows.version)
+                rows = self.rows.apply_changes(current, changes)
+                reason = f"store version {current}: " + _describe_changes(changes)
+                assert self.entities is not None
+                config = apply_delta(self.entities, self.rows, rows, changes)
+            else:
+                rows = await self.store.load()
+                reason = f"store version {rows.version}"
+                config = self._validated(rows)
         except WriteRefused as exc:
             self.rejected_version = rows.version
             self.errors["invalid"] += 1
