@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import yaml
 
 from tests.store.conftest import pg_dsn
 from tests.store.nodes import metric, node_config, serves, start_node, status, store_cli, write_entities
@@ -216,3 +217,30 @@ def test_a_file_with_entities_is_refused_in_store_mode(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError) as failed:
         gw.start(timeout=20)
     assert "live in the store, not in this file" in str(failed.value)
+
+
+def test_a_change_in_a_large_config_reaches_every_worker_as_a_delta(
+    tmp_path: Path, backend: Callable[..., Backend]
+) -> None:
+    b = backend()
+    node_file = tmp_path / "node.yaml"
+    config = node_config({"backend": "sqlite", "path": "tollway.db", "poll_interval": 0.2})
+    routes = {f"r{i}": f"/r{i}/" for i in range(300)}  # "/r15" would match "/r150"
+    node_file.write_text(yaml.safe_dump(config))
+    store_cli(
+        "config", "apply", str(write_entities(tmp_path / "v1.yaml", b.url, routes)), "-c", str(node_file)
+    )
+    gw = start_node(node_file, config)
+    try:
+        assert request(gw.port, path="/r150/").status == 200
+        routes["r150"] = "/moved"
+        store_cli(
+            "config", "apply", str(write_entities(tmp_path / "v2.yaml", b.url, routes)), "-c", str(node_file)
+        )
+        assert wait_until(lambda: serves(gw, "/moved"), PROPAGATION_BOUND)
+        for _ in range(10):  # fresh connections: both workers answer
+            assert request(gw.port, path="/r150/").status == 404
+            assert request(gw.port, path="/r299/").status == 200
+        assert not any("could not apply" in line for line in gw.errors)
+    finally:
+        gw.stop()

@@ -34,6 +34,7 @@ from tollway.config.schema import GatewayConfig
 from tollway.config.types import parse_hostport
 from tollway.errors import ConfigError, TollwayError
 from tollway.observability.exposition import CONTENT_TYPE, MetricsHub, resident_bytes
+from tollway.runtime import config_delta
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.status import start_status_server
 from tollway.runtime.worker import ENV_FDS
@@ -218,14 +219,16 @@ class Supervisor:
     def apply_config(self, config: GatewayConfig, reason: str) -> None:
         """Send a validated config to every worker (a file reload, or a config store change)."""
         self._warn_restart_only(config)
-        self.config = config
+        previous, self.config = self.config, config
         self.upstreams.apply(config)
         self.version += 1
         self.last_reload = {"time": time.time(), "result": "ok", "version": self.version}
         self.metrics.registry.count("config_reloads_total", result="ok")
+        delta = config_delta.encode(previous, config)
+        message = ("config", self.version, config) if delta is None else ("config_delta", self.version, delta)
         for handle in self.workers.values():
             if handle.channel is not None:
-                handle.channel.send(("config", self.version, config))
+                handle.channel.send(message)
         log.info("config version %d applied (%s)", self.version, reason)
         self.on_event("reloaded", {"reason": reason, "version": self.version})
 
@@ -474,6 +477,11 @@ class Supervisor:
         for handle in self.workers.values():
             if handle.channel is not None:
                 handle.channel.send(("reopen_logs",))
+
+    def on_worker_config_needed(self, handle: WorkerHandle) -> None:
+        """A worker got a config delta against a version it does not hold: send the whole config."""
+        if handle.channel is not None:
+            handle.channel.send(("config", self.version, self.config))
 
     def on_worker_collected(self, handle: WorkerHandle, token: int, data: dict[str, Any]) -> None:
         self.metrics.received(handle.slot, handle.process.pid, token, data)

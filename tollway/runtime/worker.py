@@ -17,13 +17,14 @@ import signal
 import socket
 import ssl
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tollway.config.schema import GatewayConfig
 from tollway.observability.worker_side import WorkerObservability
 from tollway.protocol.server import ClientConnection
 from tollway.proxy.exchange import RequestIds
 from tollway.proxy.snapshot import Snapshot, build_snapshot
+from tollway.runtime import config_delta
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
 from tollway.state.shared import SharedTable, set_node_table
@@ -53,6 +54,7 @@ class Worker:
         self.listen_socks = listen_socks
         self.channel: ChannelProtocol | None = None
         self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by the first config
+        self.config: GatewayConfig | None = None  # the base of the next config delta
         self.draining = False
         self.connections: set[ClientConnection] = set()
         self.pools: dict[tuple[object, ...], Pool] = {}
@@ -106,7 +108,7 @@ class Worker:
                 self.channel.send(("config_failed", version, f"{type(exc).__name__}: {exc}"))
             return
         first = self.snapshot is None
-        self.snapshot = snapshot
+        self.snapshot, self.config = snapshot, config
         self.upstreams.activate(snapshot.clusters)
         self.observability.apply(config)
         self._close_unused_pools(snapshot)
@@ -114,6 +116,13 @@ class Worker:
             self._configured.set()
         elif self.channel is not None:
             self.channel.send(("ready", version))
+
+    def on_config_delta(self, version: int, delta: dict[str, Any]) -> None:
+        """What changed since the version this worker holds (tollway.runtime.config_delta)."""
+        if self.config is None or self.snapshot.version != version - 1:
+            self._send(("config_needed",))
+            return
+        self.apply_config(version, config_delta.decode(self.config, delta))
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, then close everything."""
