@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tollway.proxy.snapshot import build_snapshot
+from tollway.runtime import config_delta
 from tollway.store.base import ConfigStore
 from tollway.store.incremental import apply_delta
 from tollway.store.model import Put, validate_rows
@@ -70,22 +71,30 @@ async def measure(store: ConfigStore, routes: int, rounds: int) -> dict[str, flo
         return validate_rows(await store.load())
 
     out["node, full: load + validate all"], new_config = await best(rounds, full)
-    deltas = []
+    deltas, sends, receives = [], [], []
     for _ in range(rounds):
         base = await store.load()
         base_config = validate_rows(base)
         await write(0)
         started = time.perf_counter()
         current, changes = await store.changes_since(base.version)
-        apply_delta(base_config, base, base.apply_changes(current, changes), changes)
+        patched = apply_delta(base_config, base, base.apply_changes(current, changes), changes)
         deltas.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        payload = pickle.dumps(config_delta.encode(base_config, patched), protocol=pickle.HIGHEST_PROTOCOL)
+        sends.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        config_delta.decode(base_config, pickle.loads(payload))
+        receives.append(time.perf_counter() - started)
     out["node, delta: change log + validate one"] = min(deltas)
+    out[f"to workers, delta: encode + pickle ({len(payload) / 1e3:.0f} kB)"] = min(sends)
+    out["in a worker, delta: unpickle + decode"] = min(receives)
 
     data = pickle.dumps(new_config, protocol=pickle.HIGHEST_PROTOCOL)
-    out[f"to workers: pickle ({len(data) / 1e6:.1f} MB)"], _ = await best(
+    out[f"to workers, whole: pickle ({len(data) / 1e6:.1f} MB)"], _ = await best(
         rounds, lambda _: _sync(pickle.dumps, new_config, protocol=pickle.HIGHEST_PROTOCOL)
     )
-    out["in a worker: unpickle"], _ = await best(rounds, lambda _: _sync(pickle.loads, data))
+    out["in a worker, whole: unpickle"], _ = await best(rounds, lambda _: _sync(pickle.loads, data))
     out["in a worker: build_snapshot (full)"], _ = await best(
         rounds, lambda _: _sync(build_snapshot, new_config, 1, lambda *a, **k: None)
     )

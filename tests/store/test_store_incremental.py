@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tollway.store.incremental import apply_delta
-from tollway.store.model import Delete, Put, Rows, WriteRefused, plan_write, validate_rows
+from tollway.store.model import Change, Delete, Put, Row, Rows, WriteRefused, plan_write, validate_rows
 
 
 def _base() -> Rows:
@@ -59,3 +59,16 @@ def test_an_invalid_delta_reports_the_full_validations_messages() -> None:
     dangling = before.apply_changes(3, [type(changes[0])("services", "s", "delete", None)])
     with pytest.raises(WriteRefused, match="unknown service 's'"):
         apply_delta(previous, before, dangling, [type(changes[0])("services", "s", "delete", None)])
+
+
+def test_a_delta_that_breaks_a_cross_entity_plugin_check_is_refused_like_a_full_validation() -> None:
+    before = _base()
+    previous = validate_rows(before)
+    duplicate = {"username": "dup", "credentials": {"key-auth": [{"key": "k1"}]}}  # c1's key
+    change = Change("consumers", "dup", "create", Row("consumers", "dup", duplicate, "id-dup", 2, 999))
+    after = before.apply_changes(2, [change])
+    with pytest.raises(WriteRefused) as full:
+        validate_rows(after, source="store version 2")
+    with pytest.raises(WriteRefused) as delta:
+        apply_delta(previous, before, after, [change])
+    assert delta.value.issues == full.value.issues

@@ -47,9 +47,24 @@ def _patched(previous: GatewayConfig, before: Rows, after: Rows, changes: list[C
     if any(True for _ in check_references(after.document())):
         raise _Invalid
     config = previous.model_copy(update=update)
-    if any(True for _ in _plugin_problems(config, after, changed_keys)):
+    if _touches_plugins(before, after, changes) and any(
+        True for _ in _plugin_problems(config, after, changed_keys)
+    ):
         raise _Invalid
     return config
+
+
+def _touches_plugins(before: Rows, after: Rows, changes: list[Change]) -> bool:
+    """Whether the plugin checks (credentials across every consumer, plugin_order, instances) can
+    give another answer: not when only entities without plugins changed (the usual route edit)."""
+    for change in changes:
+        if change.kind in ("consumers", "plugins"):
+            return True
+        for rows in (before, after):
+            row = rows.by_kind[change.kind].get(change.key)
+            if row is not None and (row.data.get("plugins") or row.data.get("plugin_order")):
+                return True
+    return False
 
 
 def _entity_model(kind: str) -> Any:
