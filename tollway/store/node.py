@@ -180,20 +180,23 @@ class StoreSource:
 
     async def sync(self) -> bool:
         """Check the version; apply what changed. Returns whether a new config was applied."""
-        version = await self.store.version()
+        in_step = self.rows is not None and self.entities is not None and self.source == "store"
+        if in_step:
+            # One round trip: the change log since the applied version carries the current version.
+            assert self.rows is not None
+            version, changes = await self.store.changes_since(self.rows.version)
+        else:
+            version, changes = await self.store.version(), []
         self.store_version = version
         self.last_sync = time.monotonic()
-        if self.source == "store" and version == self.applied_version and self.rows is not None:
-            return False
-        if version == self.rejected_version:
+        if (in_step and version == self.applied_version) or version == self.rejected_version:
             return False
         try:
-            if self.rows is not None and self.source == "store" and version > self.rows.version:
+            if in_step and version > self.applied_version:
                 # Catch up from the change log: only the changed entities travel and are validated.
-                current, changes = await self.store.changes_since(self.rows.version)
-                rows = self.rows.apply_changes(current, changes)
-                reason = f"store version {current}: " + _describe_changes(changes)
-                assert self.entities is not None
+                assert self.rows is not None and self.entities is not None
+                rows = self.rows.apply_changes(version, changes)
+                reason = f"store version {version}: " + _describe_changes(changes)
                 config = apply_delta(self.entities, self.rows, rows, changes)
             else:
                 rows = await self.store.load()

@@ -184,9 +184,11 @@ class PostgresStore(ConfigStore):
         return written  # type: ignore[no-any-return]
 
     async def wait_for_change(self, timeout: float) -> None:
-        if self._listener is None or self._listener.is_closed():
+        if not self.listen:
             await asyncio.sleep(timeout)
             return
+        if self._listener is None or self._listener.is_closed():
+            raise StoreError("the postgres notification connection was lost")  # the node reconnects
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
         self._changed.clear()
