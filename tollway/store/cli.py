@@ -11,7 +11,7 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 import yaml
@@ -87,7 +87,7 @@ def _with_store(
         )
 
 
-def _fail(message: str) -> Any:
+def _fail(message: str) -> NoReturn:
     err.print(f"[red]{message}[/red]", markup=True)
     raise typer.Exit(1)
 

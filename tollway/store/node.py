@@ -296,7 +296,8 @@ class StoreSource:
         since = GaugeMetricFamily(
             "tollway_config_store_seconds_since_sync", "seconds since the store last answered a version check"
         )
-        since.add_metric([], self.seconds_since_sync() if self.last_sync is not None else float("inf"))
+        seconds = self.seconds_since_sync()
+        since.add_metric([], float("inf") if seconds is None else seconds)
         up = GaugeMetricFamily("tollway_config_store_up", "1 while the config store is reachable")
         up.add_metric([], 1 if self.connected else 0)
         lkg = GaugeMetricFamily(
