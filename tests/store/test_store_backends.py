@@ -206,3 +206,20 @@ async def test_postgres_unreachable_is_a_store_error() -> None:
     store = PostgresStore("postgresql://postgres@127.0.0.1:9/nothing", connect_timeout=1.0)
     with pytest.raises(StoreError, match="cannot reach the postgres store"):
         await store.open()
+
+
+async def test_the_change_log_is_trimmed_and_says_when_it_no_longer_reaches_back(
+    store: ConfigStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tollway.store.base
+
+    monkeypatch.setattr(tollway.store.base, "CHANGE_LOG_KEEP", 3)
+    monkeypatch.setattr(tollway.store.base, "TRIM_EVERY", 1)
+    await store.write([Put("services", SERVICE)])
+    for i in range(5):
+        await store.write([Put("routes", {**ROUTE, "paths": [f"/v{i}"]})])
+    assert await store.version() == 6
+    assert await store.changes_since(1) == (6, None)  # trimmed: the node must load everything
+    version, changes = await store.changes_since(4)
+    assert version == 6 and changes is not None and [c.key for c in changes] == ["users"]
+    assert await store.changes_since(6) == (6, [])

@@ -38,6 +38,18 @@ class NodeInfo:
     last_seen: float = 0.0
 
 
+# The change log keeps this many versions; a node further behind reloads everything. Trimmed every
+# _TRIM_EVERY versions, so the delete is amortised over writes.
+CHANGE_LOG_KEEP = 10_000
+TRIM_EVERY = 100
+
+
+def trim_floor(version: int) -> int | None:
+    """The version up to which a write at `version` trims the change log, when it is its turn."""
+    floor = version - CHANGE_LOG_KEEP
+    return floor if floor > 0 and version % TRIM_EVERY == 0 else None
+
+
 class ConfigStore(abc.ABC):
     backend: str = "?"
 
@@ -61,8 +73,9 @@ class ConfigStore(abc.ABC):
         """Every entity at the current version."""
 
     @abc.abstractmethod
-    async def changes_since(self, version: int) -> tuple[int, list[Change]]:
-        """The current version and the entities changed after `version` (their current rows)."""
+    async def changes_since(self, version: int) -> tuple[int, list[Change] | None]:
+        """The current version and the entities changed after `version` (their current rows); None
+        instead of the changes when the change log no longer reaches back to `version` (load all)."""
 
     @abc.abstractmethod
     async def write(self, ops: Sequence[Op], author: str | None = None) -> WriteResult: ...

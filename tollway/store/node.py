@@ -185,8 +185,9 @@ class StoreSource:
             # One round trip: the change log since the applied version carries the current version.
             assert self.rows is not None
             version, changes = await self.store.changes_since(self.rows.version)
+            in_step = changes is not None  # None: the change log no longer reaches back: load all
         else:
-            version, changes = await self.store.version(), []
+            version, changes = await self.store.version(), None
         self.store_version = version
         self.last_sync = time.monotonic()
         if (in_step and version == self.applied_version) or version == self.rejected_version:
@@ -194,7 +195,7 @@ class StoreSource:
         try:
             if in_step and version > self.applied_version:
                 # Catch up from the change log: only the changed entities travel and are validated.
-                assert self.rows is not None and self.entities is not None
+                assert self.rows is not None and self.entities is not None and changes is not None
                 rows = self.rows.apply_changes(version, changes)
                 reason = f"store version {version}: " + _describe_changes(changes)
                 config = apply_delta(self.entities, self.rows, rows, changes)

@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 
 from tollway.store import migrations
-from tollway.store.base import ConfigStore, NodeInfo, WriteResult
+from tollway.store.base import ConfigStore, NodeInfo, WriteResult, trim_floor
 from tollway.store.model import Change, Op, Row, Rows, StoreError, plan_write
 
 CHANNEL = "tollway_config"
@@ -134,12 +134,15 @@ class PostgresStore(ConfigStore):
             return self._cache
         return Rows.from_rows(version, _rows(await conn.fetch(f"SELECT {_COLUMNS} FROM tollway_entities")))
 
-    async def changes_since(self, version: int) -> tuple[int, list[Change]]:
-        async def run(conn: asyncpg.Connection) -> tuple[int, list[Change]]:
+    async def changes_since(self, version: int) -> tuple[int, list[Change] | None]:
+        async def run(conn: asyncpg.Connection) -> tuple[int, list[Change] | None]:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                current = int(
-                    await conn.fetchval("SELECT value FROM tollway_meta WHERE key = 'config_version'")
-                )
+                meta = dict(await conn.fetch("SELECT key, value FROM tollway_meta"))
+                current = int(meta["config_version"])
+                if current == version:
+                    return current, []
+                if version < int(meta.get("log_floor", 0)):
+                    return current, None
                 touched = await conn.fetch(
                     "SELECT DISTINCT kind, key FROM tollway_changes WHERE version > $1", version
                 )
@@ -160,7 +163,7 @@ class PostgresStore(ConfigStore):
             ]
             return current, changes
 
-        result: tuple[int, list[Change]] = await self._query(run)
+        result: tuple[int, list[Change] | None] = await self._query(run)
         return result
 
     # -- writes ------------------------------------------------------------------------------------------
@@ -259,6 +262,14 @@ async def _store_changes(
         [(version, c.kind, c.key, c.action, author) for c in changes],
     )
     await conn.execute("UPDATE tollway_meta SET value = $1 WHERE key = 'config_version'", version)
+    floor = trim_floor(version)
+    if floor is not None:
+        await conn.execute("DELETE FROM tollway_changes WHERE version <= $1", floor)
+        await conn.execute(
+            "INSERT INTO tollway_meta (key, value) VALUES ('log_floor', $1)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            floor,
+        )
 
 
 def _describe(exc: BaseException) -> str:

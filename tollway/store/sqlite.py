@@ -19,7 +19,7 @@ from typing import TypeVar
 import orjson
 
 from tollway.store import migrations
-from tollway.store.base import ConfigStore, NodeInfo, WriteResult
+from tollway.store.base import ConfigStore, NodeInfo, WriteResult, trim_floor
 from tollway.store.model import Change, Op, Row, Rows, StoreError, plan_write
 
 T = TypeVar("T")
@@ -116,11 +116,15 @@ class SQLiteStore(ConfigStore):
         self._cache = rows
         return rows
 
-    async def changes_since(self, version: int) -> tuple[int, list[Change]]:
-        def read(db: sqlite3.Connection) -> tuple[int, list[Change]]:
+    async def changes_since(self, version: int) -> tuple[int, list[Change] | None]:
+        def read(db: sqlite3.Connection) -> tuple[int, list[Change] | None]:
             db.execute("BEGIN")
             try:
                 current = _config_version(db)
+                if current == version:
+                    return current, []
+                if version < _log_floor(db):
+                    return current, None
                 touched = db.execute(
                     "SELECT DISTINCT kind, key FROM tollway_changes WHERE version > ?", (version,)
                 ).fetchall()
@@ -249,3 +253,16 @@ def _store_changes(db: sqlite3.Connection, changes: list[Change], version: int, 
             (version, change.kind, change.key, change.action, author, now),
         )
     db.execute("UPDATE tollway_meta SET value = ? WHERE key = 'config_version'", (version,))
+    floor = trim_floor(version)
+    if floor is not None:
+        db.execute("DELETE FROM tollway_changes WHERE version <= ?", (floor,))
+        db.execute(
+            "INSERT INTO tollway_meta (key, value) VALUES ('log_floor', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (floor,),
+        )
+
+
+def _log_floor(db: sqlite3.Connection) -> int:
+    found = db.execute("SELECT value FROM tollway_meta WHERE key = 'log_floor'").fetchone()
+    return int(found[0]) if found else 0
