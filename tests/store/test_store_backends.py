@@ -223,3 +223,26 @@ async def test_the_change_log_is_trimmed_and_says_when_it_no_longer_reaches_back
     version, changes = await store.changes_since(4)
     assert version == 6 and changes is not None and [c.key for c in changes] == ["users"]
     assert await store.changes_since(6) == (6, [])
+
+
+async def test_sqlite_wakes_a_watcher_when_another_process_commits(tmp_path: Path) -> None:
+    watcher, writer = SQLiteStore(tmp_path / "tollway.db"), SQLiteStore(tmp_path / "tollway.db")
+    await watcher.open()
+    await writer.open()
+    try:
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(watcher.wait_for_change(10.0))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # nothing changed: it keeps waiting
+        started = loop.time()
+        await writer.write([Put("services", SERVICE)])
+        await asyncio.wait_for(waiting, 5.0)
+        assert loop.time() - started < 1.0  # seen through data_version, not the 10 s timeout
+        started = loop.time()
+        waiting = asyncio.ensure_future(watcher.wait_for_change(10.0))
+        await watcher.write([Put("routes", ROUTE)])  # a write through the watcher's own object
+        await asyncio.wait_for(waiting, 5.0)
+        assert loop.time() - started < 1.0
+    finally:
+        await watcher.close()
+        await writer.close()

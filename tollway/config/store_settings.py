@@ -29,8 +29,8 @@ class StoreSettings(BaseModel):
     poll_interval: Duration = Field(
         2.0,
         gt=0,
-        description="how often a node checks the store's version (the safety net under postgres "
-        "notifications; sqlite's only signal)",
+        description="how often a node checks the store's version: the safety net under postgres "
+        "notifications and sqlite's data_version watch",
     )
     last_known_good: str | None = Field(
         None,

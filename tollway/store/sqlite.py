@@ -2,13 +2,15 @@
 
 sqlite3 is synchronous, so every call runs in a thread (`asyncio.to_thread`) behind one lock; the store
 is read when it changes, never per request. Other processes (`tollway config apply`) write the same
-file; a node notices through a version poll (one indexed row, microseconds). Writes take the database
+file; a node notices through `PRAGMA data_version` (checked every 0.1 s, a read of shared memory) and a
+version poll as the safety net. Writes take the database
 lock up front (BEGIN IMMEDIATE) so two writers never interleave between reading and bumping the version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 import time
@@ -24,6 +26,7 @@ from tollway.store.model import Change, Op, Row, Rows, StoreError, plan_write
 
 T = TypeVar("T")
 _BUSY_TIMEOUT_MS = 5000
+_WATCH_INTERVAL = 0.1  # seconds between data_version checks: a change written elsewhere shows this fast
 
 
 class SQLiteStore(ConfigStore):
@@ -35,6 +38,7 @@ class SQLiteStore(ConfigStore):
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._cache: Rows | None = None  # the rows at the last version read: a write need not reload them
+        self._written = asyncio.Event()  # set by a write through this object (an admin API in the node)
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r} open={self._db is not None}>"
@@ -162,7 +166,10 @@ class SQLiteStore(ConfigStore):
             self._cache = result
             return WriteResult(new_version, changes)
 
-        return await self._run(run)
+        result = await self._run(run)
+        if result.changes:
+            self._written.set()
+        return result
 
     def _current_rows(self, db: sqlite3.Connection) -> Rows:
         version = _config_version(db)
@@ -171,7 +178,20 @@ class SQLiteStore(ConfigStore):
         return Rows.from_rows(version, _rows(db.execute(f"SELECT {_COLUMNS} FROM tollway_entities")))
 
     async def wait_for_change(self, timeout: float) -> None:
-        await asyncio.sleep(timeout)  # SQLite has no notifications: the caller polls the version
+        """SQLite has no notifications: watch `PRAGMA data_version`, which changes when another
+        connection commits (a check reads shared memory, not the file: microseconds), every
+        _WATCH_INTERVAL; a write through this object wakes the caller at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        start = await self._run(_data_version)
+        while (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._written.wait(), min(left, _WATCH_INTERVAL))
+            if self._written.is_set():
+                self._written.clear()
+                return
+            if await self._run(_data_version) != start:
+                return
 
     # -- cluster view ------------------------------------------------------------------------------------
     async def heartbeat(self, node: NodeInfo) -> None:
@@ -216,6 +236,10 @@ def _node_values(node: NodeInfo) -> tuple[object, ...]:
         node.error,
         node.started_at,
     )
+
+
+def _data_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA data_version").fetchone()[0])
 
 
 def _schema_version(db: sqlite3.Connection) -> int:
