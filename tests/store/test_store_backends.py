@@ -15,7 +15,16 @@ from tollway.config.loader import validate
 from tollway.errors import ConfigError
 from tollway.store.base import ConfigStore, NodeInfo
 from tollway.store.migrations import LATEST
-from tollway.store.model import Conflict, Delete, Put, StoreError, WriteRefused, diff, ops_from_document
+from tollway.store.model import (
+    Conflict,
+    Delete,
+    NotFound,
+    Put,
+    StoreError,
+    WriteRefused,
+    diff,
+    ops_from_document,
+)
 from tollway.store.postgres import PostgresStore
 from tollway.store.sqlite import SQLiteStore
 
@@ -246,3 +255,9 @@ async def test_sqlite_wakes_a_watcher_when_another_process_commits(tmp_path: Pat
     finally:
         await watcher.close()
         await writer.close()
+
+
+async def test_deleting_what_is_not_there_is_not_found(store: ConfigStore) -> None:
+    with pytest.raises(NotFound):
+        await store.write([Delete("routes", "nothing")])
+    assert await store.version() == 0

@@ -43,9 +43,15 @@ class WriteRefused(TollwayError):
 
 
 class Conflict(TollwayError):
-    """A write's expected version did not match the entity's (a lost update), or it is missing."""
+    """A write's expected version did not match the entity's (a lost update)."""
 
     status = 412
+
+
+class NotFound(TollwayError):
+    """A delete of an entity the store does not hold."""
+
+    status = 404
 
 
 def entity_key(kind: str, data: Mapping[str, Any]) -> str:
@@ -161,7 +167,7 @@ def plan_write(current: Rows, ops: Iterable[Op], new_version: int) -> tuple[Rows
             old = staged[op.kind].get(op.key)
             _check_expected(op.kind, op.key, old, op.expect_version)
             if old is None:
-                raise Conflict(f"{op.kind} {op.key!r} does not exist")
+                raise NotFound(f"{op.kind} {op.key!r} does not exist")
             del staged[op.kind][op.key]
             if (op.kind, op.key) in _existing(current):
                 changes[(op.kind, op.key)] = Change(op.kind, op.key, "delete", None)
