@@ -46,8 +46,14 @@ def main_options(
 @app.command()
 def run(
     config: Annotated[
-        Path, typer.Option("--config", "-c", help="YAML configuration file.", show_default=False)
-    ],
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML configuration file (none: default settings, entities in ./tollway.db).",
+            show_default=False,
+        ),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -63,6 +69,7 @@ def run(
     ] = "INFO",
 ) -> None:
     """Run the gateway with CONFIG until SIGTERM or Ctrl-C (both drain in-flight requests first).
+    Without CONFIG, entities come from the SQLite store ./tollway.db (`tollway config apply FILE`).
 
     SIGHUP, or saving the file, reloads the config without dropping connections; a bad file keeps the
     running config and logs why.
@@ -80,7 +87,7 @@ def run(
             err.print(f"[red]--listen {address}: {exc}[/red]")
             raise typer.Exit(2) from None
     try:
-        cfg = load_file(config)
+        cfg = load_file(config) if config is not None else _embedded_store_config()
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
@@ -90,6 +97,13 @@ def run(
 
         source = StoreSource(cfg, config)
     raise typer.Exit(serve(config, cfg, workers, listen, source))
+
+
+def _embedded_store_config() -> Any:
+    """`tollway run` without a file: default node settings, entities in the SQLite store ./tollway.db."""
+    from tollway.config.loader import validate
+
+    return validate({"gateway": {"store": {"backend": "sqlite"}}}, source="(defaults)")
 
 
 def serve(

@@ -2,12 +2,14 @@
 decK: export the store to a file, diff a file against it, apply a file (idempotently).
 
 The store is the one a gateway config file names (`-c tollway.yaml`, its `gateway.store`), or given
-directly with `--store` (`sqlite:///path/to/tollway.db`, `postgresql://user@host/db`).
+directly with `--store` (`sqlite:///path/to/tollway.db`, `postgresql://user@host/db`); with neither, the
+SQLite store ./tollway.db that `tollway run` uses without a config file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from tollway.config.store_settings import StoreSettings
 from tollway.errors import ConfigError, TollwayError
 
 T = TypeVar("T")
+_UNKNOWN_REFERENCE = re.compile(r": unknown (service|upstream|route|consumer) '")
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -46,8 +49,8 @@ def _settings(config: Path | None, store: str | None) -> tuple[StoreSettings, Pa
         if store.startswith(("postgres://", "postgresql://")):
             return StoreSettings(backend="postgres", dsn=store), Path.cwd()
         _fail(f"--store {store}: expected sqlite:///path or postgresql://…")
-    if config is None:
-        _fail("name the store: --config FILE (its gateway.store) or --store URL")
+    if config is None:  # the store `tollway run` uses without a config file
+        return StoreSettings(backend="sqlite"), Path.cwd()
     from tollway.config.loader import load_file
 
     try:
@@ -131,14 +134,18 @@ def export(
         out.print(f"wrote {rows.count()} entities (store version {rows.version}) to {output}")
 
 
-def _read_document(path: Path) -> dict[str, Any]:
-    """The file, validated on its own first (line numbers, like `tollway check`)."""
+def _read_document(path: Path, whole: bool) -> dict[str, Any]:
+    """The file, checked on its own first, so its mistakes come with line numbers as `tollway check`
+    gives them. Unless the file is the whole config (`--prune`), it may refer to entities only the store
+    holds: those references are left to the store, which validates the config the write would leave."""
     from tollway.config.loader import load_file
 
     try:
         load_file(path)
     except ConfigError as exc:
-        _fail("\n  ".join([f"✗ {exc.source}: {len(exc.issues)} error(s)", *exc.issues]))
+        issues = exc.issues if whole else [i for i in exc.issues if not _UNKNOWN_REFERENCE.search(i)]
+        if issues:
+            _fail("\n  ".join([f"✗ {exc.source}: {len(issues)} error(s)", *issues]))
     doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if doc.get("gateway"):
         err.print("note: the gateway section stays in each node's file; it is not written to the store")
@@ -155,7 +162,7 @@ def diff_cmd(
     """What `config apply FILE` would change, entity by entity. Exit code 2 when something would."""
     from tollway.store.model import diff
 
-    doc = _read_document(file)
+    doc = _read_document(file, whole=prune)
 
     async def read(s: Any) -> Any:
         return await s.load()
@@ -183,7 +190,7 @@ def apply(
     nothing and bumps no version."""
     from tollway.store.model import ops_from_document, prune_ops
 
-    doc = _read_document(file)
+    doc = _read_document(file, whole=prune)
 
     async def write(s: Any) -> Any:
         ops = ops_from_document(doc)

@@ -54,16 +54,18 @@ class Host(Protocol):
 
 class StoreSource:
     def __init__(
-        self, file_config: GatewayConfig, config_path: Path, store: ConfigStore | None = None
+        self, file_config: GatewayConfig, config_path: Path | None, store: ConfigStore | None = None
     ) -> None:
+        """`config_path` anchors relative paths (none: the current directory, `tollway run` alone)."""
         settings = file_config.gateway.store
         self.settings = settings
         self.file_config = file_config
-        config_path = config_path.resolve()
-        self.store = store or make_store(settings, config_path.parent)
-        self.lkg_path = Path(settings.last_known_good or f"{config_path}.last-good.json")
+        base = config_path.resolve().parent if config_path is not None else Path.cwd()
+        self.store = store or make_store(settings, base)
+        default_lkg = f"{config_path.resolve()}.last-good.json" if config_path else "tollway.last-good.json"
+        self.lkg_path = Path(settings.last_known_good or default_lkg)
         if not self.lkg_path.is_absolute():
-            self.lkg_path = config_path.parent / self.lkg_path
+            self.lkg_path = base / self.lkg_path
         self.node_id = settings.node_id or ""
         self.started = time.time()
         self.rows: Rows | None = None  # what is applied

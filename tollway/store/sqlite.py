@@ -57,6 +57,12 @@ class SQLiteStore(ConfigStore):
                 raise StoreError(f"sqlite store {self.path}: {exc}") from exc
 
     async def open(self) -> None:
+        await self._connect()
+        if self.auto_migrate:
+            await self.migrate()
+        migrations.check_current(await self._run(_schema_version))
+
+    async def _connect(self) -> None:
         def connect() -> None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,10 +74,8 @@ class SQLiteStore(ConfigStore):
                 raise StoreError(f"cannot open the sqlite store {self.path}: {exc}") from exc
             self._db = db
 
-        await asyncio.to_thread(connect)
-        if self.auto_migrate:
-            await self.migrate()
-        migrations.check_current(await self._run(_schema_version))
+        if self._db is None:
+            await asyncio.to_thread(connect)
 
     async def close(self) -> None:
         with self._lock:
@@ -80,6 +84,8 @@ class SQLiteStore(ConfigStore):
                 self._db = None
 
     async def migrate(self) -> list[int]:
+        await self._connect()
+
         def run(db: sqlite3.Connection) -> list[int]:
             db.execute("BEGIN IMMEDIATE")
             try:

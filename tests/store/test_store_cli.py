@@ -1,0 +1,85 @@
+"""`tollway config …` and `tollway db …` in-process (typer's runner), on real SQLite files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tollway.cli import _embedded_store_config, app
+
+runner = CliRunner()
+ENTITIES = {
+    "services": [{"name": "users", "url": "http://127.0.0.1:9001"}],
+    "routes": [{"name": "users", "service": "users", "paths": ["/users"]}],
+}
+
+
+def _write(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_without_a_config_file_the_commands_use_the_embedded_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    applied = runner.invoke(app, ["config", "apply", str(_write(tmp_path / "e.yaml", ENTITIES))])
+    assert applied.exit_code == 0, applied.output
+    assert "store version 1: 2 change(s) applied" in applied.output
+    assert (tmp_path / "tollway.db").exists()
+    exported = runner.invoke(app, ["config", "export"])
+    assert yaml.safe_load(exported.output) == ENTITIES
+    assert _embedded_store_config().gateway.store.backend == "sqlite"  # what `tollway run` alone serves
+
+
+def test_apply_refuses_a_dangling_reference_whole_and_diff_shows_entities(tmp_path: Path) -> None:
+    store = f"sqlite://{tmp_path / 'tollway.db'}"
+    runner.invoke(app, ["config", "apply", str(_write(tmp_path / "e.yaml", ENTITIES)), "--store", store])
+    orphan = {"routes": [{"name": "orders", "service": "orders", "paths": ["/orders"]}]}
+    refused = runner.invoke(
+        app, ["config", "apply", str(_write(tmp_path / "o.yaml", orphan)), "--store", store]
+    )
+    assert refused.exit_code == 1
+    assert "nothing was changed" in refused.output and "unknown service 'orders'" in refused.output
+    partial = {"routes": [{"name": "more", "service": "users", "paths": ["/more"]}]}  # the store has users
+    added = runner.invoke(
+        app, ["config", "apply", str(_write(tmp_path / "p.yaml", partial)), "--store", store]
+    )
+    assert added.exit_code == 0 and "+ route 'more'" in added.output
+    changed = {**ENTITIES, "routes": [{"name": "users", "service": "users", "paths": ["/v2/users"]}]}
+    diffed = runner.invoke(
+        app, ["config", "diff", str(_write(tmp_path / "c.yaml", changed)), "--store", store]
+    )
+    assert diffed.exit_code == 2 and "~ route 'users' (paths)" in diffed.output
+    pruned = runner.invoke(
+        app,
+        [
+            "config",
+            "diff",
+            str(_write(tmp_path / "s.yaml", {"services": ENTITIES["services"]})),
+            "--store",
+            store,
+            "--prune",
+        ],
+    )
+    assert "- route 'users'" in pruned.output
+
+
+def test_a_file_with_errors_is_reported_with_line_numbers_before_the_store_is_touched(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routes:\n  - name: x\n    service: s\n    paths: [nope]\n")
+    result = runner.invoke(app, ["config", "apply", str(bad), "--store", f"sqlite://{tmp_path / 't.db'}"])
+    assert result.exit_code == 1
+    assert f'{bad}:4: routes[0] "x": paths[0]: must start with' in result.output
+    assert not (tmp_path / "t.db").exists()
+
+
+def test_db_migrate_on_sqlite_reports_the_schema(tmp_path: Path) -> None:
+    store = f"sqlite://{tmp_path / 'tollway.db'}"
+    first = runner.invoke(app, ["db", "migrate", "--store", store])
+    assert first.exit_code == 0 and "schema is at 1" in first.output
+    again = runner.invoke(app, ["db", "migrate", "--store", store])
+    assert "schema is up to date (version 1)" in again.output
