@@ -25,7 +25,7 @@ def _migrate(dsn: str) -> None:
     store_cli("db", "migrate", "--store", dsn)
 
 
-def test_a_route_applied_once_is_served_by_every_worker_of_both_nodes(
+def test_a_route_applied_once_is_served_by_every_worker_of_three_nodes(
     tmp_path: Path, pg_database: str, backend: Callable[..., Backend]
 ) -> None:
     dsn = pg_dsn(pg_database)
@@ -34,7 +34,7 @@ def test_a_route_applied_once_is_served_by_every_worker_of_both_nodes(
     store = {"backend": "postgres", "dsn": dsn, "poll_interval": 1.0}
     write_entities(tmp_path / "v1.yaml", b.url, {"users": "/users"})
     store_cli("config", "apply", str(tmp_path / "v1.yaml"), "--store", dsn)
-    nodes = [start_node(tmp_path / f"node{i}.yaml", node_config(store)) for i in range(2)]
+    nodes = [start_node(tmp_path / f"node{i}.yaml", node_config(store)) for i in range(3)]
     try:
         for gw in nodes:
             assert request(gw.port, path="/users").status == 200
@@ -62,12 +62,12 @@ def test_a_route_applied_once_is_served_by_every_worker_of_both_nodes(
             )
             assert request(gw.port, path="/users").status == 200
 
-        # the cluster view: both nodes registered at the store's version
-        def both_current() -> bool:
+        # the cluster view: every node registered at the store's version
+        def all_current() -> bool:
             view = status(nodes[0])["store"]
-            return len(view["nodes"]) == 2 and all(n["config_version"] == 4 for n in view["nodes"])
+            return len(view["nodes"]) == 3 and all(n["config_version"] == 4 for n in view["nodes"])
 
-        assert wait_until(both_current, 12.0), status(nodes[0])["store"]
+        assert wait_until(all_current, 12.0), status(nodes[0])["store"]
         assert "tollway_config_version_applied 4.0" in metric(nodes[1], "tollway_config_version_applied")
     finally:
         for gw in nodes:
