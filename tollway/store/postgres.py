@@ -25,6 +25,17 @@ from tollway.store.model import Change, Op, Row, Rows, StoreError, plan_write
 CHANNEL = "tollway_config"
 _COLUMNS = "kind, key, data::text, id, version, position"
 _NODE_COLUMNS = "node_id, address, software_version, config_version, source, error, started_at, last_seen"
+# The current version, the change log's floor, and every entity changed after $1 (NULL data: deleted).
+_CHANGES_SINCE = """
+WITH touched AS (SELECT DISTINCT kind, key FROM tollway_changes WHERE version > $1)
+SELECT
+    (SELECT value FROM tollway_meta WHERE key = 'config_version') AS current,
+    COALESCE((SELECT value FROM tollway_meta WHERE key = 'log_floor'), 0) AS floor,
+    t.kind, t.key, e.data::text AS data, e.id, e.version, e.position
+FROM (SELECT 1) AS one
+LEFT JOIN touched t ON true
+LEFT JOIN tollway_entities e ON e.kind = t.kind AND e.key = t.key
+"""
 _MIGRATION_LOCK = 0x7011_3A7  # pg_advisory_xact_lock key: one `db migrate` at a time
 
 
@@ -135,36 +146,27 @@ class PostgresStore(ConfigStore):
         return Rows.from_rows(version, _rows(await conn.fetch(f"SELECT {_COLUMNS} FROM tollway_entities")))
 
     async def changes_since(self, version: int) -> tuple[int, list[Change] | None]:
-        async def run(conn: asyncpg.Connection) -> tuple[int, list[Change] | None]:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                meta = dict(await conn.fetch("SELECT key, value FROM tollway_meta"))
-                current = int(meta["config_version"])
-                if current == version:
-                    return current, []
-                if version < int(meta.get("log_floor", 0)):
-                    return current, None
-                touched = await conn.fetch(
-                    "SELECT DISTINCT kind, key FROM tollway_changes WHERE version > $1", version
-                )
-                found = await conn.fetch(
-                    f"SELECT {_COLUMNS} FROM tollway_entities e WHERE EXISTS (SELECT 1 FROM tollway_changes c"
-                    " WHERE c.version > $1 AND c.kind = e.kind AND c.key = e.key)",
-                    version,
-                )
-            rows = {(r.kind, r.key): r for r in _rows(found)}
-            changes = [
-                Change(
-                    t["kind"],
-                    t["key"],
-                    "update" if (t["kind"], t["key"]) in rows else "delete",
-                    rows.get((t["kind"], t["key"])),
-                )
-                for t in touched
-            ]
-            return current, changes
+        async def run(conn: asyncpg.Connection) -> list[Any]:
+            return list(await conn.fetch(_CHANGES_SINCE, version))
 
-        result: tuple[int, list[Change] | None] = await self._query(run)
-        return result
+        # One statement, one snapshot, one round trip: this runs on every notification of every node.
+        records = await self._query(run)
+        current, floor = int(records[0]["current"]), int(records[0]["floor"])
+        if current == version:
+            return current, []
+        if version < floor:
+            return current, None
+        changes = []
+        for r in records:
+            if r["kind"] is None:
+                continue
+            row = (
+                None
+                if r["id"] is None
+                else Row(r["kind"], r["key"], orjson.loads(r["data"]), r["id"], r["version"], r["position"])
+            )
+            changes.append(Change(r["kind"], r["key"], "delete" if row is None else "update", row))
+        return current, changes
 
     # -- writes ------------------------------------------------------------------------------------------
     async def write(self, ops: Sequence[Op], author: str | None = None) -> WriteResult:
