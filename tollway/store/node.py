@@ -103,8 +103,10 @@ class StoreSource:
             rows = await self.store.load()
             config = self._validated(rows)
         except (TimeoutError, StoreError) as exc:
-            return self._boot_from_last_good(f"{exc}" or "timed out")
+            self.errors["unreachable"] += 1
+            return self._boot_from_last_good(f"config store unreachable: {exc or 'timed out'}")
         except WriteRefused as exc:
+            self.errors["invalid"] += 1
             return self._boot_from_last_good("the store's config is invalid: " + "; ".join(exc.issues))
         self.connected = True
         self._adopt(rows, config)
@@ -113,18 +115,17 @@ class StoreSource:
 
     def _boot_from_last_good(self, why: str) -> GatewayConfig:
         self.last_error = why
-        self.errors["unreachable"] += 1
         try:
             saved = lastgood.read(self.lkg_path)
             rows = Rows(saved.store_version)
             config = validate(saved.document, source=str(self.lkg_path))
         except (ValueError, ConfigError) as exc:
             issues = "; ".join(exc.issues) if isinstance(exc, ConfigError) else str(exc)
-            raise StoreError(f"the config store is unreachable ({why}) and {issues}") from None
+            raise StoreError(f"{why}; and {issues}") from None
         self.rows, self.entities, self.source = rows, config, "last-known-good"
         age = time.time() - saved.written_at
         log.warning(
-            "config store unreachable (%s): serving the last-known-good config (store version %d, saved "
+            "%s: serving the last-known-good config (store version %d, saved "
             "%.0f s ago, %s); will catch up when the store is back",
             why,
             saved.store_version,
@@ -162,8 +163,10 @@ class StoreSource:
             except asyncio.CancelledError:
                 await self.store.close()
                 raise
-            except (TimeoutError, StoreError) as exc:
-                self._lost(str(exc) or "timed out")
+            except Exception as exc:  # unreachable, or anything unforeseen: never stop watching
+                if not isinstance(exc, TimeoutError | StoreError):
+                    log.exception("config store %s: unexpected error", self.store.backend)
+                self._lost(str(exc) or type(exc).__name__)
                 await self.store.close()
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # jitter: nodes do not retry in step
                 backoff = min(backoff * 2, _BACKOFF_MAX)

@@ -90,6 +90,8 @@ class PostgresStore(ConfigStore):
                 return await fn(self._conn)
             except (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
                 raise StoreError(f"postgres store: {_describe(exc)}") from exc
+            except asyncpg.PostgresError as exc:  # a table dropped, a permission revoked: unusable too
+                raise StoreError(f"postgres store: {_describe(exc)}") from exc
 
     async def _schema_version(self) -> int:
         async def run(conn: asyncpg.Connection) -> int:
