@@ -1,7 +1,7 @@
 """What one change costs on a node holding 10,000 routes and 10,000 consumers: a full rebuild versus the
-delta path, phase by phase (not a timed test; numbers go to bench/RESULTS.md).
+delta path, phase by phase (not a timed test; figures in docs/config-store.md).
 
-Run: PYTHONPATH=. /work/venv/bin/python bench/store_apply.py [--routes 10000] [--dsn postgresql://…]
+Run: PYTHONPATH=. python bench/store_apply.py [--routes 10000] [--dsn postgresql://…]
 
 Phases, each the best of --rounds:
 - write: one route changed through the store (the whole config is validated in the transaction);

@@ -1,6 +1,6 @@
 """Time from a config store commit to the change being served by every node (not a timed test).
 
-Run: PYTHONPATH=. /work/venv/bin/python bench/store_propagation.py [--nodes 3] [--workers 2] [--changes 200]
+Run: PYTHONPATH=. python bench/store_propagation.py [--nodes 3] [--workers 2] [--changes 200]
      [--routes 0]   (extra routes in the config, to see how size changes the answer)
 
 Starts N gateway nodes (W workers each) on a fresh PostgreSQL database at 127.0.0.1:5432 (dropped at

@@ -9,6 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tollway.cli import _embedded_store_config, app
+from tollway.store.model import Put
 
 runner = CliRunner()
 ENTITIES = {
@@ -83,3 +84,23 @@ def test_db_migrate_on_sqlite_reports_the_schema(tmp_path: Path) -> None:
     assert first.exit_code == 0 and "schema is at 1" in first.output
     again = runner.invoke(app, ["db", "migrate", "--store", store])
     assert "schema is up to date (version 1)" in again.output
+
+
+def test_nodes_lists_the_cluster_view(tmp_path: Path) -> None:
+    import asyncio
+
+    from tollway.store.base import NodeInfo
+    from tollway.store.sqlite import SQLiteStore
+
+    async def register() -> None:
+        store = SQLiteStore(tmp_path / "tollway.db")
+        await store.open()
+        await store.write([Put("services", ENTITIES["services"][0])])
+        await store.heartbeat(NodeInfo("gw-1", "10.0.0.1:8000", "1.2.3", 0, "last-known-good", "down", 1.0))
+        await store.close()
+
+    asyncio.run(register())
+    listed = runner.invoke(app, ["config", "nodes", "--store", f"sqlite://{tmp_path / 'tollway.db'}"])
+    assert listed.exit_code == 0, listed.output
+    assert "store version 1; 1 node(s)" in listed.output
+    assert "gw-1  v0 (last-known-good)  tollway 1.2.3" in listed.output and "BEHIND by 1" in listed.output

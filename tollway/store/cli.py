@@ -217,3 +217,24 @@ def _describe(d: Any) -> str:
     if d.action == "keep":
         line += " (in the store, not in the file; --prune deletes it)"
     return line
+
+
+@config_app.command("nodes")
+def nodes(config: ConfigOption = None, store: StoreOption = None) -> None:
+    """The gateway nodes registered in the store: applied config version, source, last heartbeat."""
+    import time
+
+    async def read(s: Any) -> Any:
+        return await s.version(), await s.nodes()
+
+    version, found = _with_store(config, store, read)
+    out.print(f"store version {version}; {len(found)} node(s)")
+    now = time.time()
+    for n in found:
+        behind = "" if n.config_version >= version else f"  BEHIND by {version - n.config_version}"
+        error = f"  error: {n.error}" if n.error else ""
+        out.print(
+            f"{n.node_id}  v{n.config_version} ({n.source})  tollway {n.software_version}  "
+            f"seen {max(0.0, now - n.last_seen):.0f}s ago  {n.address}{behind}{error}",
+            markup=False,
+        )
