@@ -161,7 +161,7 @@ def plan_write(current: Rows, ops: Iterable[Op], new_version: int) -> tuple[Rows
             next_position += old is None
             row = Row(op.kind, key, op.data, old.id if old else str(uuid.uuid4()), new_version, position)
             staged[op.kind][key] = row
-            action = "update" if (op.kind, key) in _existing(current) else "create"
+            action = "update" if key in current.by_kind[op.kind] else "create"
             changes[(op.kind, key)] = Change(op.kind, key, action, row)
         else:
             old = staged[op.kind].get(op.key)
@@ -169,7 +169,7 @@ def plan_write(current: Rows, ops: Iterable[Op], new_version: int) -> tuple[Rows
             if old is None:
                 raise NotFound(f"{op.kind} {op.key!r} does not exist")
             del staged[op.kind][op.key]
-            if (op.kind, op.key) in _existing(current):
+            if op.key in current.by_kind[op.kind]:
                 changes[(op.kind, op.key)] = Change(op.kind, op.key, "delete", None)
             else:
                 changes.pop((op.kind, op.key), None)  # created and deleted in the same write
@@ -212,20 +212,6 @@ def prune_ops(current: Rows, doc: Mapping[str, Any]) -> list[Op]:
         for key in current.by_kind[kind]
         if (kind, key) not in wanted
     ]
-
-
-def _existing(rows: Rows) -> _KeyView:
-    return _KeyView(rows)
-
-
-class _KeyView:
-    __slots__ = ("rows",)
-
-    def __init__(self, rows: Rows) -> None:
-        self.rows = rows
-
-    def __contains__(self, item: tuple[str, str]) -> bool:
-        return item[1] in self.rows.by_kind[item[0]]
 
 
 def _check_kind(kind: str) -> None:
