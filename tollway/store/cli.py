@@ -13,14 +13,15 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-import yaml
 from rich.console import Console
 
-from tollway.config.store_settings import StoreSettings
 from tollway.errors import ConfigError, TollwayError
+
+if TYPE_CHECKING:  # imported when a command runs: `tollway --help` stays fast
+    from tollway.config.store_settings import StoreSettings
 
 T = TypeVar("T")
 _UNKNOWN_REFERENCE = re.compile(r": unknown (service|upstream|route|consumer) '")
@@ -42,6 +43,8 @@ StoreOption = Annotated[
 
 
 def _settings(config: Path | None, store: str | None) -> tuple[StoreSettings, Path]:
+    from tollway.config.store_settings import StoreSettings
+
     if store:
         if store.startswith("sqlite://"):
             # sqlite:///abs/path or sqlite://relative/path, as SQLAlchemy spells them
@@ -122,6 +125,8 @@ def export(
     async def read(s: Any) -> Any:
         return await s.load()
 
+    import yaml
+
     rows = _with_store(config, store, read)
     doc = {kind: items for kind, items in rows.document().items() if items}
     text = f"# tollway config export: store version {rows.version}\n" + yaml.safe_dump(
@@ -146,6 +151,8 @@ def _read_document(path: Path, whole: bool) -> dict[str, Any]:
         issues = exc.issues if whole else [i for i in exc.issues if not _UNKNOWN_REFERENCE.search(i)]
         if issues:
             _fail("\n  ".join([f"✗ {exc.source}: {len(issues)} error(s)", *issues]))
+    import yaml
+
     doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if doc.get("gateway"):
         err.print("note: the gateway section stays in each node's file; it is not written to the store")
