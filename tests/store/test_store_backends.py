@@ -261,3 +261,13 @@ async def test_deleting_what_is_not_there_is_not_found(store: ConfigStore) -> No
     with pytest.raises(NotFound):
         await store.write([Delete("routes", "nothing")])
     assert await store.version() == 0
+
+
+async def test_nodes_not_heard_from_for_a_day_leave_the_view(store: ConfigStore) -> None:
+    await store.heartbeat(NodeInfo("gone", "a", "1.0", 1, "store", None, 1.0))
+    if isinstance(store, SQLiteStore):
+        await store._run(lambda db: db.execute("UPDATE tollway_nodes SET last_seen = 1"))
+    else:
+        await store._query(lambda conn: conn.execute("UPDATE tollway_nodes SET last_seen = 1"))  # type: ignore[attr-defined]
+    await store.heartbeat(NodeInfo("here", "b", "1.0", 1, "store", None, 1.0))
+    assert [n.node_id for n in await store.nodes()] == ["here"]

@@ -44,6 +44,10 @@ CHANGE_LOG_KEEP = 10_000
 TRIM_EVERY = 100
 
 
+# A node not heard from for a day has left the cluster view (any node's heartbeat removes it).
+NODE_FORGET_AFTER = 86_400.0
+
+
 def trim_floor(version: int) -> int | None:
     """The version up to which a write at `version` trims the change log, when it is its turn."""
     floor = version - CHANGE_LOG_KEEP

@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 
 from tollway.store import migrations
-from tollway.store.base import ConfigStore, NodeInfo, WriteResult, trim_floor
+from tollway.store.base import NODE_FORGET_AFTER, ConfigStore, NodeInfo, WriteResult, trim_floor
 from tollway.store.model import Change, Op, Row, Rows, StoreError, plan_write
 
 CHANNEL = "tollway_config"
@@ -221,6 +221,10 @@ class PostgresStore(ConfigStore):
                 node.source,
                 node.error,
                 node.started_at,
+            )
+            await conn.execute(
+                "DELETE FROM tollway_nodes WHERE last_seen < extract(epoch from now()) - $1",
+                NODE_FORGET_AFTER,
             )
 
         await self._query(run)

@@ -21,7 +21,7 @@ from typing import TypeVar
 import orjson
 
 from tollway.store import migrations
-from tollway.store.base import ConfigStore, NodeInfo, WriteResult, trim_floor
+from tollway.store.base import NODE_FORGET_AFTER, ConfigStore, NodeInfo, WriteResult, trim_floor
 from tollway.store.model import Change, Op, Row, Rows, StoreError, plan_write
 
 T = TypeVar("T")
@@ -211,6 +211,7 @@ class SQLiteStore(ConfigStore):
                 " started_at = excluded.started_at, last_seen = excluded.last_seen",
                 (*_node_values(node), time.time()),
             )
+            db.execute("DELETE FROM tollway_nodes WHERE last_seen < ?", (time.time() - NODE_FORGET_AFTER,))
 
         await self._run(run)
 
