@@ -1,7 +1,7 @@
 """Time from a config store commit to the change being served by every node (not a timed test).
 
 Run: PYTHONPATH=. python bench/store_propagation.py [--nodes 3] [--workers 2] [--changes 200]
-     [--routes 0]   (extra routes in the config, to see how size changes the answer)
+     [--routes 0] [--consumers 0]   (extra entities, to see how size changes the answer)
 
 Starts N gateway nodes (W workers each) on a fresh PostgreSQL database at 127.0.0.1:5432 (dropped at
 the end), then makes single-route changes one after another: each moves the route "probe" to a new
@@ -41,7 +41,7 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
-def served_everywhere(ports: list[int], path: str, started: float, timeout: float = 10.0) -> float:
+def served_everywhere(ports: list[int], path: str, started: float, timeout: float = 30.0) -> float:
     streak = dict.fromkeys(ports, 0)
     while time.perf_counter() - started < timeout:
         for port in ports:
@@ -69,6 +69,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[float]:
             Put("routes", {"name": f"r{i}", "service": "backend", "paths": [f"/r{i}/"]})
             for i in range(args.routes)
         ]
+        ops += [
+            Put("consumers", {"username": f"c{i}", "credentials": {"key-auth": [{"key": f"key-{i}"}]}})
+            for i in range(args.consumers)
+        ]
         ops.append(Put("routes", {"name": "probe", "service": "backend", "paths": ["/probe-start/"]}))
         await store.write(ops)
         settings = {"backend": "postgres", "dsn": dsn, "poll_interval": 2.0}
@@ -81,7 +85,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[float]:
                 )
             )
         ports = [gw.port for gw in nodes]
-        served_everywhere(ports, "/probe-start/", time.perf_counter(), 30.0)
+        served_everywhere(ports, "/probe-start/", time.perf_counter(), 120.0)
         times = []
         for i in range(args.changes):
             path = f"/probe-{i}/"
@@ -104,13 +108,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--routes", type=int, default=0)
+    parser.add_argument("--consumers", type=int, default=0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         times = asyncio.run(run(args, Path(tmp)))
     ms = sorted(t * 1000 for t in times)
     q = statistics.quantiles(ms, n=100, method="inclusive")
     print(
-        f"{args.nodes} nodes x {args.workers} workers, {args.routes + 1} routes, {len(ms)} changes: "
+        f"{args.nodes} nodes x {args.workers} workers, {args.routes + 1} routes, {args.consumers} consumers, "
+        f"{len(ms)} changes: "
         f"p50 {q[49]:.1f} ms, p90 {q[89]:.1f} ms, p99 {q[98]:.1f} ms, max {ms[-1]:.1f} ms"
     )
 

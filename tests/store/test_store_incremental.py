@@ -72,3 +72,29 @@ def test_a_delta_that_breaks_a_cross_entity_plugin_check_is_refused_like_a_full_
     with pytest.raises(WriteRefused) as delta:
         apply_delta(previous, before, after, [change])
     assert delta.value.issues == full.value.issues
+
+
+def test_catching_up_keeps_the_stores_order_as_a_full_load_would() -> None:
+    before = _base()
+    rows, log = before, []
+    for ops in (
+        [Delete("plugins", "key-auth@route=r3"), Delete("routes", "r3")],
+        [Put("routes", {"name": "r3", "service": "s", "paths": ["/again"]})],  # re-created: now last
+        [
+            Put("routes", {"name": "z", "service": "s", "paths": ["/z"]}),
+            Put("routes", {"name": "a", "service": "s", "paths": ["/a"]}),
+        ],
+        [Put("routes", {"name": "r1", "service": "s", "paths": ["/one"]})],  # updated in place
+    ):
+        rows, changes = plan_write(rows, ops, rows.version + 1)
+        log.append(changes)
+    latest = {}
+    for changes in log:  # the change log gives each changed entity once, with its current row
+        latest.update({(c.kind, c.key): c for c in changes})
+    current = [
+        c if c.action == "delete" else type(c)(c.kind, c.key, "update", rows.by_kind[c.kind].get(c.key))
+        for c in latest.values()
+    ]
+    caught_up = before.apply_changes(rows.version, reversed(current))
+    assert {k: list(v) for k, v in caught_up.by_kind.items()} == {k: list(v) for k, v in rows.by_kind.items()}
+    assert list(caught_up.by_kind["routes"])[-3:] == ["r3", "z", "a"]
