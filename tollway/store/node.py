@@ -110,6 +110,7 @@ class StoreSource:
             return self._boot_from_last_good("the store's config is invalid: " + "; ".join(exc.issues))
         self.connected = True
         self._adopt(rows, config)
+        await self._save_last_good()
         log.info("config store %s: version %d (%d entities)", self.store.backend, rows.version, rows.count())
         return self.merged()
 
@@ -222,6 +223,7 @@ class StoreSource:
         self._adopt(rows, config)
         assert self._host is not None
         self._host.apply_config(self.merged(), reason)
+        await self._save_last_good()
         self._next_heartbeat = 0.0  # report the new version at once
         return True
 
@@ -233,8 +235,12 @@ class StoreSource:
         self.source, self.rejected_version, self.last_error = "store", None, None
         self.store_version = max(self.store_version, rows.version)
         self.last_sync = time.monotonic()
+
+    async def _save_last_good(self) -> None:
+        """After the workers have the config: the file write (and its fsync) runs in a thread."""
+        assert self.rows is not None
         try:
-            lastgood.write(self.lkg_path, rows.version, rows.document())
+            await asyncio.to_thread(lastgood.write, self.lkg_path, self.rows.version, self.rows.document())
         except OSError as exc:
             log.error("cannot write the last-known-good file %s: %s", self.lkg_path, exc)
 
