@@ -46,8 +46,14 @@ def main_options(
 @app.command()
 def run(
     config: Annotated[
-        Path, typer.Option("--config", "-c", help="YAML configuration file.", show_default=False)
-    ],
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML configuration file (none: default settings, entities in ./tollway.db).",
+            show_default=False,
+        ),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -63,6 +69,7 @@ def run(
     ] = "INFO",
 ) -> None:
     """Run the gateway with CONFIG until SIGTERM or Ctrl-C (both drain in-flight requests first).
+    Without CONFIG, entities come from the SQLite store ./tollway.db (`tollway config apply FILE`).
 
     SIGHUP, or saving the file, reloads the config without dropping connections; a bad file keeps the
     running config and logs why.
@@ -81,20 +88,36 @@ def run(
             err.print(f"[red]--listen {address}: {exc}[/red]")
             raise typer.Exit(2) from None
     try:
-        cfg = load_file(config, PLUGIN_CHECK)
+        cfg = load_file(config, PLUGIN_CHECK) if config is not None else _embedded_store_config()
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
-    raise typer.Exit(serve(config, cfg, workers, listen))
+    source = None
+    if cfg.gateway.store.backend != "file":  # entities come from a config store (docs/config-store.md)
+        from tollway.store.node import StoreSource
+
+        source = StoreSource(cfg, config)
+    raise typer.Exit(serve(config, cfg, workers, listen, source))
 
 
-def serve(path: Path | None, cfg: Any, workers: int | None, listen: list[str] | None) -> int:
+def _embedded_store_config() -> Any:
+    """`tollway run` without a file: default node settings, entities in the SQLite store ./tollway.db."""
+    from tollway.config.loader import validate
+
+    return validate({"gateway": {"store": {"backend": "sqlite"}}}, source="(defaults)")
+
+
+def serve(
+    path: Path | None, cfg: Any, workers: int | None, listen: list[str] | None, source: Any = None
+) -> int:
     """Run a supervisor in the foreground; used by `run` and by the demo."""
     import uvloop
 
     from tollway.runtime.supervisor import Supervisor
 
-    supervisor = Supervisor(path, cfg, workers=workers, listen=listen or None, on_event=_print_event)
+    supervisor = Supervisor(
+        path, cfg, workers=workers, listen=listen or None, on_event=_print_event, source=source
+    )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(supervisor.run())
 
@@ -221,6 +244,16 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+
+
+def _add_store_commands() -> None:
+    from tollway.store.cli import config_app, db_app
+
+    app.add_typer(db_app, name="db")
+    app.add_typer(config_app, name="config")
+
+
+_add_store_commands()
 
 
 def main() -> None:

@@ -51,6 +51,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("gateway.tracing", "Tracing"),
     ("gateway.dns", "DnsSettings"),
     ("gateway.forwarded_headers", "ForwardedHeaders"),
+    ("gateway.store", "StoreSettings"),
     ("services[]", "Service"),
     ("routes[]", "Route"),
     ("upstreams[]", "Upstream"),

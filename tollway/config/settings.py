@@ -12,6 +12,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from tollway.config.log_fields import DEFAULT_FIELDS, check_field
 from tollway.config.model import Model
+from tollway.config.store_settings import StoreSettings
 from tollway.config.tls import ListenerTls
 from tollway.config.types import Cidr, Duration, ListenAddress, Size, TrafficListen, parse_hostport
 
@@ -281,3 +282,6 @@ class GatewaySettings(Model):
     )
     tracing: Tracing = Field(default_factory=Tracing, description="W3C trace context and OTLP span export")
     tls: ListenerTls = Field(default_factory=ListenerTls, description="TLS listeners' policy (docs/tls.md)")
+    store: StoreSettings = Field(
+        default_factory=StoreSettings, description="where entities come from (docs/config-store.md)"
+    )

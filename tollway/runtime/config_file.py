@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tollway.config.loader import PluginCheck, load_file, load_text
@@ -54,10 +55,18 @@ async def read_stable(path: Path) -> tuple[bytes | None, Stat | None]:
         previous = current
 
 
-def load_for_reload(path: Path, data: bytes | None, plugins: PluginCheck) -> GatewayConfig:
-    """Validate the file (`data`: its bytes as read, or None to read it now) for a reload: ConfigError
-    if it is invalid, empty, or has no routes without `gateway.allow_empty_routes`."""
+def load_for_reload(
+    path: Path,
+    data: bytes | None,
+    plugins: PluginCheck,
+    entities: Callable[[GatewayConfig], GatewayConfig] | None = None,
+) -> GatewayConfig:
+    """Validate the file (`data`: its bytes as read, or None to read it now) for a reload, with the
+    entities of a config store when there is one (`entities`, tollway.store): ConfigError if it is
+    invalid, empty, or has no routes without `gateway.allow_empty_routes`."""
     source = str(path)
+    if data is not None and not data.strip():
+        raise ConfigError([f"{source}: the file is empty (being written?); not applied"], source)
     if data is None:
         config = load_file(path, plugins)
     else:
@@ -65,9 +74,9 @@ def load_for_reload(path: Path, data: bytes | None, plugins: PluginCheck) -> Gat
             config = load_text(data.decode("utf-8"), source, plugins)
         except UnicodeDecodeError:
             raise ConfigError(["the file is not UTF-8 text"], source) from None
+    if entities is not None:
+        config = entities(config)
     if not config.routes and not config.gateway.allow_empty_routes:
-        if data is not None and not data.strip():
-            raise ConfigError([f"{source}: the file is empty (being written?); not applied"], source)
         raise ConfigError(
             [f"{source}: {NO_ROUTES}; not applied (gateway.allow_empty_routes: true allows it)"], source
         )

@@ -35,9 +35,10 @@ from tollway import __version__
 from tollway.config.schema import GatewayConfig
 from tollway.config.tls import tls_warnings
 from tollway.config.types import parse_hostport, parse_listen
-from tollway.errors import ConfigError
+from tollway.errors import ConfigError, TollwayError
 from tollway.observability.supervisor_side import CONTENT_TYPE, MetricsHub, resident_bytes
 from tollway.plugins.registry import PLUGIN_CHECK
+from tollway.runtime import config_delta
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.config_file import load_for_reload, read_stable, stat
 from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
@@ -73,6 +74,7 @@ class Supervisor:
         workers: int | None = None,
         listen: list[str] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        source: Any = None,
     ) -> None:
         self.config_path = Path(config_path) if config_path is not None else None
         self.overrides = {"listen": listen} if listen else {}
@@ -107,12 +109,16 @@ class Supervisor:
         # Observability: merged worker metrics, and hooks for other features (docs/monitoring.md).
         self.metrics = MetricsHub(self)
         self.status_sections: dict[str, Callable[[], Any]] = {}
+        # A config store (tollway.store.node.StoreSource): entities come from it, not from the file.
+        self.source = source
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def run(self) -> int:
         """Start everything, serve until drained; returns the process exit code."""
         loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
+        if self.source is not None and not await self._start_source():
+            return 1
         try:
             self._bind_all()
         except OSError as exc:
@@ -140,10 +146,22 @@ class Supervisor:
         self.on_event("started", self.describe())
         watcher = loop.create_task(self._watch_file())
         collector = loop.create_task(self._collect_periodically())
+        syncer = loop.create_task(self.source.run()) if self.source is not None else None
         await self._done.wait()
-        watcher.cancel()
-        collector.cancel()
+        for task in (watcher, collector, syncer):
+            if task is not None:
+                task.cancel()
         return 0
+
+    async def _start_source(self) -> bool:
+        """The first config from the store (or its last-known-good file); False if neither answers."""
+        try:
+            self.config = self._with_overrides(await self.source.start(self))
+        except TollwayError as exc:
+            log.error("%s", exc)
+            self.on_event("error", {"message": str(exc)})
+            return False
+        return True
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -225,41 +243,49 @@ class Supervisor:
         if data is None:
             self._watch_stat = stat(self.config_path)  # before reading: a later change is seen next poll
         try:
-            config = self._with_overrides(load_for_reload(self.config_path, data, PLUGIN_CHECK))
-        except ConfigError as exc:
+            entities = self.source.with_entities if self.source is not None else None
+            config = self._with_overrides(load_for_reload(self.config_path, data, PLUGIN_CHECK, entities))
+        except TollwayError as exc:
             self._reload_failed(reason, exc)
             return False
+        self.apply_config(config, reason)
+        return True
+
+    def apply_config(self, config: GatewayConfig, reason: str) -> None:
+        """Send a validated config to every worker (a file reload, or a config store change)."""
         self._warn_restart_only(config)
         _log_warnings(config)
-        self.config = config
+        previous, self.config = self.config, config
         self.upstreams.apply(config)
         self.version += 1
         self.last_reload = {"time": time.time(), "result": "ok", "version": self.version}
         self.metrics.registry.count("config_reloads_total", result="ok")
+        delta = config_delta.encode(previous, config)
+        message = ("config", self.version, config) if delta is None else ("config_delta", self.version, delta)
         for handle in self.workers.values():
             if handle.channel is not None:
-                handle.channel.send(("config", self.version, config))
+                handle.channel.send(message)
         log.info("config version %d applied (%s)", self.version, reason)
         self.on_event("reloaded", {"reason": reason, "version": self.version})
-        return True
 
-    def _reload_failed(self, reason: str, exc: ConfigError) -> None:
+    def _reload_failed(self, reason: str, exc: TollwayError) -> None:
         """The running config stays; the failure is logged, counted and shown on /status."""
+        issues = exc.issues if isinstance(exc, ConfigError) else [str(exc)]
         self.last_reload = {
             "time": time.time(),
             "result": "failed",
             "version": self.version,
             "reason": reason,
-            "issues": exc.issues[:20],
+            "issues": issues[:20],
         }
         self.metrics.registry.count("config_reloads_total", result="failed")
         log.error(
             "config reload (%s) failed; still serving version %d:\n  %s",
             reason,
             self.version,
-            "\n  ".join(exc.issues),
+            "\n  ".join(issues),
         )
-        self.on_event("reload_failed", {"reason": reason, "issues": exc.issues})
+        self.on_event("reload_failed", {"reason": reason, "issues": issues})
 
     def _with_overrides(self, config: GatewayConfig) -> GatewayConfig:
         if not self.overrides:
@@ -529,6 +555,11 @@ class Supervisor:
         for handle in self.workers.values():
             if handle.channel is not None:
                 handle.channel.send(("reopen_logs",))
+
+    def on_worker_config_needed(self, handle: WorkerHandle) -> None:
+        """A worker got a config delta against a version it does not hold: send the whole config."""
+        if handle.channel is not None:
+            handle.channel.send(("config", self.version, self.config))
 
     def on_worker_collected(self, handle: WorkerHandle, token: int, data: dict[str, Any]) -> None:
         self.metrics.received(handle.slot, handle.process.pid, token, data)

@@ -28,6 +28,7 @@ from tollway.protocol.tls import ServerTls, server_tls_options, update_server_tl
 from tollway.proxy.exchange import RequestIds
 from tollway.proxy.server import ClientConnection
 from tollway.proxy.snapshot import Snapshot, build_snapshot
+from tollway.runtime import config_delta
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
 from tollway.runtime.handoff import adopt
@@ -66,6 +67,7 @@ class Worker:
         self.tls: ServerTls | None = None  # certificates of TLS listeners (tollway.protocol.tls)
         self.channel: ChannelProtocol | None = None
         self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by the first config
+        self.config: GatewayConfig | None = None  # the base of the next config delta
         self.draining = False
         self.connections: set[ClientConnection] = set()
         self.pools: dict[tuple[object, ...], Pool] = {}
@@ -132,7 +134,7 @@ class Worker:
             return
         first = self.snapshot is None
         self.tls = update_server_tls(self.tls, config, any(self.listen_kinds))
-        self.snapshot = snapshot
+        self.snapshot, self.config = snapshot, config
         self.upstreams.activate(snapshot.clusters)
         self.observability.apply(config)
         self._close_unused_pools(snapshot)
@@ -159,6 +161,13 @@ class Worker:
             if listener.getsockname()[1] == port:
                 return kind
         return ""
+
+    def on_config_delta(self, version: int, delta: dict[str, Any]) -> None:
+        """What changed since the version this worker holds (tollway.runtime.config_delta)."""
+        if self.config is None or self.snapshot.version != version - 1:
+            self._send(("config_needed",))
+            return
+        self.apply_config(version, config_delta.decode(self.config, delta))
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, then close everything."""
