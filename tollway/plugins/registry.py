@@ -44,6 +44,7 @@ BUILTIN: dict[str, str] = {
     "response-transformer": "tollway.plugins.response_transformer:ResponseTransformer",
     "rate-limiting": "tollway.plugins.rate_limiting:RateLimiting",
     "concurrency-limit": "tollway.plugins.concurrency_limit:ConcurrencyLimit",
+    "proxy-cache": "tollway.plugins.proxy_cache:ProxyCache",
 }
 
 

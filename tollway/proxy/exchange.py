@@ -116,6 +116,7 @@ class Exchange:
         "body_done",
         "body_kind",
         "body_received",
+        "body_tap",
         "bytes_sent",
         "client",
         "connection_header",
@@ -124,6 +125,7 @@ class Exchange:
         "credential",
         "done",
         "expect_continue",
+        "fallback",
         "headers",
         "host",
         "keep_alive",
@@ -209,6 +211,12 @@ class Exchange:
         self.max_body_size: int = client.max_body_size  # a plugin may lower it for this request
         self.request_body_transform: Callable[[bytes], bytes | None] | None = None
         self.response_body_transform: Callable[[bytes], bytes | None] | None = None
+        # Set by a response hook: sees the backend's body bytes as they stream (framing included),
+        # then None at its end (not called if the response is cut). A cache stores bodies with it.
+        self.body_tap: Callable[[bytes | None], None] | None = None
+        # Set by a request hook: may answer a failure (backend down, timeout, no healthy target)
+        # before the gateway's error response does; a cache serves a stale copy with it.
+        self.fallback: Callable[[Exchange, BaseException], Response | None] | None = None
         self._awaiting_body = False  # proceed() waits for a whole body to transform
         self._resp_body: list[bytes] | None = None  # a response body buffered for a transform
         self._resp_headers: list[tuple[bytes, bytes, bool]] | None = None  # added to the response
@@ -511,6 +519,8 @@ class Exchange:
                 self._release_upstream_on_error()
                 self.fail(error)
                 return
+            if self.done:
+                return  # a response hook answered instead (ex.respond): the backend's response is dropped
         if self._resp_headers is not None:
             self._resp_extra = self._response_fields(head)
         if self.response_body_transform is not None:
@@ -551,6 +561,8 @@ class Exchange:
     def upstream_body(self, data: bytes) -> None:
         if self.done:
             return
+        if self.body_tap is not None:
+            self.body_tap(data)
         if self._resp_body is not None:
             self._resp_body.append(data)
             return
@@ -581,6 +593,9 @@ class Exchange:
             self.client.write(pending)
 
     def upstream_complete(self) -> None:
+        if self.body_tap is not None:
+            tap, self.body_tap = self.body_tap, None
+            tap(None)
         if self._resp_body is not None and not self._transform_response_body():
             return  # the transform failed: answered 500
         conn = self.upstream
@@ -777,6 +792,8 @@ class Exchange:
             status, message = 500, "internal gateway error"
         if isinstance(error, ClientError):
             self.keep_alive = False
+        if self.fallback is not None and not self.response_started and self._fall_back(error):
+            return
         if isinstance(error, UpstreamError):
             self.client.worker.upstream_error(self, error)
         rid = self.request_id.decode("latin-1") if self.request_id else self.client.ids.next().decode()
@@ -784,6 +801,20 @@ class Exchange:
             self.request_id = rid.encode()
         headers = error.headers if isinstance(error, TollwayError) else None
         self.respond(error_response(status, message, rid, headers))
+
+    def _fall_back(self, error: BaseException) -> bool:
+        fallback, self.fallback = self.fallback, None
+        assert fallback is not None
+        try:
+            response = fallback(self, error)
+        except Exception as exc:
+            self.client.worker.log_exception("fallback failed", exc, self)
+            return False
+        if response is None:
+            return False
+        self._release_upstream_on_error()
+        self.respond(response)
+        return True
 
     def abort(self) -> None:
         """The client went away: stop everything, keep nothing half-used."""

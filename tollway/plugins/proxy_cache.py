@@ -1,0 +1,615 @@
+"""proxy-cache: an RFC 9111 shared cache in front of a route's backend (docs/plugins/proxy-cache.md).
+
+The rules are in `tollway.cache.rfc` (pure functions), the stores in `tollway.cache.store` and
+`tollway.cache.redis_store`; this module only connects them to the exchange:
+
+- access: look the request up. A usable copy answers at once (HIT, STALE); a stale one with validators
+  turns the request conditional; a miss becomes the one request that fills the key while concurrent
+  misses for it wait (coalescing). Unsafe methods are noted for invalidation.
+- response: a 304 to our conditional refreshes the copy and answers from it; a 5xx answers stale when
+  stale-if-error allows; a storable response is stored as its body streams to the client
+  (`Exchange.body_tap`). A successful unsafe request invalidates its URI, Location and Content-Location.
+- `Exchange.fallback`: the backend down, timing out or without a healthy target answers stale too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from tollway.cache import keys, rfc, serve
+from tollway.cache.entry import NO_CACHE, NO_STALE, Entry, Variants, decode, flags_for
+from tollway.cache.stats import STATS
+from tollway.config.types import Duration, Size
+from tollway.plugins.base import HeaderName, HookResult, Plugin, PluginConfig, PluginContext
+from tollway.plugins.cache_refresh import refresh
+from tollway.plugins.cache_stores import open_store
+from tollway.protocol.http1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, ChunkedDecoder
+from tollway.proxy.responses import Response
+
+if TYPE_CHECKING:
+    from tollway.proxy.exchange import Exchange
+
+log = logging.getLogger("tollway.plugins.proxy_cache")
+_VAR = "proxy-cache"
+_CONDITIONALS = (b"if-none-match", b"if-modified-since")
+_CONSUMER = b":consumer"
+
+
+class ProxyCacheConfig(PluginConfig):
+    store: Literal["node", "worker", "redis"] = Field(
+        "node",
+        description="node: shared by the node's workers (LMDB file); worker: per process; redis: cluster",
+    )
+    path: str | None = Field(
+        None, description="node store directory (default: one per running node in /dev/shm)"
+    )
+    max_size: Size = Field(
+        256 << 20, ge=1 << 16, description="node/worker store budget in bytes (LRU beyond)"
+    )
+    max_object_size: Size = Field(1 << 20, ge=1, description="larger responses pass through, not stored")
+    redis_url: str | None = Field(None, description="store: redis — redis://host:port/db, sentinel, cluster")
+    redis_prefix: str = Field("tollway:cache:", description="prefix of every Redis key")
+    redis_timeout: Duration = Field(0.25, gt=0, description="a slower Redis reply counts as a miss")
+    methods: list[Literal["GET", "HEAD"]] = Field(
+        ["GET", "HEAD"], description="methods answered from the cache"
+    )
+    default_ttl: Duration = Field(
+        0.0, ge=0, description="freshness of responses that state none (0: not stored)"
+    )
+    heuristic_freshness: bool = Field(False, description="RFC 9111 4.2.2: 10% of the Last-Modified age")
+    stale_while_revalidate: Duration = Field(0.0, ge=0, description="when the response states none")
+    stale_if_error: Duration = Field(0.0, ge=0, description="when the response states none")
+    keep_stale: Duration = Field(3600.0, ge=0, description="keep stale copies with validators this long")
+    ignore_client_no_cache: bool = Field(False, description="serve fresh copies despite a client's no-cache")
+    ignore_query_params: list[str] = Field(default_factory=list, description="left out of the key")
+    sort_query: bool = Field(False, description="a=1&b=2 and b=2&a=1 share a key")
+    key_headers: list[HeaderName] = Field(default_factory=list, description="request headers in the key")
+    key_consumer: bool = Field(False, description="a copy per consumer")
+    cache_set_cookie: bool = Field(False, description="store responses that set cookies")
+    coalesce: bool = Field(True, description="concurrent misses for a key wait for one backend request")
+    coalesce_timeout: Duration = Field(5.0, gt=0, description="how long a waiting miss waits")
+    status_header: HeaderName | None = Field("X-Cache-Status", description="HIT/MISS/STALE/...; null: none")
+    cache_status_name: str = Field("Tollway", pattern=r"^[A-Za-z0-9._-]{1,32}$", description="RFC 9211 name")
+
+
+class _State:
+    """One request's cache lookup, on `ex.vars`."""
+
+    __slots__ = (
+        "client_headers",
+        "entry",
+        "entry_key",
+        "key",
+        "label",
+        "request_cc",
+        "request_time",
+        "revalidating",
+        "variants",
+    )
+
+    def __init__(self, key: bytes, request_cc: rfc.Directives) -> None:
+        self.key = key
+        self.entry_key = key
+        self.request_cc = request_cc
+        self.request_time = time.time()
+        self.entry: Entry | None = None
+        self.variants: Variants | None = None
+        self.revalidating = False
+        self.label = "MISS"
+        self.client_headers: rfc.Headers | None = None  # the request's own, when ours replaced them
+
+    def request_headers(self, ex: Exchange) -> rfc.Headers:
+        return self.client_headers if self.client_headers is not None else ex.headers
+
+
+class ProxyCache(Plugin[ProxyCacheConfig]):
+    name = "proxy-cache"
+    # Transformation band, late: after authentication, authorization and limits (a hit is still
+    # checked and counted) and after request transformers; in the response phase, after response
+    # transformers, so the copy stored is what clients get.
+    priority = 510
+
+    def __init__(self, config: ProxyCacheConfig, context: PluginContext) -> None:
+        super().__init__(config, context)
+        self._store_factory = lambda: open_store(config)
+        self._store: Any = None
+        self._methods = frozenset(m.encode() for m in config.methods)
+        self._ignore = frozenset(config.ignore_query_params)
+        self._extra_names = tuple(sorted(h.lower().encode() for h in config.key_headers)) + (
+            (_CONSUMER,) if config.key_consumer else ()
+        )
+        self._status_name = config.status_header.encode() if config.status_header else None
+        self._inflight: dict[bytes, asyncio.Future[None]] = {}
+
+    @property
+    def store(self) -> Any:
+        store = self._store
+        if store is None:
+            store = self._store = self._store_factory()
+        return store
+
+    # -- access -------------------------------------------------------------------------------------------
+    def access(self, ex: Exchange) -> HookResult:
+        method = ex.method
+        if method in rfc.UNSAFE_METHODS:
+            self._attach(ex, _State(self._key(ex, ex.path, ex.query), {}))
+            return None
+        if method not in self._methods:
+            return None
+        request_cc = rfc.request_directives(ex.headers)
+        if self.config.ignore_client_no_cache:
+            request_cc.pop("no-cache", None)
+        state = _State(self._key(ex, ex.path, ex.query), request_cc)
+        self._attach(ex, state)
+        if self.store.is_async:
+            return self._access_async(ex, state)
+        try:
+            entry = self._find_sync(ex, state)
+        except Exception as exc:  # a broken store must never break the request
+            return self._bypass(ex, state, exc)
+        return self._decide(ex, state, entry, True)
+
+    async def _access_async(self, ex: Exchange, state: _State) -> Response | None:
+        try:
+            entry = await self._find_async(ex, state)
+        except Exception as exc:
+            return self._bypass(ex, state, exc)
+        result = self._decide(ex, state, entry, True)
+        if result is None or isinstance(result, Response):
+            return result
+        return await result
+
+    def _bypass(self, ex: Exchange, state: _State, exc: Exception) -> None:
+        STATS.store_errors += 1
+        log.warning("cache store failed, forwarding the request: %s", exc)
+        state.label = "BYPASS"
+        ex.vars[_VAR] = None  # type: ignore[index]
+        self._label_fields(ex, "BYPASS", rfc.cache_status(self.config.cache_status_name, False, "bypass"))
+        return None
+
+    def _decide(self, ex: Exchange, state: _State, entry: Entry | None, may_wait: bool) -> HookResult:
+        if entry is None:
+            if "only-if-cached" in state.request_cc:
+                return self._only_if_cached(ex, state)
+            return self._miss(ex, state, may_wait)
+        now = time.time()
+        age = entry.age(now)
+        if not state.request_cc and not entry.flags & NO_CACHE and age < entry.lifetime:
+            return self._hit(ex, state, entry, age, "HIT")  # the common case: no parsing
+        response_cc = entry.directives()
+        swr = 0.0 if entry.flags & NO_STALE else entry.swr
+        verdict = rfc.reuse(age, entry.lifetime, response_cc, state.request_cc, swr)
+        if verdict == rfc.FRESH:
+            return self._hit(ex, state, entry, age, "HIT")
+        if verdict == rfc.STALE_SERVE:
+            return self._hit(ex, state, entry, age, "STALE")
+        if verdict == rfc.STALE_REVALIDATE:
+            self._refresh_later(ex, state, entry)
+            return self._hit(ex, state, entry, age, "STALE")
+        if "only-if-cached" in state.request_cc:
+            return self._only_if_cached(ex, state)
+        state.entry = entry
+        state.label = "EXPIRED"
+        if entry.sie > 0 and not entry.flags & NO_STALE:
+            ex.fallback = self._stale_on_failure
+        validators = rfc.validators(entry.headers)
+        if validators and "no-store" not in state.request_cc:
+            state.client_headers = ex.headers
+            headers = [h for h in ex.headers if h[0].lower() not in _CONDITIONALS]
+            ex.headers = headers + validators
+            state.revalidating = True
+            return None
+        return self._miss(ex, state, may_wait)
+
+    def _hit(self, ex: Exchange, state: _State, entry: Entry, age: float, label: str) -> Response:
+        if label == "HIT":
+            STATS.hits += 1
+        else:
+            STATS.stale += 1
+        status, headers, body = serve.answer(entry, ex.headers, ex.method, age)
+        headers += self._status_fields(label, entry, age)
+        ex.vars[_VAR] = None  # type: ignore[index]
+        return Response(status, body, headers)
+
+    def _status_fields(self, label: str, entry: Entry | None, age: float = 0.0) -> rfc.Headers:
+        name = self.config.cache_status_name
+        if label in ("HIT", "STALE"):
+            ttl = entry.lifetime - age if entry is not None else None
+            value = rfc.cache_status(name, True, "stale" if label == "STALE" else "", ttl=ttl)
+        elif label == "REVALIDATED":
+            value = rfc.cache_status(
+                name, True, "stale", stored=True
+            )  # RFC 9211 2.2: fwd=stale, fwd-status 304
+            value += b"; fwd-status=304"
+        else:
+            fwd = {"MISS": "uri-miss", "EXPIRED": "stale", "BYPASS": "bypass"}.get(label, "miss")
+            value = rfc.cache_status(name, False, fwd)
+        fields = [(b"Cache-Status", value)]
+        if self._status_name is not None:
+            fields.append((self._status_name, label.encode()))
+        return fields
+
+    def _label_fields(self, ex: Exchange, label: str, cache_status: bytes) -> None:
+        fields = [(b"Cache-Status", cache_status)]
+        if self._status_name is not None:
+            fields.append((self._status_name, label.encode()))
+        ex.add_response_fields(fields)
+
+    def _only_if_cached(self, ex: Exchange, state: _State) -> Response:
+        STATS.misses += 1
+        ex.vars[_VAR] = None  # type: ignore[index]
+        rid = ex.request_id.decode("latin-1")
+        headers = [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)]
+        headers += self._status_fields("MISS", None)
+        return Response(504, {"message": "not in the cache (only-if-cached)", "request_id": rid}, headers)
+
+    # -- coalescing ----------------------------------------------------------------------------------
+    def _miss(self, ex: Exchange, state: _State, may_wait: bool) -> HookResult:
+        if not self.config.coalesce or "no-cache" in state.request_cc or "no-store" in state.request_cc:
+            return None
+        key = state.entry_key
+        waiting = self._inflight.get(key)
+        if waiting is None:
+            self._inflight[key] = asyncio.get_running_loop().create_future()
+            ex.on_finish(lambda _ex: self._release(key))
+            return None
+        if not may_wait:
+            return None
+        return self._follow(ex, state, waiting)
+
+    def _release(self, key: bytes) -> None:
+        waiting = self._inflight.pop(key, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    async def _follow(self, ex: Exchange, state: _State, waiting: asyncio.Future[None]) -> Response | None:
+        STATS.coalesced += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiting), self.config.coalesce_timeout)
+        if ex.done:
+            return None
+        try:
+            if self.store.is_async:
+                entry = await self._find_async(ex, state)
+            else:
+                entry = self._find_sync(ex, state)
+        except Exception as exc:
+            return self._bypass(ex, state, exc)
+        result = self._decide(ex, state, entry, False)
+        return result  # type: ignore[return-value]  # may_wait=False: never an awaitable
+
+    # -- lookups -------------------------------------------------------------------------------------------
+    def _key(self, ex: Exchange, path: str, query: str) -> bytes:
+        host = ex.host.decode("latin-1").lower()
+        query = keys.normalise_query(query, self._ignore, self.config.sort_query)
+        return keys.primary_key(ex.client.scheme.decode(), host, path, query)
+
+    def _variant_key(self, ex: Exchange, key: bytes, variants: Variants) -> bytes:
+        values = []
+        for name in variants.names:
+            if name == _CONSUMER:
+                consumer = ex.consumer
+                values.append(consumer.id.encode() if consumer is not None else b"")
+            else:
+                values.append(rfc.normalise_field(rfc.field(ex.headers, name)))
+        return keys.secondary_key(key, variants.nonce, values)
+
+    def _found(self, ex: Exchange, state: _State, data: bytes | None) -> Entry | Variants | None:
+        found = decode(data) if data is not None else None
+        if isinstance(found, Variants):
+            state.variants = found
+            state.entry_key = self._variant_key(ex, state.key, found)
+        return found
+
+    def _find_sync(self, ex: Exchange, state: _State) -> Entry | None:
+        store = self.store
+        found = self._found(ex, state, store.get(state.key))
+        if isinstance(found, Variants):
+            data = store.get(state.entry_key)
+            found = decode(data) if data is not None else None
+        return found if isinstance(found, Entry) else None
+
+    async def _find_async(self, ex: Exchange, state: _State) -> Entry | None:
+        store = self.store
+        found = self._found(ex, state, await store.get(state.key))
+        if isinstance(found, Variants):
+            data = await store.get(state.entry_key)
+            found = decode(data) if data is not None else None
+        return found if isinstance(found, Entry) else None
+
+    def _attach(self, ex: Exchange, state: _State) -> None:
+        if ex.vars is None:
+            ex.vars = {}
+        ex.vars[_VAR] = state
+
+    # -- response --------------------------------------------------------------------------------------
+    def response(self, ex: Exchange) -> None:
+        state = ex.vars.get(_VAR) if ex.vars is not None else None
+        if state is None:
+            return
+        head = ex.response_head
+        assert head is not None
+        if ex.method in rfc.UNSAFE_METHODS:
+            self._invalidate(ex, state, head.status, head.headers)
+            return
+        entry = state.entry
+        if entry is not None:
+            if (
+                head.status == 304
+                and state.revalidating
+                and self._revalidated(ex, state, entry, head.headers)
+            ):
+                return
+            if head.status in rfc.ERROR_STATUS and self._serve_stale(ex, state, entry):
+                return
+        self._maybe_store(ex, state)
+
+    def _revalidated(self, ex: Exchange, state: _State, entry: Entry, update: rfc.Headers) -> bool:
+        merged = rfc.freshen(entry.headers, update)
+        if merged is None:
+            return False
+        fresh = self._entry(entry.status, merged, entry.body, state.request_time, time.time())
+        self._put(ex, state, fresh, merged)
+        STATS.revalidated += 1
+        status, headers, body = serve.answer(fresh, state.request_headers(ex), ex.method, fresh.initial_age)
+        headers += self._status_fields("REVALIDATED", fresh)
+        ex.respond(Response(status, body, headers))
+        return True
+
+    def _serve_stale(self, ex: Exchange, state: _State, entry: Entry) -> bool:
+        now = time.time()
+        if entry.flags & NO_STALE or not rfc.stale_if_error_ok(entry.age(now), entry.lifetime, {}, entry.sie):
+            return False
+        ex.fallback = None
+        ex.respond(self._stale_answer(ex, state, entry, now))
+        return True
+
+    def _stale_answer(self, ex: Exchange, state: _State, entry: Entry, now: float) -> Response:
+        STATS.stale += 1
+        age = entry.age(now)
+        status, headers, body = serve.answer(entry, state.request_headers(ex), ex.method, age)
+        return Response(status, body, headers + self._status_fields("STALE", entry, age))
+
+    def _stale_on_failure(self, ex: Exchange, error: BaseException) -> Response | None:
+        """Exchange.fallback: the backend failed (refused, reset, timed out, none healthy)."""
+        state = ex.vars.get(_VAR) if ex.vars is not None else None
+        entry = state.entry if state is not None else None
+        if state is None or entry is None or getattr(error, "status", 500) not in (502, 503, 504):
+            return None
+        now = time.time()
+        if not rfc.stale_if_error_ok(entry.age(now), entry.lifetime, {}, entry.sie):
+            return None
+        return self._stale_answer(ex, state, entry, now)
+
+    def _entry(self, status: int, headers: rfc.Headers, body: bytes, sent: float, received: float) -> Entry:
+        config = self.config
+        cc = rfc.directives_from(headers)
+        lifetime = rfc.freshness_lifetime(
+            status, cc, headers, received, config.heuristic_freshness, config.default_ttl
+        )
+        return Entry(
+            status,
+            headers,
+            body,
+            received,
+            rfc.initial_age(headers, sent, received),
+            lifetime,
+            rfc.window(cc, "stale-while-revalidate", config.stale_while_revalidate),
+            rfc.window(cc, "stale-if-error", config.stale_if_error),
+            flags_for(cc, headers),
+        )
+
+    def _maybe_store(self, ex: Exchange, state: _State) -> None:
+        head = ex.response_head
+        assert head is not None
+        config = self.config
+        headers = head.headers
+        why = rfc.storable(
+            ex.method,
+            head.status,
+            state.request_cc,
+            rfc.directives_from(headers),
+            headers,
+            ex.header_bytes(b"authorization") is not None,
+            config.heuristic_freshness,
+            config.default_ttl,
+        )
+        if why is None and not config.cache_set_cookie and rfc.field(headers, b"set-cookie") is not None:
+            why = "set-cookie"
+        if why is None and ex.response_body_transform is not None:
+            why = "transformed"  # the body the client gets is not the one that streams past
+        kind = head.body_kind
+        if why is None and kind not in (BODY_LENGTH, BODY_CHUNKED, BODY_NONE):
+            why = "unframed"  # a body delimited by the connection's close: truncation is invisible
+        if why is None and kind == BODY_LENGTH and head.content_length > config.max_object_size:
+            why = "too large"
+        STATS.misses += 1
+        name = config.cache_status_name
+        if why is not None:
+            self._label_fields(
+                ex,
+                state.label,
+                rfc.cache_status(name, False, _fwd(state)) + b"; detail=" + why.replace(" ", "-").encode(),
+            )
+            return
+        self._label_fields(ex, state.label, rfc.cache_status(name, False, _fwd(state), stored=True))
+        ex.body_tap = _Capture(self, ex, state, list(headers), kind).feed
+
+    def _store_response(
+        self, ex: Exchange, state: _State, status: int, headers: rfc.Headers, body: bytes
+    ) -> None:
+        stored = rfc.storable_fields(headers)
+        entry = self._entry(status, stored, body, state.request_time, time.time())
+        self._put(ex, state, entry, headers)
+        self._release(state.entry_key)
+
+    def _put(self, ex: Exchange, state: _State, entry: Entry, headers: rfc.Headers) -> None:
+        names = rfc.vary_names(headers) + self._extra_names
+        key = state.key
+        writes: list[tuple[bytes, bytes, float]] = []
+        ttl = entry.keep_for(time.time(), self.config.keep_stale)
+        if names:
+            variants = state.variants
+            if variants is None or variants.names != names:
+                variants = Variants(names)
+            writes.append((key, variants.encode(), max(ttl, self.config.keep_stale)))
+            key = self._variant_key(ex, key, variants)
+        writes.append((key, entry.encode(), ttl))
+        tags = _tags(headers)
+        STATS.bytes_stored += len(entry.body)
+        store = self.store
+        if store.is_async:
+            asyncio.get_running_loop().create_task(_put_async(store, writes, tags))
+            return
+        try:
+            for k, value, seconds in writes:
+                store.put(k, value, seconds, tags)
+        except Exception as exc:
+            STATS.store_errors += 1
+            log.warning("cache store failed to store a response: %s", exc)
+
+    def _invalidate(self, ex: Exchange, state: _State, status: int, headers: rfc.Headers) -> None:
+        """§4.4: a non-error answer to an unsafe request invalidates its URI, Location, Content-Location."""
+        if not 200 <= status < 400:
+            return
+        host = ex.host.decode("latin-1").lower().rpartition(":")[0] or ex.host.decode("latin-1").lower()
+        doomed = [state.key]
+        for target in rfc.invalidated_targets(ex.method, status, headers, host):
+            path, _, query = target.partition("?")
+            doomed.append(self._key(ex, path, query))
+        STATS.invalidations += len(doomed)
+        store = self.store
+        if store.is_async:
+            asyncio.get_running_loop().create_task(_delete_async(store, doomed))
+            return
+        try:
+            for key in doomed:
+                store.delete(key)
+        except Exception as exc:
+            STATS.store_errors += 1
+            log.warning("cache store failed to invalidate: %s", exc)
+
+    def _refresh_later(self, ex: Exchange, state: _State, entry: Entry) -> None:
+        """stale-while-revalidate: one background request per key refreshes the copy."""
+        key = state.entry_key
+        if key in self._inflight or ex.service is None:
+            return
+        self._inflight[key] = asyncio.get_running_loop().create_future()
+        headers = [h for h in ex.headers if h[0].lower() not in _CONDITIONALS] + rfc.validators(entry.headers)
+        task = asyncio.get_running_loop().create_task(
+            refresh(ex, headers, self.config.max_object_size, self._refreshed(ex, state, entry))
+        )
+        task.add_done_callback(lambda _t: self._release(key))
+
+    def _refreshed(self, ex: Exchange, state: _State, entry: Entry) -> Any:
+        def done(status: int, headers: rfc.Headers, body: bytes | None) -> None:
+            STATS.background_refreshes += 1
+            if status == 304:
+                merged = rfc.freshen(entry.headers, headers)
+                if merged is not None:
+                    self._put(
+                        ex,
+                        state,
+                        self._entry(entry.status, merged, entry.body, state.request_time, time.time()),
+                        merged,
+                    )
+                return
+            if body is None:
+                return
+            cc = rfc.directives_from(headers)
+            why = rfc.storable(
+                b"GET",
+                status,
+                {},
+                cc,
+                headers,
+                False,
+                self.config.heuristic_freshness,
+                self.config.default_ttl,
+            )
+            if why is None:
+                self._put(
+                    ex,
+                    state,
+                    self._entry(status, rfc.storable_fields(headers), body, state.request_time, time.time()),
+                    headers,
+                )
+
+        return done
+
+
+class _Capture:
+    """The body tap of a response being stored: gathers the payload as it streams to the client and
+    stores it when the response completes; gives up (stores nothing) past max_object_size."""
+
+    __slots__ = ("chunks", "decoder", "ex", "headers", "plugin", "size", "state")
+
+    def __init__(
+        self, plugin: ProxyCache, ex: Exchange, state: _State, headers: rfc.Headers, kind: int
+    ) -> None:
+        self.plugin = plugin
+        self.ex = ex
+        self.state = state
+        self.headers = headers
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.decoder = ChunkedDecoder(collect=True) if kind == BODY_CHUNKED else None
+
+    def feed(self, data: bytes | None) -> None:
+        if data is None:
+            head = self.ex.response_head
+            if self.decoder is not None and not self.decoder.done:
+                return
+            assert head is not None
+            self.plugin._store_response(self.ex, self.state, head.status, self.headers, b"".join(self.chunks))
+            return
+        decoder = self.decoder
+        if decoder is not None:
+            decoder.feed(data)
+            data = b"".join(decoder.payload)
+            decoder.payload.clear()
+        self.size += len(data)
+        if self.size > self.plugin.config.max_object_size:
+            self.ex.body_tap = None  # too large after all (chunked): stream on, store nothing
+            STATS.too_large += 1
+            return
+        self.chunks.append(data)
+
+
+def _fwd(state: _State) -> str:
+    return "stale" if state.entry is not None else "uri-miss"
+
+
+def _tags(headers: rfc.Headers) -> list[str]:
+    tags: list[str] = []
+    surrogate = rfc.field(headers, b"surrogate-key")
+    if surrogate is not None:
+        tags += surrogate.decode("latin-1").split()
+    cache_tag = rfc.field(headers, b"cache-tag")
+    if cache_tag is not None:
+        tags += [t.strip() for t in cache_tag.decode("latin-1").split(",") if t.strip()]
+    return tags
+
+
+async def _put_async(store: Any, writes: list[tuple[bytes, bytes, float]], tags: list[str]) -> None:
+    try:
+        for key, value, seconds in writes:
+            await store.put(key, value, seconds, tags)
+    except Exception as exc:
+        STATS.store_errors += 1
+        log.warning("cache store failed to store a response: %s", exc)
+
+
+async def _delete_async(store: Any, doomed: list[bytes]) -> None:
+    try:
+        for key in doomed:
+            await store.delete(key)
+    except Exception as exc:
+        STATS.store_errors += 1
+        log.warning("cache store failed to invalidate: %s", exc)
