@@ -73,12 +73,12 @@ class Entry:
         return rfc.directives_from(self.headers)
 
     def keep_for(self, now: float, validated_keep: float) -> float:
-        """How long a store should keep this entry from `now`: while fresh, then while it may be served
-        stale, then (if it has validators) `validated_keep` more for a cheap revalidation."""
+        """How long a store should keep this entry from `now`: while fresh, then `validated_keep` more
+        (or its stale windows if longer) when it may still serve stale or be revalidated cheaply."""
         remaining = self.lifetime - self.age(now)
         if not self.flags & NO_STALE:
-            remaining += max(self.swr, self.sie)
-        if self.flags & VALIDATORS:
+            remaining += max(self.swr, self.sie, validated_keep)  # a client's max-stale may take it
+        elif self.flags & VALIDATORS:
             remaining += validated_keep
         return max(remaining, 1.0)
 

@@ -389,11 +389,11 @@ def byte_range(value: bytes, length: int) -> tuple[int, int] | bool | None:
             return False
         return (max(0, length - suffix), length - 1) if length else False
     first = int(first_text)
-    last = int(last_text) if last_text else length - 1
-    if last < first:
+    if last_text and int(last_text) < first:
         return None  # invalid range-spec: ignore the field
     if first >= length:
         return False
+    last = int(last_text) if last_text else length - 1
     return first, min(last, length - 1)
 
 

@@ -354,7 +354,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         merged = rfc.freshen(entry.headers, update)
         if merged is None:
             return False
-        fresh = self._entry(entry.status, merged, entry.body, state.request_time, time.time())
+        fresh = self._entry(entry.status, merged, entry.body, state.request_time, time.time(), update)
         self._put(ex, state, fresh, merged)
         STATS.revalidated += 1
         status, headers, body = serve.answer(fresh, state.request_headers(ex), ex.method, fresh.initial_age)
@@ -387,7 +387,17 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             return None
         return self._stale_answer(ex, state, entry, now)
 
-    def _entry(self, status: int, headers: rfc.Headers, body: bytes, sent: float, received: float) -> Entry:
+    def _entry(
+        self,
+        status: int,
+        headers: rfc.Headers,
+        body: bytes,
+        sent: float,
+        received: float,
+        age_from: rfc.Headers | None = None,
+    ) -> Entry:
+        """An entry for a response received at `received` to a request sent at `sent`; its age comes
+        from `age_from` (the response as received, with its Age field) when given."""
         config = self.config
         cc = rfc.directives_from(headers)
         lifetime = rfc.freshness_lifetime(
@@ -398,7 +408,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             headers,
             body,
             received,
-            rfc.initial_age(headers, sent, received),
+            rfc.initial_age(age_from if age_from is not None else headers, sent, received),
             lifetime,
             rfc.window(cc, "stale-while-revalidate", config.stale_while_revalidate),
             rfc.window(cc, "stale-if-error", config.stale_if_error),
@@ -445,7 +455,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         self, ex: Exchange, state: _State, status: int, headers: rfc.Headers, body: bytes
     ) -> None:
         stored = rfc.storable_fields(headers)
-        entry = self._entry(status, stored, body, state.request_time, time.time())
+        entry = self._entry(status, stored, body, state.request_time, time.time(), headers)
         self._put(ex, state, entry, headers)
         self._release(state.entry_key)
 
@@ -508,38 +518,24 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         task.add_done_callback(lambda _t: self._release(key))
 
     def _refreshed(self, ex: Exchange, state: _State, entry: Entry) -> Any:
+        sent = time.time()
+
         def done(status: int, headers: rfc.Headers, body: bytes | None) -> None:
             STATS.background_refreshes += 1
             if status == 304:
                 merged = rfc.freshen(entry.headers, headers)
                 if merged is not None:
-                    self._put(
-                        ex,
-                        state,
-                        self._entry(entry.status, merged, entry.body, state.request_time, time.time()),
-                        merged,
-                    )
+                    fresh = self._entry(entry.status, merged, entry.body, sent, time.time(), headers)
+                    self._put(ex, state, fresh, merged)
                 return
-            if body is None:
-                return
+            config = self.config
             cc = rfc.directives_from(headers)
             why = rfc.storable(
-                b"GET",
-                status,
-                {},
-                cc,
-                headers,
-                False,
-                self.config.heuristic_freshness,
-                self.config.default_ttl,
+                b"GET", status, {}, cc, headers, False, config.heuristic_freshness, config.default_ttl
             )
-            if why is None:
-                self._put(
-                    ex,
-                    state,
-                    self._entry(status, rfc.storable_fields(headers), body, state.request_time, time.time()),
-                    headers,
-                )
+            if body is not None and why is None:
+                stored = rfc.storable_fields(headers)
+                self._put(ex, state, self._entry(status, stored, body, sent, time.time(), headers), headers)
 
         return done
 
