@@ -167,7 +167,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
 
     def _bypass(self, ex: Exchange, state: _State, exc: Exception) -> None:
         STATS.store_errors += 1
-        log.warning("cache store failed, forwarding the request: %s", exc)
+        _warn("cache store failed, requests go to the backend: %s", exc)
         state.label = "BYPASS"
         ex.vars[_VAR] = None  # type: ignore[index]
         self._label_fields(ex, "BYPASS", rfc.cache_status(self.config.cache_status_name, False, "bypass"))
@@ -482,7 +482,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
                 store.put(k, value, seconds, tags)
         except Exception as exc:
             STATS.store_errors += 1
-            log.warning("cache store failed to store a response: %s", exc)
+            _warn("cache store failed to store a response: %s", exc)
 
     def _invalidate(self, ex: Exchange, state: _State, status: int, headers: rfc.Headers) -> None:
         """§4.4: a non-error answer to an unsafe request invalidates its URI, Location, Content-Location."""
@@ -503,7 +503,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
                 store.delete(key)
         except Exception as exc:
             STATS.store_errors += 1
-            log.warning("cache store failed to invalidate: %s", exc)
+            _warn("cache store failed to invalidate: %s", exc)
 
     def _refresh_later(self, ex: Exchange, state: _State, entry: Entry) -> None:
         """stale-while-revalidate: one background request per key refreshes the copy."""
@@ -578,6 +578,18 @@ class _Capture:
         self.chunks.append(data)
 
 
+_last_warning = [0.0]
+
+
+def _warn(message: str, exc: Exception) -> None:
+    """A store failure, logged at most every 10 s (an outage must not flood the log; the counter
+    `store_errors` has them all)."""
+    now = time.monotonic()
+    if now - _last_warning[0] >= 10.0:
+        _last_warning[0] = now
+        log.warning(message, exc)
+
+
 def _fwd(state: _State) -> str:
     return "stale" if state.entry is not None else "uri-miss"
 
@@ -599,7 +611,7 @@ async def _put_async(store: Any, writes: list[tuple[bytes, bytes, float]], tags:
             await store.put(key, value, seconds, tags)
     except Exception as exc:
         STATS.store_errors += 1
-        log.warning("cache store failed to store a response: %s", exc)
+        _warn("cache store failed to store a response: %s", exc)
 
 
 async def _delete_async(store: Any, doomed: list[bytes]) -> None:
@@ -608,4 +620,4 @@ async def _delete_async(store: Any, doomed: list[bytes]) -> None:
             await store.delete(key)
     except Exception as exc:
         STATS.store_errors += 1
-        log.warning("cache store failed to invalidate: %s", exc)
+        _warn("cache store failed to invalidate: %s", exc)
