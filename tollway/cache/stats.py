@@ -8,6 +8,7 @@ class CacheCounters:
         "background_refreshes",
         "bytes_stored",
         "coalesced",
+        "evictions",
         "hits",
         "invalidations",
         "misses",

@@ -33,6 +33,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
+from tollway.cache.stats import STATS
+
 TOUCH_AFTER = 1.0
 _META = struct.Struct("<dd")  # expiry, access time
 _TOTAL = b"total"
@@ -87,6 +89,7 @@ class MemoryStore:
             oldest = next(iter(self._data))
             self._remove(oldest)
             self.stats.evictions += 1
+            STATS.evictions += 1
 
     def _remove(self, key: bytes) -> bool:
         item = self._data.pop(key, None)
@@ -211,6 +214,7 @@ class LmdbStore:
         for key in victims:
             self._remove(txn, key)
             self.stats.evictions += 1
+            STATS.evictions += 1
         return total - freed
 
     def _total(self, txn: Any) -> int:
