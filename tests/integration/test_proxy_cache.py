@@ -537,3 +537,22 @@ def test_metrics_count_hits_and_misses(cached: Any, origin: Origin) -> None:
         return 0.0
 
     assert wait_until(lambda: value("hit") == 2 and value("miss") == 1, 10)
+
+
+def test_an_echoed_request_id_names_the_request_answered_from_the_copy(cached: Any, origin: Origin) -> None:
+    origin.routes["/rid"] = (  # type: ignore[assignment]
+        0,
+        [],
+        lambda seen: (
+            200,
+            [("Cache-Control", "max-age=60"), ("X-Request-Id", seen.header("x-request-id"))],
+            b"r",
+        ),
+    )
+    gw, b = cached()
+    first = request(gw.port, path="/rid")
+    hit = request(gw.port, path="/rid")
+    assert hit.header("x-cache-status") == "HIT" and count(b, "/rid") == 1
+    assert first.header("x-request-id") == b.seen[0].header("x-request-id")
+    assert hit.header("x-request-id") and hit.header("x-request-id") != first.header("x-request-id")
+    assert len([v for k, v in hit.headers if k.lower() == "x-request-id"]) == 1

@@ -26,6 +26,7 @@ _LINE = re.compile(rb"([^:\r\n]+): ([^\r\n]*)\r\n")
 NO_CACHE = 1  # the response says no-cache: validate before every reuse
 NO_STALE = 2  # no-cache, must-revalidate, proxy-revalidate or s-maxage: never served stale
 VALIDATORS = 4  # it has an ETag or Last-Modified: worth keeping after it goes stale
+REQUEST_ID = 8  # the backend echoed X-Request-Id: answers from the copy carry their own request's
 
 
 class Entry:

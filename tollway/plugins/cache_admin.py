@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from tollway.cache.redis_store import RedisStore
 from tollway.cache.store import node_store
+from tollway.plugins.cache_config import ProxyCacheConfig
 from tollway.plugins.cache_stores import live_node_paths
-from tollway.plugins.proxy_cache import ProxyCacheConfig
 
 if TYPE_CHECKING:
     from tollway.config.schema import GatewayConfig

@@ -4,15 +4,20 @@ the worker on first use and shared by every instance that names the same one."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import TYPE_CHECKING, Any
 
+from tollway.cache.stats import STATS
 from tollway.cache.store import MemoryStore, node_store
 
 if TYPE_CHECKING:
-    from tollway.plugins.proxy_cache import ProxyCacheConfig
+    from tollway.plugins.cache_config import ProxyCacheConfig
+
+log = logging.getLogger("tollway.plugins.proxy_cache")
 
 _WORKER_STORES: dict[int, MemoryStore] = {}
 
@@ -76,3 +81,33 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_last_warning = [0.0]
+
+
+def warn(message: str, exc: Exception) -> None:
+    """A store failure, logged at most every 10 s (an outage must not flood the log; the counter
+    `store_errors` has them all)."""
+    now = time.monotonic()
+    if now - _last_warning[0] >= 10.0:
+        _last_warning[0] = now
+        log.warning(message, exc)
+
+
+async def put_async(store: Any, writes: list[tuple[bytes, bytes, float]], tags: list[str]) -> None:
+    try:
+        for key, value, seconds in writes:
+            await store.put(key, value, seconds, tags)
+    except Exception as exc:
+        STATS.store_errors += 1
+        warn("cache store failed to store a response: %s", exc)
+
+
+async def delete_async(store: Any, doomed: list[bytes]) -> None:
+    try:
+        for key in doomed:
+            await store.delete(key)
+    except Exception as exc:
+        STATS.store_errors += 1
+        warn("cache store failed to invalidate: %s", exc)

@@ -18,17 +18,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import Field
+from typing import TYPE_CHECKING, Any
 
 from tollway.cache import keys, rfc, serve
-from tollway.cache.entry import NO_CACHE, NO_STALE, Entry, Variants, decode, flags_for
+from tollway.cache.entry import NO_CACHE, NO_STALE, REQUEST_ID, Entry, Variants, decode, flags_for
 from tollway.cache.stats import STATS
-from tollway.config.types import Duration, Size
-from tollway.plugins.base import HeaderName, HookResult, Plugin, PluginConfig, PluginContext
+from tollway.plugins.base import HookResult, Plugin, PluginContext
+from tollway.plugins.cache_config import ProxyCacheConfig
 from tollway.plugins.cache_refresh import refresh
-from tollway.plugins.cache_stores import open_store
+from tollway.plugins.cache_stores import delete_async, open_store, put_async, warn
 from tollway.protocol.http1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, ChunkedDecoder
 from tollway.proxy.responses import Response
 
@@ -39,43 +37,7 @@ log = logging.getLogger("tollway.plugins.proxy_cache")
 _VAR = "proxy-cache"
 _CONDITIONALS = (b"if-none-match", b"if-modified-since")
 _CONSUMER = b":consumer"
-
-
-class ProxyCacheConfig(PluginConfig):
-    store: Literal["node", "worker", "redis"] = Field(
-        "node",
-        description="node: shared by the node's workers (LMDB file); worker: per process; redis: cluster",
-    )
-    path: str | None = Field(
-        None, description="node store directory (default: one per running node in /dev/shm)"
-    )
-    max_size: Size = Field(
-        256 << 20, ge=1 << 16, description="node/worker store budget in bytes (LRU beyond)"
-    )
-    max_object_size: Size = Field(1 << 20, ge=1, description="larger responses pass through, not stored")
-    redis_url: str | None = Field(None, description="store: redis — redis://host:port/db, sentinel, cluster")
-    redis_prefix: str = Field("tollway:cache:", description="prefix of every Redis key")
-    redis_timeout: Duration = Field(0.25, gt=0, description="a slower Redis reply counts as a miss")
-    methods: list[Literal["GET", "HEAD"]] = Field(
-        ["GET", "HEAD"], description="methods answered from the cache"
-    )
-    default_ttl: Duration = Field(
-        0.0, ge=0, description="freshness of responses that state none (0: not stored)"
-    )
-    heuristic_freshness: bool = Field(False, description="RFC 9111 4.2.2: 10% of the Last-Modified age")
-    stale_while_revalidate: Duration = Field(0.0, ge=0, description="when the response states none")
-    stale_if_error: Duration = Field(0.0, ge=0, description="when the response states none")
-    keep_stale: Duration = Field(3600.0, ge=0, description="keep stale copies with validators this long")
-    ignore_client_no_cache: bool = Field(False, description="serve fresh copies despite a client's no-cache")
-    ignore_query_params: list[str] = Field(default_factory=list, description="left out of the key")
-    sort_query: bool = Field(False, description="a=1&b=2 and b=2&a=1 share a key")
-    key_headers: list[HeaderName] = Field(default_factory=list, description="request headers in the key")
-    key_consumer: bool = Field(False, description="a copy per consumer")
-    cache_set_cookie: bool = Field(False, description="store responses that set cookies")
-    coalesce: bool = Field(True, description="concurrent misses for a key wait for one backend request")
-    coalesce_timeout: Duration = Field(5.0, gt=0, description="how long a waiting miss waits")
-    status_header: HeaderName | None = Field("X-Cache-Status", description="HIT/MISS/STALE/...; null: none")
-    cache_status_name: str = Field("Tollway", pattern=r"^[A-Za-z0-9._-]{1,32}$", description="RFC 9211 name")
+Filled = tuple[bytes, Entry, "Variants | None"]
 
 
 class _State:
@@ -125,7 +87,8 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             (_CONSUMER,) if config.key_consumer else ()
         )
         self._status_name = config.status_header.encode() if config.status_header else None
-        self._inflight: dict[bytes, asyncio.Future[None]] = {}
+        # key -> the request filling it; resolves to what it stored (written key, entry, variants) or None
+        self._inflight: dict[bytes, asyncio.Future[Filled | None]] = {}
 
     @property
     def store(self) -> Any:
@@ -167,7 +130,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
 
     def _bypass(self, ex: Exchange, state: _State, exc: Exception) -> None:
         STATS.store_errors += 1
-        _warn("cache store failed, requests go to the backend: %s", exc)
+        warn("cache store failed, requests go to the backend: %s", exc)
         state.label = "BYPASS"
         ex.vars[_VAR] = None  # type: ignore[index]
         self._label_fields(ex, "BYPASS", rfc.cache_status(self.config.cache_status_name, False, "bypass"))
@@ -212,9 +175,17 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             STATS.hits += 1
         else:
             STATS.stale += 1
-        status, headers, body = serve.answer(entry, ex.headers, ex.method, age)
-        headers += self._status_fields(label, entry, age)
         ex.vars[_VAR] = None  # type: ignore[index]
+        return self._answer(ex, entry, age, label, ex.headers)
+
+    def _answer(self, ex: Exchange, entry: Entry, age: float, label: str, request: rfc.Headers) -> Response:
+        """The gateway's answer from `entry` (tollway.cache.serve) with this request's own fields."""
+        status, headers, body = serve.answer(entry, request, ex.method, age)
+        if entry.flags & REQUEST_ID:  # the backend echoed the request id: this request's, not the copy's
+            headers.append((b"X-Request-Id", ex.request_id))
+        if ex.client.server_header is not None:  # the gateway adds its own
+            headers = [h for h in headers if h[0].lower() != b"server"]
+        headers += self._status_fields(label, entry, age)
         return Response(status, body, headers)
 
     def _status_fields(self, label: str, entry: Entry | None, age: float = 0.0) -> rfc.Headers:
@@ -263,17 +234,30 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             return None
         return self._follow(ex, state, waiting)
 
-    def _release(self, key: bytes) -> None:
+    def _release(self, key: bytes, filled: Filled | None = None) -> None:
         waiting = self._inflight.pop(key, None)
         if waiting is not None and not waiting.done():
-            waiting.set_result(None)
+            waiting.set_result(filled)
 
-    async def _follow(self, ex: Exchange, state: _State, waiting: asyncio.Future[None]) -> Response | None:
+    async def _follow(
+        self, ex: Exchange, state: _State, waiting: asyncio.Future[Filled | None]
+    ) -> Response | None:
+        """A miss while another request fills the key: wait for it, then answer from what it stored
+        (in hand: no store read, so a Redis write still in flight does not matter) when the copy is the
+        variant this request needs; else look again, or go to the backend."""
         STATS.coalesced += 1
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(waiting), self.config.coalesce_timeout)
         if ex.done:
             return None
+        filled = waiting.result() if waiting.done() else None
+        if filled is not None:
+            written, entry, variants = filled
+            if variants is not None:
+                state.variants = variants
+                state.entry_key = self._variant_key(ex, state.key, variants)
+            if state.entry_key == written:
+                return self._decide(ex, state, entry, False)  # type: ignore[return-value]
         try:
             if self.store.is_async:
                 entry = await self._find_async(ex, state)
@@ -354,12 +338,11 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         merged = rfc.freshen(entry.headers, update)
         if merged is None:
             return False
-        fresh = self._entry(entry.status, merged, entry.body, state.request_time, time.time(), update)
+        kept = entry.flags & REQUEST_ID
+        fresh = self._entry(entry.status, merged, entry.body, state.request_time, time.time(), update, kept)
         self._put(ex, state, fresh, merged)
         STATS.revalidated += 1
-        status, headers, body = serve.answer(fresh, state.request_headers(ex), ex.method, fresh.initial_age)
-        headers += self._status_fields("REVALIDATED", fresh)
-        ex.respond(Response(status, body, headers))
+        ex.respond(self._answer(ex, fresh, fresh.initial_age, "REVALIDATED", state.request_headers(ex)))
         return True
 
     def _serve_stale(self, ex: Exchange, state: _State, entry: Entry) -> bool:
@@ -372,9 +355,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
 
     def _stale_answer(self, ex: Exchange, state: _State, entry: Entry, now: float) -> Response:
         STATS.stale += 1
-        age = entry.age(now)
-        status, headers, body = serve.answer(entry, state.request_headers(ex), ex.method, age)
-        return Response(status, body, headers + self._status_fields("STALE", entry, age))
+        return self._answer(ex, entry, entry.age(now), "STALE", state.request_headers(ex))
 
     def _stale_on_failure(self, ex: Exchange, error: BaseException) -> Response | None:
         """Exchange.fallback: the backend failed (refused, reset, timed out, none healthy)."""
@@ -395,10 +376,16 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         sent: float,
         received: float,
         age_from: rfc.Headers | None = None,
+        flags: int = 0,
     ) -> Entry:
         """An entry for a response received at `received` to a request sent at `sent`; its age comes
-        from `age_from` (the response as received, with its Age field) when given."""
+        from `age_from` (the response as received, with its Age field) when given. A backend's echo of
+        X-Request-Id names one request: the copy keeps the REQUEST_ID flag instead, and every answer
+        from it names its own request."""
         config = self.config
+        if rfc.field(headers, b"x-request-id") is not None:
+            headers = [h for h in headers if h[0].lower() != b"x-request-id"]
+            flags |= REQUEST_ID
         cc = rfc.directives_from(headers)
         lifetime = rfc.freshness_lifetime(
             status, cc, headers, received, config.heuristic_freshness, config.default_ttl
@@ -412,7 +399,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             lifetime,
             rfc.window(cc, "stale-while-revalidate", config.stale_while_revalidate),
             rfc.window(cc, "stale-if-error", config.stale_if_error),
-            flags_for(cc, headers),
+            flags_for(cc, headers) | flags,
         )
 
     def _maybe_store(self, ex: Exchange, state: _State) -> None:
@@ -456,14 +443,18 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
     ) -> None:
         stored = rfc.storable_fields(headers)
         entry = self._entry(status, stored, body, state.request_time, time.time(), headers)
-        self._put(ex, state, entry, headers)
-        self._release(state.entry_key)
+        written, variants = self._put(ex, state, entry, headers)
+        self._release(state.entry_key, (written, entry, variants))
 
-    def _put(self, ex: Exchange, state: _State, entry: Entry, headers: rfc.Headers) -> None:
+    def _put(
+        self, ex: Exchange, state: _State, entry: Entry, headers: rfc.Headers
+    ) -> tuple[bytes, Variants | None]:
+        """Store `entry` (and its variants record); returns the key it went under and that record."""
         names = rfc.vary_names(headers) + self._extra_names
         key = state.key
         writes: list[tuple[bytes, bytes, float]] = []
         ttl = entry.keep_for(time.time(), self.config.keep_stale)
+        variants: Variants | None = None
         if names:
             variants = state.variants
             if variants is None or variants.names != names:
@@ -475,14 +466,15 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         STATS.bytes_stored += len(entry.body)
         store = self.store
         if store.is_async:
-            asyncio.get_running_loop().create_task(_put_async(store, writes, tags))
-            return
+            asyncio.get_running_loop().create_task(put_async(store, writes, tags))
+            return key, variants
         try:
             for k, value, seconds in writes:
                 store.put(k, value, seconds, tags)
         except Exception as exc:
             STATS.store_errors += 1
-            _warn("cache store failed to store a response: %s", exc)
+            warn("cache store failed to store a response: %s", exc)
+        return key, variants
 
     def _invalidate(self, ex: Exchange, state: _State, status: int, headers: rfc.Headers) -> None:
         """§4.4: a non-error answer to an unsafe request invalidates its URI, Location, Content-Location."""
@@ -496,14 +488,14 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         STATS.invalidations += len(doomed)
         store = self.store
         if store.is_async:
-            asyncio.get_running_loop().create_task(_delete_async(store, doomed))
+            asyncio.get_running_loop().create_task(delete_async(store, doomed))
             return
         try:
             for key in doomed:
                 store.delete(key)
         except Exception as exc:
             STATS.store_errors += 1
-            _warn("cache store failed to invalidate: %s", exc)
+            warn("cache store failed to invalidate: %s", exc)
 
     def _refresh_later(self, ex: Exchange, state: _State, entry: Entry) -> None:
         """stale-while-revalidate: one background request per key refreshes the copy."""
@@ -525,7 +517,8 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             if status == 304:
                 merged = rfc.freshen(entry.headers, headers)
                 if merged is not None:
-                    fresh = self._entry(entry.status, merged, entry.body, sent, time.time(), headers)
+                    kept = entry.flags & REQUEST_ID
+                    fresh = self._entry(entry.status, merged, entry.body, sent, time.time(), headers, kept)
                     self._put(ex, state, fresh, merged)
                 return
             config = self.config
@@ -578,18 +571,6 @@ class _Capture:
         self.chunks.append(data)
 
 
-_last_warning = [0.0]
-
-
-def _warn(message: str, exc: Exception) -> None:
-    """A store failure, logged at most every 10 s (an outage must not flood the log; the counter
-    `store_errors` has them all)."""
-    now = time.monotonic()
-    if now - _last_warning[0] >= 10.0:
-        _last_warning[0] = now
-        log.warning(message, exc)
-
-
 def _fwd(state: _State) -> str:
     return "stale" if state.entry is not None else "uri-miss"
 
@@ -603,21 +584,3 @@ def _tags(headers: rfc.Headers) -> list[str]:
     if cache_tag is not None:
         tags += [t.strip() for t in cache_tag.decode("latin-1").split(",") if t.strip()]
     return tags
-
-
-async def _put_async(store: Any, writes: list[tuple[bytes, bytes, float]], tags: list[str]) -> None:
-    try:
-        for key, value, seconds in writes:
-            await store.put(key, value, seconds, tags)
-    except Exception as exc:
-        STATS.store_errors += 1
-        _warn("cache store failed to store a response: %s", exc)
-
-
-async def _delete_async(store: Any, doomed: list[bytes]) -> None:
-    try:
-        for key in doomed:
-            await store.delete(key)
-    except Exception as exc:
-        STATS.store_errors += 1
-        _warn("cache store failed to invalidate: %s", exc)
