@@ -338,10 +338,13 @@ def test_head_and_ranges_are_answered_from_a_stored_get(cached: Any, origin: Ori
 
 
 # -- coalescing -------------------------------------------------------------------------------------------
-def test_concurrent_misses_make_one_backend_request(cached: Any, origin: Origin) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_misses_make_one_backend_request(cached: Any, origin: Origin, workers: int) -> None:
+    """100 concurrent misses: one backend request, in one worker or across a node's two workers
+    (the node store's fill lease)."""
     origin.routes["/slow"] = (200, [("Cache-Control", "max-age=60")], b"slow body")
     origin.delay = 0.5
-    gw, b = cached()
+    gw, b = cached(workers=workers)
     results: list[tuple[int, bytes]] = []
     lock = threading.Lock()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,23 @@ def test_nodes_share_copies_through_redis(
     assert count(b, "/users/1") == 1
     assert request(node_b.port, "PUT", "/users/1", body=b"{}").status == 200
     assert wait_until(lambda: request(node_a.port, path="/users/1").header("x-cache-status") != "HIT", 5)
+
+
+def test_concurrent_misses_on_redis_make_one_backend_request(
+    backend: Callable[..., Backend],
+    gateway: Callable[..., Gateway],
+    redis_address: tuple[str, int],
+    prefix: str,
+) -> None:
+    origin = Origin()
+    origin.routes["/slow"] = (200, [("Cache-Control", "max-age=60")], b"slow")
+    origin.delay = 0.5
+    b = backend(origin.respond)
+    gw = gateway(redis_config(b, f"redis://{redis_address[0]}:{redis_address[1]}/0", prefix))
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(lambda _: request(gw.port, path="/slow"), range(50)))
+    assert all(a.status == 200 and a.body == b"slow" for a in answers)
+    assert count(b, "/slow") == 1
 
 
 def test_redis_down_means_the_backend_answers(

@@ -3,6 +3,9 @@
     get(key) -> bytes | None            put(key, value, ttl, tags)         delete(key) -> count
     purge_prefix(prefix) -> count       purge_tag(tag) -> count            stats -> CacheStats
 
+The node store also has `lock/unlock/locked(key)`: leases that make concurrent misses in different
+workers wait for one backend request (tollway.plugins.proxy_cache).
+
 `delete(key)` removes the key and its variants (keys that extend it with ``#v``), so invalidating a
 URI never leaves a variant behind. Values are opaque bytes (tollway.cache.entry encodes them).
 
@@ -133,7 +136,7 @@ class LmdbStore:
         self._env = lmdb.open(
             path,
             map_size=max_bytes * 2 + (64 << 20),
-            max_dbs=4,
+            max_dbs=8,
             writemap=True,
             sync=False,
             metasync=False,
@@ -144,6 +147,7 @@ class LmdbStore:
         self._meta = self._env.open_db(b"meta")  # key -> expiry, access time
         self._order = self._env.open_db(b"order")  # access time (8 bytes, big-endian) + key -> b""
         self._tags = self._env.open_db(b"tags", dupsort=True)  # tag -> key
+        self._locks = self._env.open_db(b"locks")  # key being filled -> lease end (coalescing)
         self._lock = threading.Lock()  # one writer per process (LMDB allows one per environment)
         self._map_full = lmdb.MapFullError
         self._pid = os.getpid()
@@ -279,6 +283,27 @@ class LmdbStore:
     def used_bytes(self) -> int:
         with self._env.begin() as txn:
             return self._total(txn)
+
+    # -- fill locks: one backend request per missing key on the whole node ---------------------------
+    def lock(self, key: bytes, lease: float) -> bool:
+        """Take the right to fill `key` for `lease` seconds; False while another process holds it. A
+        lease, not a lock: a worker that dies holding it delays the others by `lease` at most."""
+        now = time.time()
+        with self._lock, self._env.begin(write=True) as txn:
+            held = txn.get(key, db=self._locks)
+            if held is not None and struct.unpack("<d", held)[0] > now:
+                return False
+            txn.put(key, struct.pack("<d", now + lease), db=self._locks)
+        return True
+
+    def unlock(self, key: bytes) -> None:
+        with self._lock, self._env.begin(write=True) as txn:
+            txn.delete(key, db=self._locks)
+
+    def locked(self, key: bytes) -> bool:
+        with self._env.begin() as txn:
+            held = txn.get(key, db=self._locks)
+        return held is not None and struct.unpack("<d", held)[0] > time.time()
 
 
 def _order_key(atime: float, key: bytes) -> bytes:

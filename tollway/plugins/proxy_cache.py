@@ -24,10 +24,12 @@ from tollway.cache import keys, rfc, serve
 from tollway.cache.entry import NO_CACHE, NO_STALE, REQUEST_ID, Entry, Variants, decode, flags_for
 from tollway.cache.stats import STATS
 from tollway.plugins.base import HookResult, Plugin, PluginContext
+from tollway.plugins.cache_capture import BodyCapture
+from tollway.plugins.cache_capture import tags as body_tags
 from tollway.plugins.cache_config import ProxyCacheConfig
 from tollway.plugins.cache_refresh import refresh
 from tollway.plugins.cache_stores import delete_async, open_store, put_async, warn
-from tollway.protocol.http1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, ChunkedDecoder
+from tollway.protocol.http1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE
 from tollway.proxy.responses import Response
 
 if TYPE_CHECKING:
@@ -229,6 +231,14 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         if waiting is None:
             self._inflight[key] = asyncio.get_running_loop().create_future()
             ex.on_finish(lambda _ex: self._release(key))
+            store = self.store
+            if may_wait and hasattr(store, "lock"):  # the node store: one fill for all its workers
+                try:
+                    if not store.lock(key, self.config.coalesce_timeout):
+                        return self._poll(ex, state)
+                except Exception as exc:
+                    return self._bypass(ex, state, exc)
+                ex.on_finish(lambda _ex: _unlock(store, key))
             return None
         if not may_wait:
             return None
@@ -267,6 +277,33 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             return self._bypass(ex, state, exc)
         result = self._decide(ex, state, entry, False)
         return result  # type: ignore[return-value]  # may_wait=False: never an awaitable
+
+    async def _poll(self, ex: Exchange, state: _State) -> Response | None:
+        """Another worker of the node fills this key: read the store until its copy is there (answer
+        from it, and hand it to this worker's waiting misses) or its lease ends (then go to the backend
+        as this worker's filling request)."""
+        STATS.coalesced += 1
+        loop = asyncio.get_running_loop()
+        key = state.entry_key
+        deadline = loop.time() + self.config.coalesce_timeout
+        delay = 0.002
+        store = self.store
+        while loop.time() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            if ex.done:
+                return None
+            try:
+                entry = self._find_sync(ex, state)
+                if entry is None and store.locked(key):
+                    continue
+            except Exception as exc:
+                return self._bypass(ex, state, exc)
+            if entry is not None:
+                self._release(key, (state.entry_key, entry, state.variants))
+                return self._decide(ex, state, entry, False)  # type: ignore[return-value]
+            break
+        return None
 
     # -- lookups -------------------------------------------------------------------------------------------
     def _key(self, ex: Exchange, path: str, query: str) -> bytes:
@@ -436,7 +473,15 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             )
             return
         self._label_fields(ex, state.label, rfc.cache_status(name, False, _fwd(state), stored=True))
-        ex.body_tap = _Capture(self, ex, state, list(headers), kind).feed
+        status = head.status
+        stored = list(headers)
+        capture = BodyCapture(
+            ex,
+            kind,
+            config.max_object_size,
+            lambda body: self._store_response(ex, state, status, stored, body),
+        )
+        ex.body_tap = capture.feed
 
     def _store_response(
         self, ex: Exchange, state: _State, status: int, headers: rfc.Headers, body: bytes
@@ -462,7 +507,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             writes.append((key, variants.encode(), max(ttl, self.config.keep_stale)))
             key = self._variant_key(ex, key, variants)
         writes.append((key, entry.encode(), ttl))
-        tags = _tags(headers)
+        tags = body_tags(headers)
         STATS.bytes_stored += len(entry.body)
         store = self.store
         if store.is_async:
@@ -533,54 +578,12 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         return done
 
 
-class _Capture:
-    """The body tap of a response being stored: gathers the payload as it streams to the client and
-    stores it when the response completes; gives up (stores nothing) past max_object_size."""
-
-    __slots__ = ("chunks", "decoder", "ex", "headers", "plugin", "size", "state")
-
-    def __init__(
-        self, plugin: ProxyCache, ex: Exchange, state: _State, headers: rfc.Headers, kind: int
-    ) -> None:
-        self.plugin = plugin
-        self.ex = ex
-        self.state = state
-        self.headers = headers
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.decoder = ChunkedDecoder(collect=True) if kind == BODY_CHUNKED else None
-
-    def feed(self, data: bytes | None) -> None:
-        if data is None:
-            head = self.ex.response_head
-            if self.decoder is not None and not self.decoder.done:
-                return
-            assert head is not None
-            self.plugin._store_response(self.ex, self.state, head.status, self.headers, b"".join(self.chunks))
-            return
-        decoder = self.decoder
-        if decoder is not None:
-            decoder.feed(data)
-            data = b"".join(decoder.payload)
-            decoder.payload.clear()
-        self.size += len(data)
-        if self.size > self.plugin.config.max_object_size:
-            self.ex.body_tap = None  # too large after all (chunked): stream on, store nothing
-            STATS.too_large += 1
-            return
-        self.chunks.append(data)
+def _unlock(store: Any, key: bytes) -> None:
+    try:
+        store.unlock(key)
+    except Exception as exc:
+        warn("cache store failed to release a fill lease: %s", exc)
 
 
 def _fwd(state: _State) -> str:
     return "stale" if state.entry is not None else "uri-miss"
-
-
-def _tags(headers: rfc.Headers) -> list[str]:
-    tags: list[str] = []
-    surrogate = rfc.field(headers, b"surrogate-key")
-    if surrogate is not None:
-        tags += surrogate.decode("latin-1").split()
-    cache_tag = rfc.field(headers, b"cache-tag")
-    if cache_tag is not None:
-        tags += [t.strip() for t in cache_tag.decode("latin-1").split(",") if t.strip()]
-    return tags
