@@ -388,6 +388,47 @@ def test_stale_if_error_serves_the_copy_when_the_backend_is_gone(cached: Any, or
     assert request(gw.port, path="/strict").status == 502  # must-revalidate: never stale
 
 
+def test_stale_if_error_serves_the_copy_when_the_backend_times_out(
+    backend: Callable[..., Backend], gateway: Callable[..., Gateway], origin: Origin, tmp_path: Path
+) -> None:
+    origin.routes["/t"] = (200, [("Cache-Control", "max-age=1, stale-if-error=60")], b"before")
+    b = backend(origin.respond)
+    config = cache_config(b, tmp_path)
+    config["services"][0]["read_timeout"] = "300ms"
+    gw = gateway(config)
+    request(gw.port, path="/t")
+    time.sleep(1.2)
+    origin.delay = 2.0  # slower than the read timeout
+    stale = request(gw.port, path="/t")
+    assert stale.status == 200 and stale.body == b"before" and stale.header("x-cache-status") == "STALE"
+    assert request(gw.port, path="/uncached").status == 504  # nothing to fall back on
+
+
+def test_stale_if_error_serves_the_copy_when_no_target_is_healthy(
+    backend: Callable[..., Backend], gateway: Callable[..., Gateway], origin: Origin, tmp_path: Path
+) -> None:
+    origin.routes["/h"] = (200, [("Cache-Control", "max-age=1")], b"healthy once")
+    b = backend(origin.respond)
+    config = cache_config(b, tmp_path, stale_if_error="1m")
+    config["upstreams"] = [
+        {
+            "name": "pool",
+            "targets": [{"target": f"127.0.0.1:{b.port}"}],
+            "healthchecks": {"active": {"http_path": "/health", "interval": 0.2, "unhealthy_threshold": 1}},
+        }
+    ]
+    config["services"] = [{"name": "backend", "upstream": "pool"}]
+    origin.routes["/health"] = (200, [], b"ok")
+    gw = gateway(config)
+    assert request(gw.port, path="/h").body == b"healthy once"
+    time.sleep(1.2)
+    origin.routes["/health"] = (500, [], b"down")
+    origin.routes["/other"] = (200, [], b"not cacheable")
+    assert wait_until(lambda: request(gw.port, path="/other").status == 503, 10)  # marked down
+    stale = request(gw.port, path="/h")
+    assert stale.status == 200 and stale.body == b"healthy once" and stale.header("x-cache-status") == "STALE"
+
+
 def test_stale_if_error_serves_the_copy_on_a_5xx(cached: Any, origin: Origin) -> None:
     origin.routes["/e"] = (200, [("Cache-Control", "max-age=1")], b"good")
     gw, _b = cached(stale_if_error="1m")
