@@ -8,73 +8,22 @@ workers sharing the node store; eviction under a byte budget; objects over the s
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import ROOT, Backend, Gateway, Seen, gateway_config, request, response, wait_until
+from tests.integration.cache_support import Origin, cache_config, count, make_cached, make_origin
+from tests.support import Backend, Gateway, Seen, request, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-class Origin:
-    """A backend whose answers a test scripts per path: `routes[path] = (status, headers, body)`;
-    a `version` counter lets a test see which answer it got. Counts requests per path."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, tuple[int, list[tuple[str, str]], bytes]] = {}
-        self.delay = 0.0
-        self.lock = threading.Lock()
-
-    async def respond(self, seen: Seen, writer: asyncio.StreamWriter) -> bool:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        path = seen.target
-        status, headers, body = self.routes.get(
-            path.split("?")[0], (200, [("Cache-Control", "max-age=60")], b"")
-        )
-        if callable(body):
-            status, headers, body = body(seen)
-        writer.write(response(status, body, headers))
-        return True
-
-
-def count(backend: Backend, path: str, method: str = "GET") -> int:
-    return sum(1 for s in backend.seen if s.target == path and s.method == method)
-
-
-def cache_config(backend: Backend, tmp_path: Path, **plugin: Any) -> dict[str, Any]:
-    config = gateway_config(backend.url)
-    settings = {"path": str(tmp_path / "cache"), **plugin}
-    config["plugins"] = [{"name": "proxy-cache", "config": settings}]
-    return config
-
-
-@pytest.fixture
-def origin() -> Origin:
-    return Origin()
-
-
-@pytest.fixture
-def cached(
-    backend: Callable[..., Backend], gateway: Callable[..., Gateway], origin: Origin, tmp_path: Path
-) -> Callable[..., tuple[Gateway, Backend]]:
-    def start(workers: int = 1, **plugin: Any) -> tuple[Gateway, Backend]:
-        b = backend(origin.respond)
-        gw = gateway(cache_config(b, tmp_path, **plugin), workers=workers)
-        return gw, b
-
-    return start
+origin = pytest.fixture(name="origin")(make_origin)
+cached = pytest.fixture(name="cached")(make_cached)
 
 
 # -- freshness (§4.2) -------------------------------------------------------------------------------------
@@ -457,146 +406,3 @@ def test_stale_while_revalidate_answers_stale_and_refreshes_in_the_background(
     assert wait_until(lambda: count(b, "/swr") == 2, 5)
     assert wait_until(lambda: request(gw.port, path="/swr").body == b"v2", 5)
     assert count(b, "/swr") == 2
-
-
-# -- storage ----------------------------------------------------------------------------------------------
-def test_objects_over_the_size_limit_pass_through_and_are_not_stored(cached: Any, origin: Origin) -> None:
-    big = b"x" * 5000
-    origin.routes["/big"] = (200, [("Cache-Control", "max-age=60")], big)
-    gw, b = cached(max_object_size=4096)
-    assert request(gw.port, path="/big").body == big
-    again = request(gw.port, path="/big")
-    assert again.body == big and again.header("x-cache-status") == "MISS"
-    assert "detail=too-large" in again.header("cache-status")
-    assert count(b, "/big") == 2
-
-
-def test_chunked_responses_are_stored_and_served_with_a_length(cached: Any, origin: Origin) -> None:
-    chunked = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
-    origin.routes["/chunked"] = (
-        200,
-        [("Cache-Control", "max-age=60"), ("Transfer-Encoding", "chunked")],
-        chunked,
-    )
-    gw, _b = cached()
-    assert request(gw.port, path="/chunked").body == b"hello world"
-    hit = request(gw.port, path="/chunked")
-    assert hit.header("x-cache-status") == "HIT" and hit.body == b"hello world"
-    assert hit.header("content-length") == "11"
-
-
-def test_workers_share_the_node_store(cached: Any, origin: Origin) -> None:
-    origin.routes["/shared"] = (200, [("Cache-Control", "max-age=60")], b"one copy")
-    gw, b = cached(workers=2)
-    statuses = []
-    for _ in range(20):  # new connections land on either worker (SO_REUSEPORT)
-        statuses.append(request(gw.port, path="/shared").header("x-cache-status"))
-    assert statuses.count("MISS") == 1 and count(b, "/shared") == 1
-
-
-def test_eviction_keeps_the_store_under_its_byte_budget(cached: Any, origin: Origin) -> None:
-    body = b"y" * 20000
-    for i in range(10):
-        origin.routes[f"/e{i}"] = (200, [("Cache-Control", "max-age=60")], body)
-    gw, _b = cached(max_size="64KiB")
-    for i in range(10):
-        request(gw.port, path=f"/e{i}")
-    assert request(gw.port, path="/e9").header("x-cache-status") == "HIT"  # most recent survives
-    assert request(gw.port, path="/e0").header("x-cache-status") == "MISS"  # least recent evicted
-
-
-def test_default_node_store_is_shared_by_workers_and_removed_with_its_node(
-    backend: Callable[..., Backend], gateway: Callable[..., Gateway], origin: Origin, tmp_path: Path
-) -> None:
-    origin.routes["/n"] = (200, [("Cache-Control", "max-age=60")], b"n")
-    b = backend(origin.respond)
-    config = gateway_config(b.url)
-    config["plugins"] = [{"name": "proxy-cache"}]  # every option at its default
-    base = tmp_path / "cache-base"
-    (base / "node-999999999").mkdir(parents=True)  # a node that is gone: its store is removed
-    gw = gateway(config, workers=2, env={"TOLLWAY_CACHE_DIR": str(base)})
-    statuses = [request(gw.port, path="/n").header("x-cache-status") for _ in range(12)]
-    assert statuses.count("MISS") == 1 and count(b, "/n") == 1
-    assert sorted(p.name for p in base.iterdir()) == [f"node-{gw.process.pid}"]
-
-
-# -- keys ---------------------------------------------------------------------------------------------------
-def test_query_normalisation_and_key_headers(cached: Any, origin: Origin) -> None:
-    origin.routes["/q"] = (
-        200,
-        [("Cache-Control", "max-age=60")],
-        lambda seen: (200, [("Cache-Control", "max-age=60")], seen.target.encode()),
-    )  # type: ignore[assignment]
-    gw, b = cached(ignore_query_params=["utm_source"], sort_query=True, key_headers=["X-Tenant"])
-    request(gw.port, path="/q?b=2&a=1&utm_source=mail", headers={"X-Tenant": "t1"})
-    assert request(gw.port, path="/q?a=1&b=2", headers={"X-Tenant": "t1"}).header("x-cache-status") == "HIT"
-    assert request(gw.port, path="/q?a=1&b=2", headers={"X-Tenant": "t2"}).header("x-cache-status") == "MISS"
-    assert request(gw.port, path="/q?a=1&b=3", headers={"X-Tenant": "t1"}).header("x-cache-status") == "MISS"
-    assert count(b, "/q?b=2&a=1&utm_source=mail") == 1  # the backend sees the query as sent
-
-
-def test_set_cookie_responses_are_not_stored_by_default(cached: Any, origin: Origin) -> None:
-    origin.routes["/cookie"] = (200, [("Cache-Control", "max-age=60"), ("Set-Cookie", "s=1")], b"x")
-    gw, _ = cached()
-    request(gw.port, path="/cookie")
-    again = request(gw.port, path="/cookie")
-    assert again.header("x-cache-status") == "MISS" and "detail=set-cookie" in again.header("cache-status")
-
-
-# -- purge and metrics ------------------------------------------------------------------------------------
-def test_cli_purges_by_key_prefix_and_tag(cached: Any, origin: Origin) -> None:
-    for path, tag in (("/p/1", "one"), ("/p/2", "two"), ("/t/1", "tagged"), ("/t/2", "tagged")):
-        origin.routes[path] = (200, [("Cache-Control", "max-age=60"), ("Surrogate-Key", f"{tag} all")], b"x")
-    gw, _ = cached()
-    paths = ["/p/1", "/p/2", "/t/1", "/t/2"]
-    for path in paths:
-        request(gw.port, path=path)
-
-    def purge(*args: str) -> str:
-        cmd = [sys.executable, "-m", "tollway", "cache", "purge", "-c", str(gw.config_path), *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    assert "1 removed" in purge("--key", "http://gateway.test/p/1")
-    assert request(gw.port, path="/p/1").header("x-cache-status") == "MISS"
-    assert request(gw.port, path="/p/2").header("x-cache-status") == "HIT"
-    assert "2 removed" in purge("--tag", "tagged")
-    assert [request(gw.port, path=p).header("x-cache-status") for p in ("/t/1", "/t/2")] == ["MISS", "MISS"]
-    assert "2 removed" in purge("--prefix", "http://gateway.test/p/")
-    assert request(gw.port, path="/p/2").header("x-cache-status") == "MISS"
-
-
-def test_metrics_count_hits_and_misses(cached: Any, origin: Origin) -> None:
-    origin.routes["/m"] = (200, [("Cache-Control", "max-age=60")], b"metrics")
-    gw, _ = cached()
-    for _ in range(3):
-        request(gw.port, path="/m")
-
-    def value(result: str) -> float:
-        text = urllib.request.urlopen(gw.status_url + "/metrics", timeout=10).read().decode()
-        for line in text.splitlines():
-            if line.startswith(f'tollway_proxy_cache_requests_total{{result="{result}"}}'):
-                return float(line.split()[-1])
-        return 0.0
-
-    assert wait_until(lambda: value("hit") == 2 and value("miss") == 1, 10)
-
-
-def test_an_echoed_request_id_names_the_request_answered_from_the_copy(cached: Any, origin: Origin) -> None:
-    origin.routes["/rid"] = (  # type: ignore[assignment]
-        0,
-        [],
-        lambda seen: (
-            200,
-            [("Cache-Control", "max-age=60"), ("X-Request-Id", seen.header("x-request-id"))],
-            b"r",
-        ),
-    )
-    gw, b = cached()
-    first = request(gw.port, path="/rid")
-    hit = request(gw.port, path="/rid")
-    assert hit.header("x-cache-status") == "HIT" and count(b, "/rid") == 1
-    assert first.header("x-request-id") == b.seen[0].header("x-request-id")
-    assert hit.header("x-request-id") and hit.header("x-request-id") != first.header("x-request-id")
-    assert len([v for k, v in hit.headers if k.lower() == "x-request-id"]) == 1

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_proxy_cache import Origin, count
+from tests.integration.cache_support import Origin, count
 from tests.state_support import RedisServer, cleanup_prefix
 from tests.support import Backend, Gateway, gateway_config, request, wait_until
 
