@@ -15,18 +15,14 @@ def answer(entry: Entry, request: rfc.Headers, method: bytes, age: float, condit
     `conditional=False` ignores the client's conditional fields (they were answered already)."""
     headers = [*entry.headers, (b"Age", rfc.age_field(age))]
     status = entry.status
-    if (
-        conditional
-        and status == 200
-        and _is_conditional(request)
-        and rfc.not_modified(request, entry.headers)
-    ):
+    special = _special_fields(request)  # one pass over the request: most have none of these fields
+    if special & _CONDITIONAL and conditional and status == 200 and rfc.not_modified(request, entry.headers):
         return 304, [*rfc.not_modified_headers(entry.headers), (b"Age", rfc.age_field(age))], b""
     body = entry.body
     if status != 200 or method != b"GET":
         return status, headers, body
     headers.append((b"Accept-Ranges", b"bytes"))
-    range_field = rfc.field(request, b"range")
+    range_field = rfc.field(request, b"range") if special & _RANGE else None
     if range_field is None:
         return status, headers, body
     if_range = rfc.field(request, b"if-range")
@@ -43,9 +39,12 @@ def answer(entry: Entry, request: rfc.Headers, method: bytes, age: float, condit
     return 206, headers, body[first : last + 1]
 
 
-def _is_conditional(request: rfc.Headers) -> bool:
+_CONDITIONAL, _RANGE = 1, 2
+_SPECIAL = {b"if-none-match": _CONDITIONAL, b"if-modified-since": _CONDITIONAL, b"range": _RANGE}
+
+
+def _special_fields(request: rfc.Headers) -> int:
+    found = 0
     for name, _ in request:
-        lname = name.lower()
-        if lname == b"if-none-match" or lname == b"if-modified-since":
-            return True
-    return False
+        found |= _SPECIAL.get(name.lower(), 0)
+    return found

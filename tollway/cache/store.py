@@ -29,6 +29,7 @@ brings the total over the byte budget evicts from the front until it fits.
 from __future__ import annotations
 
 import os
+import random
 import struct
 import threading
 import time
@@ -40,6 +41,9 @@ from tollway.cache.stats import STATS
 
 TOUCH_AFTER = 1.0
 _META = struct.Struct("<dd")  # expiry, access time
+_HEAD = struct.Struct("<dQ")  # before each stored value: expiry, a stamp that changes with every put
+_RECENT_MAX = 1024  # values a process keeps by key, to return the same object while the stamp holds
+_RECENT_BYTES = 32 << 20  # ...and their bytes at most
 _TOTAL = b"total"
 
 
@@ -151,6 +155,11 @@ class LmdbStore:
         self._lock = threading.Lock()  # one writer per process (LMDB allows one per environment)
         self._map_full = lmdb.MapFullError
         self._pid = os.getpid()
+        # key -> (stamp, value): an unchanged value is returned as the same bytes object, without a
+        # copy, so callers can memoise what they decode from it (tollway.plugins.proxy_cache).
+        self._recent: dict[bytes, tuple[int, bytes]] = {}
+        self._recent_bytes = 0
+        self._touched: dict[bytes, float] = {}  # key -> when this process last refreshed its LRU time
 
     def __repr__(self) -> str:
         return f"<LmdbStore {self.path} {self.used_bytes()}/{self.max_bytes} bytes>"
@@ -159,22 +168,41 @@ class LmdbStore:
         self._env.close()
 
     def get(self, key: bytes) -> bytes | None:
-        with self._env.begin(buffers=False) as txn:
-            value = txn.get(key, db=self._data)
-            if value is None:
+        """The value, or None. A hit reads one B+tree entry through the shared mapping (no copy unless
+        the value changed since this process last read it) and, at most once a second per key and
+        process, refreshes its LRU time in a small write transaction."""
+        with self._env.begin(buffers=True) as txn:
+            view = txn.get(key, db=self._data)
+            if view is None:
                 return None
-            meta = txn.get(key, db=self._meta)
+            expiry, stamp = _HEAD.unpack_from(view)
+            recent = self._recent.get(key)
+            if recent is not None and recent[0] == stamp:
+                value = recent[1]
+            else:
+                value = bytes(view[_HEAD.size :])
+                if len(self._recent) >= _RECENT_MAX or self._recent_bytes + len(value) > _RECENT_BYTES:
+                    self._recent.clear()
+                    self._recent_bytes = 0
+                self._recent[key] = (stamp, value)
+                self._recent_bytes += len(value)
         now = time.time()
-        expiry, atime = _META.unpack(meta) if meta is not None else (0.0, 0.0)
         if expiry < now:
             self.delete_exact(key)
             return None
-        if now - atime > TOUCH_AFTER:
-            self._touch(key, expiry, atime, now)
+        if now - self._touched.get(key, 0.0) > TOUCH_AFTER:
+            self._touch(key, now)
         return value
 
-    def _touch(self, key: bytes, expiry: float, atime: float, now: float) -> None:
+    def _touch(self, key: bytes, now: float) -> None:
+        if len(self._touched) >= _RECENT_MAX:
+            self._touched.clear()
+        self._touched[key] = now
         with self._lock, self._env.begin(write=True) as txn:
+            meta = txn.get(key, db=self._meta)
+            if meta is None:
+                return
+            expiry, atime = _META.unpack(meta)
             txn.delete(_order_key(atime, key), db=self._order)
             txn.put(_order_key(now, key), b"", db=self._order)
             txn.put(key, _META.pack(expiry, now), db=self._meta)
@@ -183,11 +211,12 @@ class LmdbStore:
         if len(value) > self.max_bytes:
             return
         now = time.time()
+        stored = _HEAD.pack(now + ttl, random.getrandbits(64)) + value
         for _ in range(3):
             try:
                 with self._lock, self._env.begin(write=True) as txn:
-                    total = self._total(txn) - self._remove(txn, key) + len(value)
-                    txn.put(key, value, db=self._data)
+                    total = self._total(txn) - self._remove(txn, key) + len(stored)
+                    txn.put(key, stored, db=self._data)
                     txn.put(key, _META.pack(now + ttl, now), db=self._meta)
                     txn.put(_order_key(now, key), b"", db=self._order)
                     for tag in tags:

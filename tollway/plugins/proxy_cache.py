@@ -39,6 +39,7 @@ log = logging.getLogger("tollway.plugins.proxy_cache")
 _VAR = "proxy-cache"
 _CONDITIONALS = (b"if-none-match", b"if-modified-since")
 _CONSUMER = b":consumer"
+_MEMO_LIMIT = 65536  # decoded copies kept per process only up to this size (256 of them at most)
 Filled = tuple[bytes, Entry, "Variants | None"]
 
 
@@ -83,36 +84,59 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         super().__init__(config, context)
         self._store_factory = lambda: open_store(config)
         self._store: Any = None
+        self._retry_open = 0.0
         self._methods = frozenset(m.encode() for m in config.methods)
         self._ignore = frozenset(config.ignore_query_params)
         self._extra_names = tuple(sorted(h.lower().encode() for h in config.key_headers)) + (
             (_CONSUMER,) if config.key_consumer else ()
         )
         self._status_name = config.status_header.encode() if config.status_header else None
+        self._hit_field = (self._status_name, b"HIT") if self._status_name is not None else None
+        self._name_bytes = config.cache_status_name.encode()
         # key -> the request filling it; resolves to what it stored (written key, entry, variants) or None
         self._inflight: dict[bytes, asyncio.Future[Filled | None]] = {}
+        self._decoded: dict[bytes, Entry | Variants | None] = {}  # see _decode
 
     @property
     def store(self) -> Any:
+        """The store, once `_open` succeeded (every path that uses it comes after access did)."""
+        return self._store
+
+    def _open(self) -> Any:
+        """The store, opened in this worker on first use; None while it cannot be opened (retried
+        every 10 s): the request then goes to the backend as if there were no cache."""
         store = self._store
         if store is None:
-            store = self._store = self._store_factory()
+            if time.monotonic() < self._retry_open:
+                return None
+            try:
+                store = self._store = self._store_factory()
+            except Exception as exc:
+                STATS.store_errors += 1
+                self._retry_open = time.monotonic() + 10.0
+                warn("cache store cannot be opened, requests go to the backend: %s", exc)
+                return None
         return store
 
     # -- access -------------------------------------------------------------------------------------------
     def access(self, ex: Exchange) -> HookResult:
         method = ex.method
         if method in rfc.UNSAFE_METHODS:
-            self._attach(ex, _State(self._key(ex, ex.path, ex.query), {}))
+            if self._open() is not None:
+                self._attach(ex, _State(self._key(ex, ex.path, ex.query), {}))
             return None
         if method not in self._methods:
+            return None
+        store = self._open()
+        if store is None:
+            self._label_fields(ex, "BYPASS", rfc.cache_status(self.config.cache_status_name, False, "bypass"))
             return None
         request_cc = rfc.request_directives(ex.headers)
         if self.config.ignore_client_no_cache:
             request_cc.pop("no-cache", None)
         state = _State(self._key(ex, ex.path, ex.query), request_cc)
         self._attach(ex, state)
-        if self.store.is_async:
+        if store.is_async:
             return self._access_async(ex, state)
         try:
             entry = self._find_sync(ex, state)
@@ -192,14 +216,17 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
 
     def _status_fields(self, label: str, entry: Entry | None, age: float = 0.0) -> rfc.Headers:
         name = self.config.cache_status_name
+        if label == "HIT" and entry is not None:  # the hot path: no string building
+            value = b"%s; hit; ttl=%d" % (self._name_bytes, entry.lifetime - age)
+            if self._hit_field is None:
+                return [(b"Cache-Status", value)]
+            return [(b"Cache-Status", value), self._hit_field]
         if label in ("HIT", "STALE"):
             ttl = entry.lifetime - age if entry is not None else None
             value = rfc.cache_status(name, True, "stale" if label == "STALE" else "", ttl=ttl)
         elif label == "REVALIDATED":
-            value = rfc.cache_status(
-                name, True, "stale", stored=True
-            )  # RFC 9211 2.2: fwd=stale, fwd-status 304
-            value += b"; fwd-status=304"
+            # RFC 9211 2.2: forwarded because stale, the backend said 304
+            value = rfc.cache_status(name, True, "stale", stored=True) + b"; fwd-status=304"
         else:
             fwd = {"MISS": "uri-miss", "EXPIRED": "stale", "BYPASS": "bypass"}.get(label, "miss")
             value = rfc.cache_status(name, False, fwd)
@@ -321,8 +348,24 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
                 values.append(rfc.normalise_field(rfc.field(ex.headers, name)))
         return keys.secondary_key(key, variants.nonce, values)
 
+    def _decode(self, data: bytes | None) -> Entry | Variants | None:
+        """decode(), memoised: the node and worker stores hand back the same bytes object while a
+        value is unchanged, so a hot copy is parsed once per process, not once per hit. Entries are
+        never mutated (answers copy their header lists)."""
+        if data is None:
+            return None
+        memo = self._decoded.get(data)
+        if memo is not None:
+            return memo
+        found = decode(data)
+        if len(data) <= _MEMO_LIMIT:  # large bodies: the copy would double their memory
+            if len(self._decoded) >= 256:
+                self._decoded.clear()
+            self._decoded[data] = found
+        return found
+
     def _found(self, ex: Exchange, state: _State, data: bytes | None) -> Entry | Variants | None:
-        found = decode(data) if data is not None else None
+        found = self._decode(data)
         if isinstance(found, Variants):
             state.variants = found
             state.entry_key = self._variant_key(ex, state.key, found)
@@ -332,16 +375,14 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         store = self.store
         found = self._found(ex, state, store.get(state.key))
         if isinstance(found, Variants):
-            data = store.get(state.entry_key)
-            found = decode(data) if data is not None else None
+            found = self._decode(store.get(state.entry_key))
         return found if isinstance(found, Entry) else None
 
     async def _find_async(self, ex: Exchange, state: _State) -> Entry | None:
         store = self.store
         found = self._found(ex, state, await store.get(state.key))
         if isinstance(found, Variants):
-            data = await store.get(state.entry_key)
-            found = decode(data) if data is not None else None
+            found = self._decode(await store.get(state.entry_key))
         return found if isinstance(found, Entry) else None
 
     def _attach(self, ex: Exchange, state: _State) -> None:
