@@ -19,8 +19,17 @@ class CacheCounters:
     )
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.background_refreshes = 0  # stale-while-revalidate requests made
+        self.bytes_stored = 0
+        self.coalesced = 0  # misses that waited for another request's response
+        self.evictions = 0
+        self.hits = 0
+        self.invalidations = 0
+        self.misses = 0
+        self.revalidated = 0
+        self.stale = 0
+        self.store_errors = 0
+        self.too_large = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

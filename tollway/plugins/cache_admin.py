@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tollway.cache.redis_store import RedisStore
 from tollway.cache.store import node_store
@@ -26,7 +26,7 @@ def cache_configs(cfg: GatewayConfig) -> list[ProxyCacheConfig]:
     return found
 
 
-def _instances(cfg: GatewayConfig) -> Iterator[object]:
+def _instances(cfg: GatewayConfig) -> Iterator[Any]:
     yield from cfg.plugins
     for holder in (*cfg.services, *cfg.routes, *cfg.consumers):
         yield from getattr(holder, "plugins", None) or ()
@@ -38,6 +38,7 @@ def purge(
     """Purge every store the configuration's caches use: [(store, keys removed or why not)]."""
     results: list[tuple[str, int | str]] = []
     seen: set[tuple[str, ...]] = set()
+    ident: tuple[str, ...]
     for config in cache_configs(cfg):
         if config.store == "worker":
             ident = ("worker",)

@@ -154,7 +154,8 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             return result
         return await result
 
-    def _bypass(self, ex: Exchange, state: _State, exc: Exception) -> None:
+    def _bypass(self, ex: Exchange, state: _State, exc: Exception) -> Response | None:
+        """The store failed: the request goes to the backend (None), labelled BYPASS."""
         STATS.store_errors += 1
         warn("cache store failed, requests go to the backend: %s", exc)
         state.label = "BYPASS"
@@ -289,12 +290,13 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             return None
         filled = waiting.result() if waiting.done() else None
         if filled is not None:
-            written, entry, variants = filled
+            written, filled_entry, variants = filled
             if variants is not None:
                 state.variants = variants
                 state.entry_key = self._variant_key(ex, state.key, variants)
             if state.entry_key == written:
-                return self._decide(ex, state, entry, False)  # type: ignore[return-value]
+                return self._decide(ex, state, filled_entry, False)  # type: ignore[return-value]
+        entry: Entry | None
         try:
             if self.store.is_async:
                 entry = await self._find_async(ex, state)
