@@ -162,3 +162,51 @@ def test_an_echoed_request_id_names_the_request_answered_from_the_copy(cached: A
     assert first.header("x-request-id") == b.seen[0].header("x-request-id")
     assert hit.header("x-request-id") and hit.header("x-request-id") != first.header("x-request-id")
     assert len([v for k, v in hit.headers if k.lower() == "x-request-id"]) == 1
+
+
+def test_a_store_that_cannot_be_opened_means_bypass_never_an_error(
+    backend: Callable[..., Backend], gateway: Callable[..., Gateway], origin: Origin, tmp_path: Path
+) -> None:
+    origin.routes["/b"] = (200, [("Cache-Control", "max-age=60")], b"still served")
+    b = backend(origin.respond)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the store's directory should be")
+    config = gateway_config(b.url)
+    config["plugins"] = [{"name": "proxy-cache", "config": {"path": str(blocker / "cache")}}]
+    gw = gateway(config)
+    for _ in range(2):
+        answer = request(gw.port, path="/b")
+        assert answer.status == 200 and answer.body == b"still served"
+        assert answer.header("x-cache-status") == "BYPASS"
+    assert request(gw.port, "PUT", "/b", body=b"{}").status == 200
+    assert count(b, "/b") == 2
+
+
+def test_key_consumer_keeps_a_copy_per_consumer(
+    backend: Callable[..., Backend], gateway: Callable[..., Gateway], origin: Origin, tmp_path: Path
+) -> None:
+    origin.routes["/me"] = (  # type: ignore[assignment]
+        0,
+        [],
+        lambda seen: (
+            200,
+            [("Cache-Control", "public, max-age=60")],
+            (seen.header("x-consumer-username") or "").encode(),
+        ),
+    )
+    b = backend(origin.respond)
+    config = gateway_config(b.url)
+    config["plugins"] = [
+        {"name": "key-auth"},
+        {"name": "proxy-cache", "config": {"path": str(tmp_path / "cache"), "key_consumer": True}},
+    ]
+    config["consumers"] = [
+        {"username": "ada", "credentials": {"key-auth": [{"key": "key-ada-0123456789"}]}},
+        {"username": "bob", "credentials": {"key-auth": [{"key": "key-bob-0123456789"}]}},
+    ]
+    gw = gateway(config)
+    for name in ("ada", "bob", "ada", "bob"):
+        answer = request(gw.port, path="/me", headers={"apikey": f"key-{name}-0123456789"})
+        assert answer.body == name.encode()
+    assert count(b, "/me") == 2
+    assert request(gw.port, path="/me").status == 401  # authentication still runs before the cache

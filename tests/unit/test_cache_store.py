@@ -139,3 +139,16 @@ def test_redis_get_put_delete_and_purges(redis_store: RedisStore) -> None:
     run(s, s.put(b"http://h/ttl", b"t", 0.05))
     time.sleep(0.15)
     assert run(s, s.get(b"http://h/ttl")) is None
+
+
+def test_lmdb_returns_the_same_object_while_a_value_is_unchanged(tmp_path: Path) -> None:
+    store = LmdbStore(str(tmp_path / "node"), 1 << 20)
+    store.put(b"k", b"first", 60)
+    one, two = store.get(b"k"), store.get(b"k")
+    assert one == b"first" and one is two  # decoded once per process by the plugin
+    store.put(b"k", b"first", 60)  # rewritten (same bytes, new stamp): a fresh object
+    three = store.get(b"k")
+    assert three == b"first" and three is not one
+    store.put(b"k", b"second", 60)
+    assert store.get(b"k") == b"second"
+    store.close()
