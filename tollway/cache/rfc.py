@@ -8,6 +8,7 @@ docs/plugins/proxy-cache.md lists what is followed and what is deliberately not.
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 from collections.abc import Iterable, Mapping
 
@@ -455,7 +456,7 @@ def cache_status(
     if stored:
         parts.append("stored")
     if ttl is not None:
-        parts.append(f"ttl={int(ttl)}")
+        parts.append(f"ttl={math.floor(ttl)}")
     return "; ".join(parts).encode("latin-1")
 
 

@@ -222,9 +222,9 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             if self._hit_field is None:
                 return [(b"Cache-Status", value)]
             return [(b"Cache-Status", value), self._hit_field]
-        if label in ("HIT", "STALE"):
+        if label in ("HIT", "STALE"):  # RFC 9211 2.5: a stale hit has a negative ttl
             ttl = entry.lifetime - age if entry is not None else None
-            value = rfc.cache_status(name, True, "stale" if label == "STALE" else "", ttl=ttl)
+            value = rfc.cache_status(name, True, ttl=ttl)
         elif label == "REVALIDATED":
             # RFC 9211 2.2: forwarded because stale, the backend said 304
             value = rfc.cache_status(name, True, "stale", stored=True) + b"; fwd-status=304"
@@ -568,7 +568,9 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         """§4.4: a non-error answer to an unsafe request invalidates its URI, Location, Content-Location."""
         if not 200 <= status < 400:
             return
-        host = ex.host.decode("latin-1").lower().rpartition(":")[0] or ex.host.decode("latin-1").lower()
+        host = ex.host.decode("latin-1").lower()
+        if ":" in host and not host.endswith("]"):  # drop the port ("[::1]" has none)
+            host = host.rpartition(":")[0]
         doomed = [state.key]
         for target in rfc.invalidated_targets(ex.method, status, headers, host):
             path, _, query = target.partition("?")
