@@ -792,10 +792,10 @@ class Exchange:
             status, message = 500, "internal gateway error"
         if isinstance(error, ClientError):
             self.keep_alive = False
-        if self.fallback is not None and not self.response_started and self._fall_back(error):
-            return
         if isinstance(error, UpstreamError):
             self.client.worker.upstream_error(self, error)
+        if self.fallback is not None and not self.response_started and self._fall_back(error):
+            return
         rid = self.request_id.decode("latin-1") if self.request_id else self.client.ids.next().decode()
         if not self.request_id:
             self.request_id = rid.encode()
