@@ -11,6 +11,8 @@ Scenarios (each a gateway config; the harness's backend is nginx on 127.0.0.1:90
   observability  pass-through with metrics + access log file, and + tracing at 1% to a dead collector,
                vs plain pass-through (bench/passthrough-observed.yaml, passthrough-traced.yaml)
   idle-rss     resident memory of an idle worker
+  cache        proxy-cache hits (node store, Redis store) beside nginx proxy_cache and tollway's own
+               pass-through on /cached/user/1 (bench/cache_scenario.py)
 
     python bench/bench.py [--seconds 8] [--connections 64] [--rounds 3] [--scenario passthrough ...]
                           [--record bench/RESULTS.md]
@@ -33,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cache_scenario  # bench/ is on sys.path when this script runs
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -400,6 +403,7 @@ SCENARIOS = {
     "chain": chain,
     "observability": observability,
     "idle-rss": idle_rss,
+    "cache": lambda args: cache_scenario.cache(args, run_harness),  # bench/cache_scenario.py
 }
 
 

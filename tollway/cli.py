@@ -170,6 +170,46 @@ def demo(
     raise typer.Exit(run_demo(port=port, scripted_requests=requests, exit_after=exit_after, console=out))
 
 
+cache_app = typer.Typer(help="Manage proxy-cache stores.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("purge")
+def cache_purge(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="YAML configuration file.", show_default=False)
+    ],
+    key: Annotated[
+        str | None, typer.Option(help="A cache key: scheme://host/path?query, as clients asked.")
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option(help="Every key starting with this, e.g. http://api.test/users/")
+    ] = None,
+    tag: Annotated[
+        str | None, typer.Option(help="Every copy the backend tagged (Surrogate-Key, Cache-Tag).")
+    ] = None,
+) -> None:
+    """Remove copies from the stores of CONFIG's proxy-cache plugins (node stores on this host, Redis)."""
+    from tollway.config.loader import load_file
+    from tollway.errors import ConfigError
+    from tollway.plugins.builtin.cache_admin import purge
+
+    if key is None and prefix is None and tag is None:
+        err.print("[red]name what to purge: --key, --prefix or --tag[/red]")
+        raise typer.Exit(2)
+    try:
+        cfg = load_file(config)
+    except ConfigError as exc:
+        _print_issues(exc)
+        raise typer.Exit(1) from None
+    results = purge(cfg, key, prefix, tag)
+    if not results:
+        err.print(f"[yellow]{config} has no proxy-cache plugin (or no running node on this host)[/yellow]")
+        raise typer.Exit(1)
+    for store, outcome in results:
+        out.print(f"{store}: {outcome if isinstance(outcome, str) else f'{outcome} removed'}", markup=False)
+
+
 @app.command("hash-password")
 def hash_password(
     scheme: Annotated[

@@ -38,6 +38,8 @@ RATE_LIMIT = {
     "name": "rate-limiting",
     "config": {"minute": CLIENT_LIMIT, "key": "ip", "algorithm": "gcra"},
 }
+# GET /users/<id> is cached for a minute (the user service sends no Cache-Control); a PUT invalidates it.
+CACHE = {"name": "proxy-cache", "config": {"default_ttl": "1m"}}
 # The scripted clients: distinct loopback addresses (all of 127/8 reaches this host on Linux), so each
 # has its own limit — and yours, from 127.0.0.1, is untouched by the demo's traffic.
 CLIENTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6")
@@ -96,7 +98,9 @@ def demo_config(services: list[Process], gateway_port: int) -> dict[str, Any]:
             }
         ],
         "services": [{"name": "users", "upstream": "users", "read_timeout": "10s"}],
-        "routes": [{"name": "users", "service": "users", "paths": ["/users"], "plugins": [RATE_LIMIT]}],
+        "routes": [
+            {"name": "users", "service": "users", "paths": ["/users"], "plugins": [RATE_LIMIT, CACHE]}
+        ],
     }
 
 
@@ -194,23 +198,36 @@ def _port_free(port: int) -> bool:
 def _scripted_traffic(console: Console, port: int, count: int) -> None:
     plan = _request_plan(count)
     table = Table(title="Requests through the gateway", show_edge=False, pad_edge=False)
-    for column in ("#", "client", "request", "status", "served by", "limit left", "ms"):
+    for column in ("#", "client", "request", "status", "served by", "limit left", "ms", "cache"):
         table.add_column(column, justify="right" if column in ("#", "ms", "limit left") else "left")
     served: Counter[str] = Counter()
     limited: Counter[str] = Counter()
     retry_after = ""
+    hits, put_path, after_put = 0, "", ""
     for number, (client, method, path, body) in enumerate(plan, 1):
         answer = _send(port, client, method, path, body)
-        served[answer.instance] += 1
+        if answer.cache == "HIT":
+            hits += 1  # never reached an instance (the copy's X-Instance names the one that made it)
+        else:
+            served[answer.instance] += 1
+        if method == "PUT":
+            put_path = path
+        elif put_path == path and not after_put:
+            after_put = answer.cache
         if answer.status == 429:
             limited[client] += 1
             retry_after = answer.retry_after
         status = f"[red]{answer.status}[/red]" if answer.status == 429 else str(answer.status)
         row = (str(number), client, f"{method} {path}", status, answer.instance, answer.remaining)
-        table.add_row(*row, f"{answer.elapsed * 1000:.1f}")
+        table.add_row(*row, f"{answer.elapsed * 1000:.1f}", answer.cache)
     console.print(table)
     spread = " · ".join(f"{name} {served[name]}" for name in INSTANCES)
     console.print(f"Round-robin spread over both instances: [bold]{spread}[/bold]")
+    console.print(f"Cache: [bold]{hits} × HIT[/bold] answered by the gateway from its copy (X-Cache-Status)")
+    if after_put:
+        console.print(
+            f"The PUT invalidated {put_path}: the next GET of it was a {after_put}, with the new value"
+        )
     for client, denied in limited.items():
         console.print(
             f"Rate limit: client {client} sent more than {CLIENT_LIMIT} requests in a minute and got "
@@ -244,6 +261,7 @@ class Answer:
     remaining: str  # r= of the RateLimit header: requests this client has left
     retry_after: str
     elapsed: float
+    cache: str = ""  # X-Cache-Status: HIT, MISS, ...
 
 
 def _send(port: int, client: str, method: str, path: str, body: bytes | None) -> Answer:
@@ -265,6 +283,7 @@ def _send(port: int, client: str, method: str, path: str, body: bytes | None) ->
         remaining.group(1) if remaining else "",
         resp.getheader("Retry-After", ""),
         time.perf_counter() - start,
+        resp.getheader("X-Cache-Status", ""),
     )
 
 

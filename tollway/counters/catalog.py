@@ -166,6 +166,20 @@ CATALOG: dict[str, Entry] = {
         "Live keys pushed out of the node's shared limit table because their bucket was full: those keys "
         "restart from zero (enlarge TOLLWAY_STATE_SLOTS)",
     ),
+    "proxy_cache_requests_total": Entry(
+        "counter",
+        "Requests a proxy-cache handled, by result: hit, stale (served stale: max-stale, "
+        "stale-while-revalidate, stale-if-error), miss (went to the backend), revalidated (a 304 refreshed "
+        "the copy), coalesced (waited for another request's response), bypass (the store failed)",
+        ("result",),
+    ),
+    "proxy_cache_stored_bytes_total": Entry("counter", "Body bytes proxy-caches wrote to their stores"),
+    "proxy_cache_evictions_total": Entry(
+        "counter", "Copies pushed out of a node or worker store by its byte budget (least recently used)"
+    ),
+    "proxy_cache_invalidations_total": Entry(
+        "counter", "Keys invalidated by unsafe requests (their URI, Location and Content-Location)"
+    ),
     "auth_failures_total": Entry(
         "counter",
         "Requests rejected (401) by an authentication plugin, by reason (missing: no credential; invalid: "

@@ -168,6 +168,7 @@ class WorkerObservability:
             registry.counter("tracing_spans_total", result="failed").value = failed
             registry.counter("tracing_spans_total", result="dropped").value = dropped_spans
         self._collect_limits()
+        self._collect_cache()
         data = registry.snapshot()
         data["connections"] = len(worker.connections)
         data["config_version"] = worker.snapshot.version if worker.snapshot is not None else 0
@@ -227,6 +228,26 @@ class WorkerObservability:
         table = snapshot["table"]
         if table:
             registry.counter("rate_limit_table_evictions_total").value = table.get("evicted_live", 0)
+
+    def _collect_cache(self) -> None:
+        """proxy-cache counters (tollway.cache.stats), once a cache has been used in this process."""
+        stats = sys.modules.get("tollway.cache.stats")
+        if stats is None:
+            return
+        counts = stats.STATS.as_dict()
+        registry = self.registry
+        for result, field in (
+            ("hit", "hits"),
+            ("stale", "stale"),
+            ("miss", "misses"),
+            ("revalidated", "revalidated"),
+            ("coalesced", "coalesced"),
+            ("bypass", "store_errors"),
+        ):
+            registry.counter("proxy_cache_requests_total", result=result).value = counts[field]
+        registry.counter("proxy_cache_stored_bytes_total").value = counts["bytes_stored"]
+        registry.counter("proxy_cache_evictions_total").value = counts["evictions"]
+        registry.counter("proxy_cache_invalidations_total").value = counts["invalidations"]
 
     def _delta(self, key: tuple[str, ...], value: int) -> int:
         previous = self._upstream_seen.get(key, 0)

@@ -47,6 +47,7 @@ BUILTIN: dict[str, str] = {
     "response-transformer": "tollway.plugins.builtin.response_transformer:ResponseTransformer",
     "rate-limiting": "tollway.plugins.builtin.rate_limiting:RateLimiting",
     "concurrency-limit": "tollway.plugins.builtin.concurrency_limit:ConcurrencyLimit",
+    "proxy-cache": "tollway.plugins.builtin.proxy_cache:ProxyCache",
 }
 
 

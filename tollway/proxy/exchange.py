@@ -396,6 +396,8 @@ class Exchange(UpstreamTries):
                 self._release_upstream_on_error()
                 self.fail(error)
                 return
+            if self.done:
+                return  # a response hook answered instead (ex.respond): the backend's response is dropped
         if self._resp_headers is not None:
             self._resp_extra = self._response_fields(head)
         if self.response_body_transform is not None:
@@ -437,6 +439,8 @@ class Exchange(UpstreamTries):
     def upstream_body(self, data: bytes) -> None:
         if self.done:
             return
+        if self.body_tap is not None:
+            self.body_tap(data)
         if self._resp_body is not None:
             self._resp_body.append(data)
             return
@@ -467,6 +471,9 @@ class Exchange(UpstreamTries):
             self.client.write(pending)
 
     def upstream_complete(self) -> None:
+        if self.body_tap is not None:
+            tap, self.body_tap = self.body_tap, None
+            tap(None)
         if self._resp_body is not None and not self._transform_response_body():
             return  # the transform failed: answered 500
         conn = self.upstream
@@ -548,11 +555,27 @@ class Exchange(UpstreamTries):
             self.keep_alive = False
         if isinstance(error, UpstreamError):
             self.client.worker.upstream_error(self, error)
+        if self.fallback is not None and not self.response_started and self._fall_back(error):
+            return
         rid = self.request_id.decode("latin-1") if self.request_id else self.client.ids.next().decode()
         if not self.request_id:
             self.request_id = rid.encode()
         headers = error.headers if isinstance(error, TollwayError) else None
         self.respond(error_response(status, message, rid, headers))
+
+    def _fall_back(self, error: BaseException) -> bool:
+        fallback, self.fallback = self.fallback, None
+        assert fallback is not None
+        try:
+            response = fallback(self, error)
+        except Exception as exc:
+            self.client.worker.log_exception("fallback failed", exc, self)
+            return False
+        if response is None:
+            return False
+        self._release_upstream_on_error()
+        self.respond(response)
+        return True
 
     def abort(self) -> None:
         """The client went away: stop everything, keep nothing half-used."""

@@ -48,11 +48,13 @@ class RequestContext(RequestHead):
         "_resp_headers",
         "body_done",
         "body_received",
+        "body_tap",
         "bytes_sent",
         "client",
         "consumer",
         "credential",
         "done",
+        "fallback",
         "max_body_size",
         "params",
         "path",
@@ -94,6 +96,12 @@ class RequestContext(RequestHead):
         self.max_body_size: int = client.max_body_size  # a plugin may lower it for this request
         self.request_body_transform: Callable[[bytes], bytes | None] | None = None
         self.response_body_transform: Callable[[bytes], bytes | None] | None = None
+        # Set by a response hook: sees the backend's body bytes as they stream (framing included),
+        # then None at its end (not called if the response is cut). A cache stores bodies with it.
+        self.body_tap: Callable[[bytes | None], None] | None = None
+        # Set by a request hook: may answer a failure (backend down, timeout, no healthy target)
+        # before the gateway's error response does; a cache serves a stale copy with it.
+        self.fallback: Callable[[RequestContext, BaseException], Response | None] | None = None
         # Fields added to the response: (name, value, ADD / REPLACE / REMOVE)
         self._resp_headers: list[tuple[bytes, bytes, int]] | None = None
         self._on_finish: list[Callable[[RequestContext], None]] | None = None  # see on_finish()
