@@ -167,6 +167,7 @@ def _print_issues(exc: Any) -> None:
 
 
 def _print_event(kind: str, data: dict[str, Any]) -> None:
+    # A failed reload is not printed here: the supervisor logs it, with every error, once.
     if kind == "started":
         listen = ", ".join(f"http://{a}" for a in data["listen"])
         status = f" · status http://{data['status_listen']}" if data["status_listen"] else ""
@@ -177,10 +178,6 @@ def _print_event(kind: str, data: dict[str, Any]) -> None:
         )
     elif kind == "reloaded":
         out.print(f"config v{data['version']} applied ({data['reason']})")
-    elif kind == "reload_failed":
-        err.print(f"[red]config reload failed ({data['reason']}); the running config stays:[/red]")
-        for issue in data["issues"]:
-            err.print(f"  {issue}", markup=False)
     elif kind == "draining":
         out.print(f"draining (up to {data['timeout']:g}s for in-flight requests)")
     elif kind == "error":

@@ -182,7 +182,12 @@ class Supervisor:
         try:
             config = self._with_overrides(load_file(self.config_path))
         except ConfigError as exc:
-            self.last_reload = {"time": time.time(), "result": "failed", "version": self.version}
+            self.last_reload = {
+                "time": time.time(),
+                "result": "failed",
+                "version": self.version,
+                "errors": exc.issues,  # on /status beside the result, as the log has them
+            }
             self.metrics.registry.count("config_reloads_total", result="failed")
             log.error(
                 "config reload (%s) failed; still serving version %d:\n  %s",
