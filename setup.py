@@ -84,12 +84,17 @@ OPT_LEVEL = os.environ.get("TOLLWAY_OPT_LEVEL", "2")
 JOBS = max(1, int(os.environ.get("TOLLWAY_BUILD_JOBS") or os.cpu_count() or 1))
 MANIFEST = Path("tollway/_compiled.json")  # source hashes, so tollway can tell a stale build
 EDITABLE = any(arg in sys.argv for arg in ("editable_wheel", "develop", "--inplace", "-i"))
+# pip runs this script several times per install (build requirements, metadata, then the build):
+# only the build itself needs the extensions type-checked and generated.
+BUILDING = EDITABLE or any(cmd in sys.argv for cmd in ("build_ext", "build", "bdist_wheel", "install"))
 
 
 def ext_modules() -> list:
     if os.environ.get("TOLLWAY_PURE_PYTHON"):
         _remove_compiled()
         return []
+    if not BUILDING:
+        return C_EXTENSIONS  # metadata or an sdist: the generated C is not part of either
     key = build_key()
     if EDITABLE and (_in_tree_build_matches(key) or _restore_from_cache(key)):
         return []  # the compiled modules beside the sources are this very build

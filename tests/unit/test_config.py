@@ -335,7 +335,7 @@ def test_cidr() -> None:
         ("gateway: {limits: {max_request_line: 10}}", "gateway.limits.max_request_line: must be at least 64"),
         (
             "gateway: {timeouts: {client_header: 0}}",
-            "gateway.timeouts.client_header: must be more than 0",
+            "gateway.timeouts.client_header: must be more than 0, not 0",
         ),
         ("gateway: {drain_timeout: -1}", "gateway.drain_timeout: must not be negative"),
         (

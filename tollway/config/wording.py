@@ -57,7 +57,8 @@ def message(err: Any, model: type[BaseModel] | None = None) -> str:
         return "must not be empty" if minimum == 1 else f"must be at least {minimum} characters long"
     template = _MESSAGES.get(kind)
     if template is not None:
-        fields = {"input": err.get("input"), "kind": _kind(err.get("input")), **(err.get("ctx") or {})}
+        ctx = {k: _number(v) for k, v in (err.get("ctx") or {}).items()}
+        fields = {"input": err.get("input"), "kind": _kind(err.get("input")), **ctx}
         try:
             text = template.format(**fields)
         except (KeyError, IndexError, ValueError):
@@ -123,6 +124,11 @@ def _expand(types_: list[Any]) -> list[Any]:
         else:
             out.append(tp)
     return out
+
+
+def _number(value: Any) -> Any:
+    """100.0 in a bound reads 100."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _kind(value: Any) -> str:
