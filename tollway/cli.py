@@ -17,7 +17,28 @@ from rich.console import Console
 
 from tollway import __version__
 
+
+class _NoFlagType:
+    """typer shows a flag's type (`<bool>`) after --help, --version and --exit/--stay; a flag takes no
+    value, so the help shows none."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_NoFlagType, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_NoFlagType, typer.core.TyperCommand):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     name="tollway",
     help="Tollway: an API gateway in Python. Routes, balances and protects HTTP traffic to your services.",
     no_args_is_help=True,
@@ -37,13 +58,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Tollway: an API gateway in Python."""
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
     config: Annotated[
         Path, typer.Option("--config", "-c", help="YAML configuration file.", show_default=False)
@@ -98,7 +122,7 @@ def serve(path: Path | None, cfg: Any, workers: int | None, listen: list[str] | 
         return runner.run(supervisor.run())
 
 
-@app.command()
+@app.command(cls=_Command)
 def check(
     config: Annotated[Path, typer.Argument(help="YAML configuration file to validate.", show_default=False)],
 ) -> None:
@@ -117,14 +141,17 @@ def check(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     port: Annotated[int, typer.Option(help="Gateway port (0 = any free port).")] = 8000,
     requests: Annotated[
         int, typer.Option(help="Requests the demo sends itself before waiting for yours.")
     ] = 20,
     exit_after: Annotated[
-        bool, typer.Option("--exit/--stay", help="Exit after the scripted requests instead of serving on.")
+        bool,
+        typer.Option(
+            "--exit/--stay", metavar="", help="Exit after the scripted requests instead of serving on."
+        ),
     ] = False,
 ) -> None:
     """Start a gateway in front of two instances of the example user service and show it working."""
@@ -133,13 +160,16 @@ def demo(
     raise typer.Exit(run_demo(port=port, scripted_requests=requests, exit_after=exit_after, console=out))
 
 
-@app.command("hash-password")
+@app.command("hash-password", cls=_Command)
 def hash_password(
     scheme: Annotated[
         str, typer.Option(help="bcrypt (default), argon2 (needs argon2-cffi) or pbkdf2-sha256.")
     ] = "bcrypt",
     password_stdin: Annotated[
-        bool, typer.Option("--stdin", help="Read the password from standard input instead of prompting.")
+        bool,
+        typer.Option(
+            "--stdin", metavar="", help="Read the password from standard input instead of prompting."
+        ),
     ] = False,
 ) -> None:
     """Print a salted hash of a password, for a basic-auth credential's `password_hash`."""

@@ -166,3 +166,11 @@ def test_run_refuses_a_bad_listen_address(tmp_path: Path) -> None:
     result = tollway("run", "-c", str(path), "--listen", "nowhere")
     assert result.returncode == 2
     assert "--listen nowhere" in result.stderr
+
+
+def test_help_shows_no_type_after_flags() -> None:
+    for command in ([], ["demo"], ["run"], ["hash-password"]):
+        result = tollway(*command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "--help" in result.stdout
+        assert "<bool>" not in result.stdout, result.stdout  # --help, --version, --exit/--stay take no value
