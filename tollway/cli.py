@@ -203,7 +203,7 @@ def _print_event(kind: str, data: dict[str, Any]) -> None:
         status = f" · status http://{data['status_listen']}" if data["status_listen"] else ""
         out.print(
             f"[bold]tollway {data['version']}[/bold] listening on {listen} "
-            f"({data['workers']} worker{'s' if data['workers'] != 1 else ''}, "
+            f"(pid {os.getpid()}, {data['workers']} worker{'s' if data['workers'] != 1 else ''}, "
             f"{data['routes']} routes, config v{data['config_version']}){status}"
         )
     elif kind == "reloaded":
