@@ -3,7 +3,8 @@
 #   1. the README's demo command: clone -> demo answering in <= 120 s;
 #   2. SIGTERM to the demo leaves no process of it behind;
 #   3. `tollway check` on a file with five different mistakes prints all five, in line order;
-#   4. (with --tests) the README's test command: <= 10 minutes, of which <= 30 s installing.
+#   4. the README's test command installs in <= 30 s (it reuses the demo's build); with --tests it also
+#      runs the tests: <= 10 minutes in all (the whole suite: not on a machine others are using).
 #
 #   scripts/newcomer.sh [--tests] [--keep] [REPOSITORY]     (default: this repository's committed HEAD)
 #
@@ -38,8 +39,9 @@ verdict() {  # verdict NAME OK(0/1) DETAIL
   if [ "$2" = 0 ]; then echo "PASS  $1: $3"; else echo "FAIL  $1: $3"; failures=$((failures + 1)); fi
 }
 load() { cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || uptime; }
-cpu_seconds() {  # user+sys of this shell's finished children so far, in seconds
-  times | tail -1 | awk '{ split($1, u, "m"); split($2, s, "m"); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }'
+cpu_seconds() {  # user+sys of this shell's finished children so far, in seconds (into $cpu)
+  times >"$work/times"  # not in a $(subshell): that would count the subshell's children only
+  cpu=$(tail -1 "$work/times" | awk '{ split($1, u, "m"); split($2, s, "m"); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }')
 }
 readme_command() {  # the command in README.md's ```sh block that contains $1
   awk -v want="$1" '/^```sh/ {f = 1; next} /^```/ {f = 0} f && index($0, want) {print; exit}' "$clone/README.md"
@@ -66,7 +68,8 @@ export TOLLWAY_BUILD_CACHE=$work/build-cache
 demo_cmd=$(readme_command "tollway demo")
 say "README: $demo_cmd"
 [ -n "$demo_cmd" ] || { echo "README.md has no demo command"; exit 1; }
-cpu_before=$(cpu_seconds)
+cpu_seconds
+cpu_before=$cpu
 # exec: the demo takes the shell's pid, so it can be signalled like a user's Ctrl-C would reach it
 bash -c "${demo_cmd% && .venv/bin/tollway demo*} && exec .venv/bin/tollway demo --port 0" \
   >"$work/demo.out" 2>&1 &
@@ -93,7 +96,8 @@ kill -TERM "$demo_pid"
 wait "$demo_pid"
 demo_status=$?
 demo_pid=""
-cpu_after=$(cpu_seconds)
+cpu_seconds
+cpu_after=$cpu
 left=""
 for _ in $(seq 40); do
   left=""
@@ -134,22 +138,24 @@ verdict "check prints all five in line order" "$([ "$lines" = "3 9 12 16 19 " ] 
   "lines ${lines:-none}(expected 3 9 12 16 19)"
 
 # -- 4. the test command ---------------------------------------------------------------------------------
+test_cmd=$(awk '/<!-- test-command/ {armed=1; next} armed && /^```/ {if (fence) exit; fence=1; next}
+                fence {print; exit}' README.md)
+install_part=${test_cmd% && .venv/bin/pytest*}
+say "README: $test_cmd"
+t0=$(date +%s.%N)
+bash -c "$install_part" >"$work/test-install.out" 2>&1
+install_status=$?
+t1=$(date +%s.%N)
+grep -E "^Successfully|ERROR" "$work/test-install.out" | cut -c1-160 | sed 's/^/  /'
+install_s=$(echo "$t1 - $t0" | bc)
+verdict "test command installs in <= 30 s" \
+  "$([ "$(echo "$install_s <= 30" | bc)" = 1 ] && [ "$install_status" = 0 ] && echo 0 || echo 1)" \
+  "$(printf '%.0f' "$install_s") s, exit status $install_status, load average now $(load)"
 if [ "$run_tests" = 1 ]; then
-  test_cmd=$(awk '/<!-- test-command/ {armed=1; next} armed && /^```/ {if (fence) exit; fence=1; next}
-                  fence {print; exit}' README.md)
-  install_part=${test_cmd% && .venv/bin/pytest*}
-  say "README: $test_cmd"
-  t0=$(date +%s.%N)
-  bash -c "$install_part" >"$work/test-install.out" 2>&1
-  t1=$(date +%s.%N)
-  tail -3 "$work/test-install.out" | sed 's/^/  /'
   bash -c "${test_cmd#"$install_part" && }" 2>&1 | tail -5
   tests_status=${PIPESTATUS[0]}
   t2=$(date +%s.%N)
-  install_s=$(echo "$t1 - $t0" | bc)
   total_s=$(echo "$t2 - $t0" | bc)
-  verdict "test command installs in <= 30 s" "$([ "$(echo "$install_s <= 30" | bc)" = 1 ] && echo 0 || echo 1)" \
-    "$(printf '%.0f' "$install_s") s"
   verdict "test command <= 10 minutes" \
     "$([ "$(echo "$total_s <= 600" | bc)" = 1 ] && [ "$tests_status" = 0 ] && echo 0 || echo 1)" \
     "$(printf '%.0f' "$total_s") s, pytest exit status $tests_status, load average now $(load)"
