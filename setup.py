@@ -141,9 +141,10 @@ def _generate_c() -> list:
 
 def build_key() -> str:
     """What the compiled output depends on: every tollway source (mypyc reads the types of what the
-    hot modules import), this script, the compiler settings, the mypy and Python versions."""
+    hot modules import), this script and pyproject.toml (mypy reads its settings there), the compiler
+    settings, the mypy and Python versions."""
     digest = hashlib.sha256()
-    for path in [*sorted(Path("tollway").rglob("*.py")), Path("setup.py")]:
+    for path in [*sorted(Path("tollway").rglob("*.py")), Path("setup.py"), Path("pyproject.toml")]:
         digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
     try:
         from mypy.version import __version__ as mypy_version
