@@ -99,6 +99,8 @@ def demo_config(services: list[Process], gateway_port: int, access_log: Path) ->
             "listen": [f"127.0.0.1:{gateway_port}"],
             "status_listen": "127.0.0.1:0",
             "workers": 2,
+            # shorter than the 15 s the demo waits for it when stopping: no worker outlives the demo
+            "drain_timeout": "5s",
             "access_log": {"path": str(access_log)},
         },
         "upstreams": [
