@@ -209,7 +209,7 @@ def _parallel_compile(compile_one_batch):
         def one(source):
             objects = compile_one_batch([source], *args, **kwargs)
             done[0] += 1
-            _progress(f"  [{done[0]}/{len(sources)}] {Path(source).name}")
+            _progress(f"  [{done[0]}/{len(sources)}] {Path(source).name}", transient=True)
             return source, objects
 
         with ThreadPoolExecutor(JOBS) as pool:
@@ -283,16 +283,17 @@ def _remove_compiled() -> None:
         ext.unlink()
 
 
-def _progress(message: str) -> None:
+def _progress(message: str, transient: bool = False) -> None:
     """pip captures a build's output and shows it only with -v, so long steps also go straight to
-    the terminal when there is one (TOLLWAY_BUILD_QUIET=1: never)."""
-    line = f"tollway build: {message}\n"
-    sys.stderr.write(line)
+    the terminal when there is one (TOLLWAY_BUILD_QUIET=1: never). A transient line (one per compiled
+    file) is overwritten by the next one there."""
+    line = f"tollway build: {message}"
+    sys.stderr.write(line + "\n")
     if os.environ.get("TOLLWAY_BUILD_QUIET") or sys.stderr.isatty():
         return
     try:
         with open("/dev/tty", "w") as tty:
-            tty.write(line)
+            tty.write(f"\r\033[K{line}" + ("" if transient else "\n"))
     except OSError:
         pass
 
