@@ -90,6 +90,8 @@ def run_demo(port: int, scripted_requests: int, exit_after: bool, console: Conso
         _stop_all(processes)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if processes:
+            console.print(f"[dim]demo stopped; its config, database and logs stay in {workdir}[/dim]")
 
 
 def demo_config(services: list[Process], gateway_port: int, access_log: Path) -> dict[str, Any]:
