@@ -1,4 +1,4 @@
-"""Runs Tollway's benchmark scenarios through ../shared/bench/run.sh and records the figures.
+"""Runs Tollway's benchmark scenarios through bench/run.sh and records the figures.
 
 Scenarios (each a gateway config; the harness's backend is nginx on 127.0.0.1:9001):
   passthrough  one route, one backend                   beside nginx, haproxy, caddy, aiohttp; and the
@@ -18,7 +18,7 @@ Scenarios (each a gateway config; the harness's backend is nginx on 127.0.0.1:90
                           [--record bench/RESULTS.md]
 
 Each figure is the median over rounds; ratios compare figures from the same round. Wall-clock figures
-move with machine load: record ratios, not absolutes. Needs ../shared/bench/setup.sh run once.
+move with machine load: record ratios, not absolutes. Needs bench/setup.sh run once.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-HARNESS = Path(os.environ.get("TOLLWAY_BENCH_HARNESS", ROOT.parent / "shared" / "bench" / "run.sh"))
+HARNESS = Path(os.environ.get("TOLLWAY_BENCH_HARNESS", ROOT / "bench" / "run.sh"))
 TOLLWAY = [sys.executable, "-m", "tollway"]
 _LINE = re.compile(r"^(\S+)\s+status=(\d+)\s+rps=(\S+)\s+cpu_us/req=(\S+)\s+p50=(\S+)\s+p99=(\S+)\s*(.*)$")
 

@@ -1,14 +1,15 @@
-"""Writes the chain benchmark's config: what `nginx-chain` in ../shared/bench does, as a Tollway config.
+"""Writes the chain benchmark's config: what bench/run.sh's `nginx-chain` does, as a Tollway config.
 
 1,000 prefix routes /svc0/ ... /svc998/ plus a catch-all /, all to the harness backend (127.0.0.1:9001);
 10,000 consumers key-0 ... key-9999 with key-auth (header `apikey`); correlation-id; a per-consumer rate
 limit that never trips (local, or batched on Redis); a JSON access log to a file under /tmp; listening
 on 127.0.0.1:8000 with one worker.
 
-    python bench/gen_chain.py [-o /tmp/gwbench/chain.yaml] [--rate-limit local|batched|none]
-    python bench/hotpath.py --config /tmp/gwbench/chain.yaml --path /svc500/user/1 --header 'apikey: key-42'
+    python bench/gen_chain.py [-o /tmp/tollway-bench/chain.yaml] [--rate-limit local|batched|none]
+    python bench/hotpath.py --config /tmp/tollway-bench/chain.yaml --path /svc500/user/1 \
+      --header 'apikey: key-42'
     BENCH_PATH=/svc500/user/1 BENCH_HEADER='apikey: key-42' GW_CMD="$PWD/.venv/bin/tollway run \
-      -c /tmp/gwbench/chain.yaml" ../shared/bench/run.sh 8 64 nginx-chain gateway
+      -c /tmp/tollway-bench/chain.yaml" bench/run.sh 8 64 nginx-chain gateway
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ CONSUMERS = 10_000
 
 
 def chain_config(
-    access_log: str = "/tmp/gwbench/tollway-chain-access.log",
+    access_log: str = "/tmp/tollway-bench/tollway-chain-access.log",
     rate_limit: str | None = "local",
     redis_url: str = "redis://127.0.0.1:6379",
 ) -> dict[str, Any]:
@@ -64,8 +65,8 @@ def chain_config(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-o", "--output", type=Path, default=Path("/tmp/gwbench/chain.yaml"))
-    parser.add_argument("--access-log", default="/tmp/gwbench/tollway-chain-access.log")
+    parser.add_argument("-o", "--output", type=Path, default=Path("/tmp/tollway-bench/chain.yaml"))
+    parser.add_argument("--access-log", default="/tmp/tollway-bench/tollway-chain-access.log")
     parser.add_argument("--rate-limit", choices=["local", "batched", "none"], default="local")
     args = parser.parse_args()
     args.output.parent.mkdir(parents=True, exist_ok=True)

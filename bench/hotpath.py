@@ -4,7 +4,7 @@ Drives a real `ClientConnection` and a pooled `UpstreamConnection` through in-me
 iteration feeds one request head to the client side, and one backend response to the upstream side,
 exactly as the event loop would. What it measures is everything Tollway does per request in Python
 (parsing, routing, header rewriting, framing, pooling, logging), minus the kernel's share, which
-`../shared/bench/run.sh` adds back.
+`bench/run.sh` adds back.
 
     python bench/hotpath.py [--requests N] [--config FILE] [--path /user/1] [--header 'apikey: key-42']
 """

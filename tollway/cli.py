@@ -17,7 +17,28 @@ from rich.console import Console
 
 from tollway import __version__
 
+
+class _NoFlagType:
+    """typer shows a flag's type (`<bool>`) after --help, --version and --exit/--stay; a flag takes no
+    value, so the help shows none."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_NoFlagType, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_NoFlagType, typer.core.TyperCommand):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     name="tollway",
     help="Tollway: an API gateway in Python. Routes, balances and protects HTTP traffic to your services.",
     no_args_is_help=True,
@@ -37,13 +58,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Tollway: an API gateway in Python."""
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
     config: Annotated[
         Path | None,
@@ -122,7 +146,7 @@ def serve(
         return runner.run(supervisor.run())
 
 
-@app.command()
+@app.command(cls=_Command)
 def check(
     config: Annotated[Path, typer.Argument(help="YAML configuration file to validate.", show_default=False)],
 ) -> None:
@@ -154,14 +178,17 @@ def check(
         err.print(f"[yellow]warning: {NO_ROUTES}; {verdict}[/yellow]")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     port: Annotated[int, typer.Option(help="Gateway port (0 = any free port).")] = 8000,
     requests: Annotated[
         int, typer.Option(help="Requests the demo sends itself before waiting for yours.")
     ] = 20,
     exit_after: Annotated[
-        bool, typer.Option("--exit/--stay", help="Exit after the scripted requests instead of serving on.")
+        bool,
+        typer.Option(
+            "--exit/--stay", metavar="", help="Exit after the scripted requests instead of serving on."
+        ),
     ] = False,
 ) -> None:
     """Start a gateway in front of two instances of the example user service and show it working."""
@@ -170,11 +197,11 @@ def demo(
     raise typer.Exit(run_demo(port=port, scripted_requests=requests, exit_after=exit_after, console=out))
 
 
-cache_app = typer.Typer(help="Manage proxy-cache stores.", no_args_is_help=True)
+cache_app = typer.Typer(cls=_Group, help="Manage proxy-cache stores.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
-@cache_app.command("purge")
+@cache_app.command("purge", cls=_Command)
 def cache_purge(
     config: Annotated[
         Path, typer.Option("--config", "-c", help="YAML configuration file.", show_default=False)
@@ -193,12 +220,13 @@ def cache_purge(
     from tollway.config.loader import load_file
     from tollway.errors import ConfigError
     from tollway.plugins.builtin.cache_admin import purge
+    from tollway.plugins.registry import PLUGIN_CHECK
 
     if key is None and prefix is None and tag is None:
         err.print("[red]name what to purge: --key, --prefix or --tag[/red]")
         raise typer.Exit(2)
     try:
-        cfg = load_file(config)
+        cfg = load_file(config, PLUGIN_CHECK)
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
@@ -210,13 +238,16 @@ def cache_purge(
         out.print(f"{store}: {outcome if isinstance(outcome, str) else f'{outcome} removed'}", markup=False)
 
 
-@app.command("hash-password")
+@app.command("hash-password", cls=_Command)
 def hash_password(
     scheme: Annotated[
         str, typer.Option(help="bcrypt (default), argon2 (needs argon2-cffi) or pbkdf2-sha256.")
     ] = "bcrypt",
     password_stdin: Annotated[
-        bool, typer.Option("--stdin", help="Read the password from standard input instead of prompting.")
+        bool,
+        typer.Option(
+            "--stdin", metavar="", help="Read the password from standard input instead of prompting."
+        ),
     ] = False,
 ) -> None:
     """Print a salted hash of a password, for a basic-auth credential's `password_hash`."""
@@ -244,21 +275,18 @@ def _print_issues(exc: Any) -> None:
 
 
 def _print_event(kind: str, data: dict[str, Any]) -> None:
+    # A failed reload is not printed here: the supervisor logs it, with every error, once.
     if kind == "started":
         schemes = data.get("schemes") or ["http"] * len(data["listen"])
         listen = ", ".join(f"{scheme}://{a}" for scheme, a in zip(schemes, data["listen"], strict=True))
         status = f" · status http://{data['status_listen']}" if data["status_listen"] else ""
         out.print(
             f"[bold]tollway {data['version']}[/bold] listening on {listen} "
-            f"({data['workers']} worker{'s' if data['workers'] != 1 else ''}, "
+            f"(pid {os.getpid()}, {data['workers']} worker{'s' if data['workers'] != 1 else ''}, "
             f"{data['routes']} routes, config v{data['config_version']}){status}"
         )
     elif kind == "reloaded":
         out.print(f"config v{data['version']} applied ({data['reason']})")
-    elif kind == "reload_failed":
-        err.print(f"[red]config reload failed ({data['reason']}); the running config stays:[/red]")
-        for issue in data["issues"]:
-            err.print(f"  {issue}", markup=False)
     elif kind == "draining":
         out.print(f"draining (up to {data['timeout']:g}s for in-flight requests)")
     elif kind == "error":

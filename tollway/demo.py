@@ -2,14 +2,16 @@
 
 It starts two user-service processes (examples/user_service.py) on one SQLite file, writes a config
 with an upstream over both, starts `tollway run` with it, sends a few requests itself and shows which
-instance answered each — then leaves everything running for you to curl until Ctrl-C.
-Everything runs on 127.0.0.1 and needs no external service.
+instance answered each — then leaves everything running for you to curl until Ctrl-C, SIGTERM or
+SIGHUP, each of which stops every process the demo started. Everything runs on 127.0.0.1 and needs no
+external service.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -53,9 +55,18 @@ class Process:
     tls_port: int = 0  # the gateway's HTTPS listener
 
 
+class DemoStopped(Exception):
+    """SIGTERM or SIGHUP reached the demo: stop everything it started, as Ctrl-C does."""
+
+
+def _stop_on_signal(signum: int, frame: object) -> None:
+    raise DemoStopped(signal.Signals(signum).name)
+
+
 def run_demo(port: int, scripted_requests: int, exit_after: bool, console: Console) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tollway-demo-"))
     processes: list[Process] = []
+    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         services = [_start_service(name, workdir) for name in INSTANCES]
         processes += services
@@ -63,7 +74,7 @@ def run_demo(port: int, scripted_requests: int, exit_after: bool, console: Conso
         if gateway_port != port:
             console.print(f"[yellow]port {port} is busy; using a free port instead[/yellow]")
         config_path = workdir / "demo.yaml"
-        config = demo_config(services, gateway_port)
+        config = demo_config(services, gateway_port, workdir / "access.log")
         cert_path = _add_https(config, workdir)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         gateway, status_port = _start_gateway(config_path, workdir)
@@ -78,18 +89,29 @@ def run_demo(port: int, scripted_requests: int, exit_after: bool, console: Conso
     except DemoError as exc:
         console.print(f"[red]demo failed: {exc}[/red]")
         return 1
+    except DemoStopped as exc:
+        console.print(f"\n{exc} received: stopping…")
+        return 0
     finally:
+        for sig in previous:  # a second signal must not interrupt the stopping itself
+            signal.signal(sig, signal.SIG_IGN)
         _stop_all(processes)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if processes:
+            console.print(f"[dim]demo stopped; its config, database and logs stay in {workdir}[/dim]")
 
 
-def demo_config(services: list[Process], gateway_port: int) -> dict[str, Any]:
+def demo_config(services: list[Process], gateway_port: int, access_log: Path) -> dict[str, Any]:
     """The demo's gateway config: one upstream over both instances, one route to it."""
     return {
         "gateway": {
             "listen": [f"127.0.0.1:{gateway_port}"],
             "status_listen": "127.0.0.1:0",
             "workers": 2,
-            "access_log": {"enabled": False},
+            # shorter than the 15 s the demo waits for it when stopping: no worker outlives the demo
+            "drain_timeout": "5s",
+            "access_log": {"path": str(access_log)},
         },
         "upstreams": [
             {
@@ -99,7 +121,13 @@ def demo_config(services: list[Process], gateway_port: int) -> dict[str, Any]:
         ],
         "services": [{"name": "users", "upstream": "users", "read_timeout": "10s"}],
         "routes": [
-            {"name": "users", "service": "users", "paths": ["/users"], "plugins": [RATE_LIMIT, CACHE]}
+            {
+                "name": "users",
+                "service": "users",
+                "paths": ["/users"],
+                "methods": ["GET", "PUT"],
+                "plugins": [RATE_LIMIT, CACHE],
+            }
         ],
     }
 
@@ -175,7 +203,9 @@ def _stop_all(processes: list[Process]) -> None:
 
 
 def _wait_for_interrupt(console: Console, processes: list[Process]) -> None:
-    console.print("[dim]Press Ctrl-C to stop.[/dim]")
+    console.print(
+        f"[dim]Press Ctrl-C (or kill -TERM {os.getpid()}) to stop the demo and everything it started.[/dim]"
+    )
     try:
         while all(p.popen.poll() is None for p in processes):
             time.sleep(0.5)
@@ -337,7 +367,12 @@ def _print_setup(
         f"  rate limit: {CLIENT_LIMIT} requests a minute per client address (rate-limiting plugin, "
         "local policy: one exact count shared by both workers)"
     )
-    console.print(f"  config: {config}   status: http://127.0.0.1:{status_port}/status\n")
+    console.print(f"  config: {config}   status: http://127.0.0.1:{status_port}/status")
+    console.print(f"  access log (one JSON line per request): {workdir / 'access.log'}")
+    console.print(
+        f"  gateway pid [bold]{gateway.popen.pid}[/bold]: edit the config, then "
+        f"kill -HUP {gateway.popen.pid} to reload it without dropping a connection\n"
+    )
 
 
 def _print_try_it(console: Console, port: int, status_port: int) -> None:

@@ -191,7 +191,12 @@ def test_bad_file_at_reload_reports_every_error(gateway, backend) -> None:
     assert request(gw.port).status == 200
     status = request(gw.status_port, path="/status").json()
     assert status["config"]["last_reload"]["result"] == "failed"
+    reported = status["config"]["last_reload"]["errors"]  # beside the result, not only in the log
+    assert any("unknown_section: unknown field" in e for e in reported), reported
+    assert any("unknown service 'nowhere'" in e for e in reported), reported
     assert status["config"]["version"] == 1
+    time.sleep(0.3)  # anything printed about this reload has been read by now
+    assert sum("unknown service 'nowhere'" in line for line in gw.errors) == 1, gw.errors  # said once
 
 
 def _config_ready(gw: Any, version: int) -> bool:

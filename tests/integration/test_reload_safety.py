@@ -39,7 +39,7 @@ def test_an_empty_file_is_never_applied(gateway, backend, trigger: str) -> None:
     status = request(gw.status_port, path="/status").json()
     assert status["config"]["version"] == 1
     reload = status["config"]["last_reload"]
-    assert reload["result"] == "failed" and any("empty" in issue for issue in reload["issues"])
+    assert reload["result"] == "failed" and any("empty" in issue for issue in reload["errors"])
     assert request(gw.status_port, path="/ready").status == 200
 
 

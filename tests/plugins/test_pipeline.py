@@ -413,5 +413,5 @@ def test_a_user_authentication_plugin_with_credentials(harness):
     )
     assert found == [
         f'gw.yaml: consumers[0] "a": credentials.{name}[1].token: required field is missing',
-        f'gw.yaml: consumers[0] "a": credentials.{name}[1].tok: unknown field (check its spelling)',
+        f'gw.yaml: consumers[0] "a": credentials.{name}[1].tok: unknown field (did you mean "token"?)',
     ]

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from tollway.config.schema import GatewayConfig
 from tollway.config.tls import check_tls
+from tollway.config.wording import did_you_mean, message
 from tollway.errors import ConfigError
 
 Loc = tuple[str | int, ...]
@@ -37,13 +38,19 @@ _ENTITY_NAME_FIELD = {
 
 
 class PluginCheck(Protocol):
-    """Checks every plugin instance of a validated config: yields (location, message) per problem.
+    """Checks plugin instances for the loader; each method yields (location, message) per problem."""
 
-    `instances` yields each instance with its location and whether it may name a scope (top level)."""
-
-    def __call__(
+    def check_config(
         self, config: GatewayConfig, instances: Iterable[tuple[Loc, Any, bool]]
-    ) -> Iterator[tuple[Loc, str]]: ...
+    ) -> Iterator[tuple[Loc, str]]:
+        """Every plugin instance of a validated config. `instances` yields each with its location and
+        whether it may name a scope (top level)."""
+        ...
+
+    def check_document(self, plugin: dict[str, Any]) -> Iterator[tuple[Loc, str]]:
+        """One raw instance (`{name, config}`) of a document the schema rejected: its name resolves and
+        its options fit, so an unknown plugin is reported with the other mistakes."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,19 +78,46 @@ def load_text(text: str, source: str = "<config>", plugins: PluginCheck | None =
         root = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader) if root is not None else {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{source}{where}: invalid YAML: {problem}"], source) from exc
+        raise ConfigError([yaml_problem(exc, source)], source) from exc
     lines = _line_map(root) if root is not None else {}
     duplicates = _duplicate_keys(root, data, source) if root is not None else []
     try:
         config = validate(data, source=source, lines=lines, plugins=plugins)
     except ConfigError as exc:
-        raise ConfigError(duplicates + exc.issues, source) from None
+        raise ConfigError(by_line(duplicates + exc.issues, source), source) from None
     if duplicates:
         raise ConfigError(duplicates, source)
     return config
+
+
+def yaml_problem(exc: yaml.YAMLError, source: str) -> str:
+    """A YAML syntax error at the line where the construct goes wrong: a `[` never closed on line 2 is
+    only noticed on line 3, so the line that opened it is the one to name."""
+    problem = getattr(exc, "problem", None) or str(exc)
+    mark, opened = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    context = getattr(exc, "context", None)
+    if mark is None:
+        return f"{source}: invalid YAML: {problem}"
+    noticed = f"line {mark.line + 1}, column {mark.column + 1}"
+    # Only for what YAML leaves open until it is closed ("[", "{", a quote): in block context the
+    # problem line is the one to fix.
+    unclosed = context is not None and ("flow" in context or "quoted" in context)
+    if opened is not None and unclosed and opened.line < mark.line:
+        return (
+            f"{source}:{opened.line + 1}: invalid YAML: {problem} {context} that starts on this line "
+            f"(noticed at {noticed})"
+        )
+    return f"{source}:{mark.line + 1}: invalid YAML: {problem} (column {mark.column + 1})"
+
+
+def by_line(issues: list[str], source: str) -> list[str]:
+    """Formatted issues in file order (those without a line last), each kind's order kept otherwise."""
+
+    def line_of(issue: str) -> int:
+        head = issue.removeprefix(f"{source}:").partition(":")[0]
+        return int(head) if issue.startswith(f"{source}:") and head.isdigit() else 1 << 30
+
+    return sorted(issues, key=line_of)
 
 
 def validate(
@@ -100,15 +134,19 @@ def validate(
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        issues = _merge_union_errors(Issue(loc, message) for loc, message in validation_issues(exc, data))
-        # Every error at once: references are checked on the document even when entities are invalid.
+        issues = _merge_union_errors(
+            Issue(loc, message) for loc, message in validation_issues(exc, data, GatewayConfig)
+        )
+        # Every error at once: references and plugins are checked on the document even when entities
+        # are invalid.
         known = {issue.loc for issue in issues}
         issues += [issue for issue in check_references(data) if issue.loc not in known]
+        issues += [issue for issue in _check_plugin_documents(data, plugins) if issue.loc not in known]
         raise ConfigError(format_issues(issues, data, source, lines or {}), source) from None
     problems = list(check_references(data))
     problems += [Issue(loc, message) for loc, message in check_tls(config)]
     if plugins is not None:
-        problems += [Issue(loc, message) for loc, message in plugins(config, _plugin_instances(config))]
+        problems += [Issue(loc, msg) for loc, msg in plugins.check_config(config, _plugin_instances(config))]
     if problems:
         raise ConfigError(format_issues(problems, data, source, lines or {}), source)
     return config
@@ -133,17 +171,19 @@ def check_references(config: GatewayConfig | dict[str, Any]) -> Iterator[Issue]:
     for i, route in _items(data, "routes"):
         ref = route.get("service")
         if isinstance(ref, str) and ref not in known_services:
-            yield Issue(("routes", i, "service"), f"unknown service {ref!r}")
+            hint = did_you_mean(ref, known_services)
+            yield Issue(("routes", i, "service"), f"unknown service {ref!r}{hint}")
     for i, service in _items(data, "services"):
         ref = service.get("upstream")
         if isinstance(ref, str) and ref not in known_upstreams:
-            yield Issue(("services", i, "upstream"), f"unknown upstream {ref!r}")
+            hint = did_you_mean(ref, known_upstreams)
+            yield Issue(("services", i, "upstream"), f"unknown upstream {ref!r}{hint}")
     scopes = {"route": set(routes.values()), "service": known_services, "consumer": set(consumers.values())}
     for i, plugin in _items(data, "plugins"):
         for field, known in scopes.items():
             ref = plugin.get(field)
             if isinstance(ref, str) and ref not in known:
-                yield Issue(("plugins", i, field), f"unknown {field} {ref!r}")
+                yield Issue(("plugins", i, field), f"unknown {field} {ref!r}{did_you_mean(ref, known)}")
     for kind in ("services", "routes", "consumers"):
         for i, entity in _items(data, kind):
             plugins = entity.get("plugins")
@@ -184,6 +224,23 @@ def _plugin_instances(config: GatewayConfig) -> Iterator[tuple[Loc, Any, bool]]:
                 yield (kind, i, "plugins", j), plugin, False
 
 
+def _check_plugin_documents(data: dict[str, Any], plugins: PluginCheck | None) -> Iterator[Issue]:
+    """Plugin names and options on the raw document, for a file the schema rejected: an unknown plugin
+    is reported together with the other mistakes, not after they are fixed."""
+    if plugins is None:
+        return
+    instances: list[tuple[Loc, dict[str, Any]]] = [(("plugins", i), p) for i, p in _items(data, "plugins")]
+    for kind in ("services", "routes", "consumers"):
+        for i, entity in _items(data, kind):
+            plugins = entity.get("plugins")
+            for j, plugin in enumerate(plugins if isinstance(plugins, list) else []):
+                if isinstance(plugin, dict):
+                    instances.append(((kind, i, "plugins", j), plugin))
+    for loc, plugin in instances:
+        for issue_loc, text in plugins.check_document(plugin):
+            yield Issue((*loc, *issue_loc), text)
+
+
 # -- formatting -------------------------------------------------------------------------------------
 def format_issues(issues: Iterable[Issue], data: Any, source: str, lines: dict[Loc, int]) -> list[str]:
     out = []
@@ -191,7 +248,7 @@ def format_issues(issues: Iterable[Issue], data: Any, source: str, lines: dict[L
         line = _nearest_line(lines, issue.loc)
         where = f"{source}:{line}" if line else source
         out.append(f"{where}: {describe_loc(data, issue.loc)}: {issue.message}")
-    return out
+    return by_line(out, source)
 
 
 def describe_loc(data: Any, loc: Loc) -> str:
@@ -219,10 +276,11 @@ def _entity_name(kind: Any, node: Any) -> str | None:
     return None
 
 
-def validation_issues(exc: ValidationError, data: Any) -> Iterator[tuple[Loc, str]]:
-    """A pydantic error's problems in the loader's wording, located in `data` (for plugin schemas too)."""
+def validation_issues(exc: ValidationError, data: Any, model: Any = None) -> Iterator[tuple[Loc, str]]:
+    """A pydantic error's problems in the loader's wording, located in `data` (for plugin schemas too);
+    `model` (the validated class) lets an unknown field name its likely meaning."""
     for err in exc.errors():
-        yield _clean_loc(data, err["loc"]), _clean_message(err)
+        yield _clean_loc(data, err["loc"]), _clean_message(err, model)
 
 
 def _clean_loc(data: Any, loc: Iterable[str | int]) -> Loc:
@@ -252,9 +310,9 @@ def _merge_union_errors(issues: Iterable[Issue]) -> list[Issue]:
         merged.setdefault(issue.loc, []).append(issue.message)
     out: list[Issue] = []
     for loc, messages in merged.items():
-        if len(messages) > 1 and all(m.startswith("Input should be ") for m in messages):
-            alternatives = [m.removeprefix("Input should be ") for m in dict.fromkeys(messages)]
-            messages = ["Input should be " + " or ".join(alternatives)]
+        if len(messages) > 1 and all(m.startswith("must be ") for m in messages):
+            alternatives = [m.removeprefix("must be ").partition(", not ")[0] for m in messages]
+            messages = ["must be " + " or ".join(dict.fromkeys(alternatives))]
         out.extend(Issue(loc, m) for m in messages)
     return out
 
@@ -263,16 +321,8 @@ def _looks_like_type_tag(key: str) -> bool:
     return any(ch in key for ch in "[]()") or key in {"str", "int", "float", "bool", "list", "dict"}
 
 
-def _clean_message(err: Any) -> str:
-    msg = str(err["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix) :]
-    if err["type"] == "extra_forbidden":
-        return "unknown field (check its spelling)"
-    if err["type"] == "missing":
-        return "required field is missing"
-    return msg
+def _clean_message(err: Any, model: Any = None) -> str:
+    return message(err, model)
 
 
 # -- YAML line numbers ----------------------------------------------------------------------------------

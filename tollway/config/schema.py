@@ -260,7 +260,8 @@ class Route(Model):
     )
     paths: list[PathPattern] = Field(
         default_factory=list,
-        description='"/prefix", "=/exact", "/users/{id}" template or "~regex" (see above); empty = any',
+        description='"/prefix", "=/exact", "/users/{id}" template or "~regex" (see above); empty = any path, '
+        'but a route needs one matcher: ["/"] is the catch-all',
     )
     methods: list[Method] = Field(
         default_factory=list, description="HTTP methods (HEAD is not implied by GET); empty = any"

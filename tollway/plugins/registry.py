@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from tollway.config.loader import Loc, PluginCheck, validation_issues
+from tollway.config.wording import did_you_mean
 from tollway.plugins.base import Plugin
 
 if TYPE_CHECKING:
@@ -74,6 +75,10 @@ def _load(reference: str) -> type[Plugin[Any]]:
     if target is None:
         target = _entry_point(reference)
     if target is None:
+        installed = [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
+        close = did_you_mean(reference, [*BUILTIN, *installed])
+        if close:
+            raise PluginLoadError(f"unknown plugin {reference!r}{close}")
         raise PluginLoadError(
             f"unknown plugin {reference!r} (not built in, not an entry point in group {ENTRY_POINT_GROUP!r}; "
             'a plugin in your own module is named "package.module:Class")'
@@ -135,7 +140,7 @@ def _check_instance(
     try:
         conf = cls.config_model.model_validate(instance.config)
     except ValidationError as exc:
-        for issue_loc, message in validation_issues(exc, instance.config):
+        for issue_loc, message in validation_issues(exc, instance.config, cls.config_model):
             yield (*loc, "config", *issue_loc), message
         return
     if _scope_of(config, loc, instance)[2] is not None and not cls.consumer_scoped:
@@ -155,6 +160,27 @@ def _scope_of(config: GatewayConfig, loc: Loc, instance: Any) -> tuple[str | Non
     if kind == "services":
         return None, config.services[index].name, None
     return None, None, config.consumers[index].username
+
+
+def check_plugin_document(plugin: dict[str, Any]) -> Iterator[tuple[Loc, str]]:
+    """A raw plugin instance (`{name, config}` from the document): its name resolves and its options
+    fit its schema. For files whose other errors keep the whole config from validating."""
+    name = plugin.get("name")
+    if not isinstance(name, str):
+        return
+    try:
+        cls = resolve(name)
+    except PluginLoadError as exc:
+        yield ("name",), str(exc)
+        return
+    options = plugin.get("config", {})
+    if not isinstance(options, dict):
+        return  # the schema reports a config that is not a mapping
+    try:
+        cls.config_model.model_validate(options)
+    except ValidationError as exc:
+        for issue_loc, message in validation_issues(exc, options, cls.config_model):
+            yield ("config", *issue_loc), message
 
 
 def _configured_classes(config: GatewayConfig) -> dict[str, type[Plugin[Any]]]:
@@ -191,7 +217,7 @@ def _check_credentials(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
                 try:
                     credential = model.model_validate(raw)
                 except ValidationError as exc:
-                    for issue_loc, message in validation_issues(exc, raw):
+                    for issue_loc, message in validation_issues(exc, raw, model):
                         yield (*loc, j, *issue_loc), message
                     continue
                 identity = getattr(credential, "identity", None)
@@ -231,4 +257,11 @@ def _all_instances(config: GatewayConfig) -> Iterator[Any]:
 
 
 # What the runtime and the CLI hand to tollway.config.loader (checked against its protocol here).
-PLUGIN_CHECK: PluginCheck = check_config_plugins
+class _RegistryCheck:
+    """The `PluginCheck` the application hands to the config loader: this registry's two checks."""
+
+    check_config = staticmethod(check_config_plugins)
+    check_document = staticmethod(check_plugin_document)
+
+
+PLUGIN_CHECK: PluginCheck = _RegistryCheck()

@@ -276,7 +276,7 @@ class Supervisor:
             "result": "failed",
             "version": self.version,
             "reason": reason,
-            "issues": issues[:20],
+            "errors": issues[:20],  # on /status beside the result, as the log has them
         }
         self.metrics.registry.count("config_reloads_total", result="failed")
         log.error(
