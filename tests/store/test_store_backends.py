@@ -271,3 +271,17 @@ async def test_nodes_not_heard_from_for_a_day_leave_the_view(store: ConfigStore)
         await store._query(lambda conn: conn.execute("UPDATE tollway_nodes SET last_seen = 1"))  # type: ignore[attr-defined]
     await store.heartbeat(NodeInfo("here", "b", "1.0", 1, "store", None, 1.0))
     assert [n.node_id for n in await store.nodes()] == ["here"]
+
+
+async def test_deleted_and_created_again_in_one_write_is_a_new_entity_at_the_end(store: ConfigStore) -> None:
+    other = {"name": "other", "url": "http://127.0.0.1:9002"}
+    first = await store.write([Put("services", SERVICE), Put("services", other)])
+    old_id = first.changes[0].row.id  # type: ignore[union-attr]
+    again = await store.write(
+        [Delete("services", "users"), Put("services", {**SERVICE, "url": "http://127.0.0.1:1"})]
+    )
+    assert [(c.key, c.action) for c in again.changes] == [("users", "update")]
+    store._cache = None  # type: ignore[attr-defined]  # read what the database holds, not the cache
+    rows = await store.load()
+    assert list(rows.by_kind["services"]) == ["other", "users"]
+    assert rows.by_kind["services"]["users"].id != old_id

@@ -179,9 +179,8 @@ def plan_write(current: Rows, ops: Iterable[Op], new_version: int) -> tuple[Rows
                 changes[(op.kind, op.key)] = Change(op.kind, op.key, "delete", None)
             else:
                 changes.pop((op.kind, op.key), None)  # created and deleted in the same write
-    result = Rows(
-        new_version, {k: dict(sorted(v.items(), key=lambda i: i[1].position)) for k, v in staged.items()}
-    )
+    # No sort needed: updates keep their place, new rows were appended with ever higher positions.
+    result = Rows(new_version, staged)
     if changes:
         validate_rows(result)
     return result, list(changes.values())

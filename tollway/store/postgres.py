@@ -260,7 +260,7 @@ async def _store_changes(
         await conn.executemany(
             "INSERT INTO tollway_entities (kind, key, id, version, position, data, updated_at)"
             " VALUES ($1, $2, $3, $4, $5, $6::jsonb, extract(epoch from now()))"
-            " ON CONFLICT (kind, key) DO UPDATE SET version = excluded.version,"
+            " ON CONFLICT (kind, key) DO UPDATE SET id = excluded.id, version = excluded.version,"
             " position = excluded.position, data = excluded.data, updated_at = excluded.updated_at",
             upserts,
         )

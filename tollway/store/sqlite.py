@@ -275,8 +275,8 @@ def _store_changes(db: sqlite3.Connection, changes: list[Change], version: int, 
             db.execute(
                 "INSERT INTO tollway_entities (kind, key, id, version, position, data, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, key) DO UPDATE SET"
-                " version = excluded.version, position = excluded.position, data = excluded.data,"
-                " updated_at = excluded.updated_at",
+                " id = excluded.id, version = excluded.version, position = excluded.position,"
+                " data = excluded.data, updated_at = excluded.updated_at",
                 (row.kind, row.key, row.id, row.version, row.position, orjson.dumps(row.data).decode(), now),
             )
         db.execute(
