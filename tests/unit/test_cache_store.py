@@ -16,7 +16,8 @@ import pytest
 from tests.state_support import cleanup_prefix
 from tollway.cache.redis_store import RedisStore
 from tollway.cache.store import LmdbStore, MemoryStore
-from tollway.state.redis_client import RedisClient, Standalone
+from tollway.state.redis_backends import Standalone
+from tollway.state.redis_client import RedisClient
 
 
 @pytest.fixture(params=["memory", "lmdb"])

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tollway.cache.store import CacheStats
-from tollway.state.redis_client import RedisBackend, RedisError
+from tollway.state.redis_backends import RedisBackend
+from tollway.state.redis_client import RedisError
 
 _SCAN_COUNT = 500
 _GLOB = str.maketrans({c: "\\" + c for c in "*?[]\\"})

@@ -82,7 +82,7 @@ def _purge_sync(store: object, key: str | None, prefix: str | None, tag: str | N
 
 
 async def _purge_redis(config: ProxyCacheConfig, key: str | None, prefix: str | None, tag: str | None) -> int:
-    from tollway.state.redis_client import backend_from_url
+    from tollway.state.redis_backends import backend_from_url
 
     backend = backend_from_url(config.redis_url or "redis://127.0.0.1:6379/0", timeout=2.0)
     store = RedisStore(backend, config.redis_prefix)

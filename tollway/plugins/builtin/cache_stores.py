@@ -30,7 +30,7 @@ def open_store(config: ProxyCacheConfig) -> Any:
         return store
     if config.store == "redis":
         from tollway.cache.redis_store import RedisStore
-        from tollway.state.redis_client import backend_for
+        from tollway.state.redis_backends import backend_for
 
         url = config.redis_url or "redis://127.0.0.1:6379/0"
         backend = backend_for(url, timeout=config.redis_timeout)
