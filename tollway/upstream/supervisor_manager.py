@@ -29,7 +29,7 @@ from tollway.upstream.worker_registry import Record, TargetKey, address_label, i
 if TYPE_CHECKING:
     from tollway.config.schema import ActiveHealthcheck, GatewayConfig, Upstream, UpstreamDns
     from tollway.config.schema import Target as TargetSpec
-    from tollway.upstream.dns import Resolver
+    from tollway.upstream.supervisor_dns import Resolver
 
 log = logging.getLogger("tollway.upstream")
 Message = tuple[Any, ...]
@@ -230,7 +230,7 @@ class UpstreamManager:
                     self._broadcast(("upstream_dns", *key, None), None)
                 self.dns_info.pop(key, None)
         if desired and (self.resolver is None or self.resolver.settings != self.config.gateway.dns):
-            from tollway.upstream.dns import Resolver
+            from tollway.upstream.supervisor_dns import Resolver
 
             self.resolver = Resolver(self.config.gateway.dns)
         for key, signature in desired.items():
@@ -276,7 +276,7 @@ class UpstreamManager:
     async def resolve(
         resolver: Resolver, target: str, srv: bool, options: UpstreamDns
     ) -> tuple[list[Record], float]:
-        from tollway.upstream.dns import ResolveError
+        from tollway.upstream.supervisor_dns import ResolveError
 
         types = list(options.record_types)
         if srv:
