@@ -17,7 +17,12 @@ from tests.support import Backend, Seen, gateway_config, request, response
 from tollway.plugins.builtin.jwt import JwtConfig, JwtCredential
 
 SECRET = "s" * 64  # long enough for HS512
-NOW = int(time.time())
+
+
+def now() -> int:
+    """Read when a token is made, not at import: a worker may reach these tests long after collecting
+    them (pytest-xdist), and tokens made to expire in ten minutes must not be stale already."""
+    return int(time.time())
 
 
 def consumers(jwks_url: str | None = None) -> list[dict[str, Any]]:
@@ -81,7 +86,7 @@ def config(jwks_url: str | None = None, **plugin_config: Any) -> dict[str, Any]:
 def token(
     iss: str = "hs-issuer", alg: str = "HS256", key: Any = SECRET, headers: dict | None = None, **claims: Any
 ) -> str:
-    payload = {"iss": iss, "sub": "user-1", "exp": NOW + 600, **claims}
+    payload = {"iss": iss, "sub": "user-1", "exp": now() + 600, **claims}
     return pyjwt.encode(payload, key, algorithm=alg, headers=headers)
 
 
@@ -171,7 +176,7 @@ def assert_401(result):
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
 def test_alg_none_is_refused(harness, alg):
-    forged = unsigned({"alg": alg, "typ": "JWT"}, {"iss": "hs-issuer", "exp": NOW + 600})
+    forged = unsigned({"alg": alg, "typ": "JWT"}, {"iss": "hs-issuer", "exp": now() + 600})
     assert_401(harness(config()).request("GET", "/", bearer(forged)))
     assert_401(harness(config()).request("GET", "/", bearer(forged.rstrip("."))))
 
@@ -180,7 +185,7 @@ def test_rs_to_hs_key_confusion_is_refused(harness):
     # The classic attack: sign HS256 with the RSA *public* key as the HMAC secret.
     pem = public_pem(rsa_key()).encode()
     header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    payload = b64url(json.dumps({"iss": "rsa-issuer", "sub": "admin", "exp": NOW + 600}).encode())
+    payload = b64url(json.dumps({"iss": "rsa-issuer", "sub": "admin", "exp": now() + 600}).encode())
     import hashlib
     import hmac
 
@@ -197,7 +202,7 @@ def test_algorithm_not_allowed_for_the_credential(harness):
 
 def test_expired_and_clock_skew(harness):
     gw = harness(config(clock_skew=30))
-    assert_401(gw.request("GET", "/", bearer(token(exp=NOW - 120))))
+    assert_401(gw.request("GET", "/", bearer(token(exp=now() - 120))))
     assert gw.request("GET", "/", bearer(token(exp=int(time.time()) - 10))).status == 200  # within skew
     strict = harness(config(clock_skew=0))
     assert_401(strict.request("GET", "/", bearer(token(exp=int(time.time()) - 10))))
@@ -207,10 +212,10 @@ def test_exp_is_required_by_default_and_nbf_when_listed(harness):
     gw = harness(config())
     no_exp = pyjwt.encode({"iss": "hs-issuer"}, SECRET, algorithm="HS256")
     assert_401(gw.request("GET", "/", bearer(no_exp)))
-    assert_401(gw.request("GET", "/", bearer(token(nbf=NOW + 600))))  # a present nbf is always checked
+    assert_401(gw.request("GET", "/", bearer(token(nbf=now() + 600))))  # a present nbf is always checked
     nbf = harness(config(claims_to_verify=["exp", "nbf"]))
     assert_401(nbf.request("GET", "/", bearer(token())))  # nbf missing
-    assert nbf.request("GET", "/", bearer(token(nbf=NOW - 5))).status == 200
+    assert nbf.request("GET", "/", bearer(token(nbf=now() - 5))).status == 200
 
 
 def test_audience_and_issuer(harness):
@@ -226,7 +231,7 @@ def test_required_claims_and_maximum_expiration(harness):
     gw = harness(config(required_claims=["scope"], maximum_expiration=3600))
     assert_401(gw.request("GET", "/", bearer(token())))
     assert gw.request("GET", "/", bearer(token(scope="read"))).status == 200
-    assert_401(gw.request("GET", "/", bearer(token(scope="read", exp=NOW + 86400))))
+    assert_401(gw.request("GET", "/", bearer(token(scope="read", exp=now() + 86400))))
 
 
 def test_tampered_tokens_are_refused(harness):
@@ -343,7 +348,7 @@ def test_the_same_token_twice_is_one_token(harness):
 
 
 def test_anonymous_on_a_bad_token(harness):
-    seen = harness(config(anonymous="guest")).request("GET", "/", bearer(token(exp=NOW - 3600))).upstream
+    seen = harness(config(anonymous="guest")).request("GET", "/", bearer(token(exp=now() - 3600))).upstream
     assert seen.header("x-consumer-username") == "guest"
     assert seen.header("x-anonymous-consumer") == "true"
 
@@ -458,5 +463,5 @@ def test_jwt_with_jwks_rotation_through_a_real_gateway(gateway, backend, jwks):
     assert jwks.fetches == 2
     hs = request(gw.port, "GET", "/", headers=bearer(token(aud="api")))
     assert hs.status == 200
-    none = unsigned({"alg": "none"}, {"iss": "hs-issuer", "aud": "api", "exp": NOW + 60})
+    none = unsigned({"alg": "none"}, {"iss": "hs-issuer", "aud": "api", "exp": now() + 60})
     assert request(gw.port, "GET", "/", headers=bearer(none)).status == 401
