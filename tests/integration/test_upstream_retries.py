@@ -236,17 +236,33 @@ async def closes_reused_connections(seen: Seen, writer: asyncio.StreamWriter) ->
 
 
 def test_a_pooled_connection_closed_by_the_backend_is_never_a_client_error(gateway, backend):
+    """Requests safe to repeat are replayed on a fresh connection; a POST is not sent twice."""
     closes_reused_connections.used = set()  # type: ignore[attr-defined]
     be = backend(closes_reused_connections)
     gw = gateway(upstream_config([f"127.0.0.1:{be.port}"]))
     for i in range(5):
-        method, body = ("POST", b"data") if i % 2 else ("GET", None)
+        method, body = ("PUT", b"data") if i % 2 else ("GET", None)
         resp = request(gw.port, method, "/x", body=body)
         assert resp.status == 200, resp.body
     assert be.connections == 5  # every reuse failed and was replayed once on a fresh connection
-    posts = [s.body for s in be.seen if s.method == "POST"]
-    assert posts == [b"data"] * 4  # each POST reached it twice: on the closing connection, then answered
+    puts = [s.body for s in be.seen if s.method == "PUT"]
+    assert puts == [b"data"] * 4  # each PUT reached it twice: on the closing connection, then answered
     assert upstream_status(gw.status_port, "u")["retries"]["retried"] == 0  # same target: not a retry
+    resp = request(gw.port, "POST", "/x", body=b"once")
+    assert resp.status == 502
+    assert [s.body for s in be.seen if s.method == "POST"] == [b"once"]
+
+
+def test_a_service_may_replay_non_idempotent_requests_on_a_closed_pooled_connection(gateway, backend):
+    closes_reused_connections.used = set()  # type: ignore[attr-defined]
+    be = backend(closes_reused_connections)
+    config = upstream_config([f"127.0.0.1:{be.port}"])
+    config["services"][0]["replay_non_idempotent"] = True
+    gw = gateway(config)
+    assert request(gw.port, "GET", "/x").status == 200
+    resp = request(gw.port, "POST", "/x", body=b"data")
+    assert resp.status == 200, resp.body
+    assert [s.body for s in be.seen if s.method == "POST"] == [b"data", b"data"]
 
 
 def test_pool_options_apply_per_upstream(gateway, backend):

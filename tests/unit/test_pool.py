@@ -372,13 +372,14 @@ async def test_client_gone_while_connecting_keeps_the_fresh_connection(monkeypat
 
 
 async def test_pooled_connection_closed_by_the_backend_is_replayed_on_a_new_one() -> None:
+    """An idempotent request (PUT, with its body) is sent again on a fresh connection."""
     proxy = LoopProxy(asyncio.get_running_loop())
     h = Harness(proxy)
     stale, stale_t = connected(h.pool)
     stale.requests = 5  # it has served before: the backend may have closed it as we wrote
     h.pool.release(stale)
     client, out = h.client()
-    client.data_received(b"POST /x HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 3\r\n\r\nabc")
+    client.data_received(b"PUT /x HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 3\r\n\r\nabc")
     first = stale_t.take()
     stale.connection_lost(ConnectionResetError())
     for _ in range(5):
@@ -387,6 +388,23 @@ async def test_pooled_connection_closed_by_the_backend_is_replayed_on_a_new_one(
     assert fresh_t.take() == first  # the same request, body included
     fresh.data_received(OK)
     assert out.take() == OK
+
+
+async def test_a_post_on_a_pooled_connection_closed_by_the_backend_is_not_replayed() -> None:
+    """The backend may have run it before closing: a POST is not sent twice (502 instead)."""
+    proxy = LoopProxy(asyncio.get_running_loop())
+    h = Harness(proxy)
+    stale, stale_t = connected(h.pool)
+    stale.requests = 5
+    h.pool.release(stale)
+    client, out = h.client()
+    client.data_received(b"POST /x HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 3\r\n\r\nabc")
+    assert stale_t.take().startswith(b"POST /x ")
+    stale.connection_lost(ConnectionResetError())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert proxy.opened == []
+    assert out.take().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
 
 
 async def test_a_fresh_connection_failing_before_responding_is_not_replayed() -> None:
