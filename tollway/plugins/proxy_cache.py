@@ -317,6 +317,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         deadline = loop.time() + self.config.coalesce_timeout
         delay = 0.002
         store = self.store
+        stale = state.entry.response_time if state.entry is not None else None
         while loop.time() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
@@ -324,6 +325,8 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
                 return None
             try:
                 entry = self._find_sync(ex, state)
+                if stale is not None and entry is not None and entry.response_time == stale:
+                    entry = None  # still the stale copy this request is replacing
                 if entry is None and store.locked(key):
                     continue
             except Exception as exc:
