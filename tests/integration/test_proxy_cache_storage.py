@@ -258,3 +258,14 @@ def running_user_service(db: Path, name: str) -> Iterator[int]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_worker_store_caches_in_the_process(cached: Any, origin: Origin) -> None:
+    origin.routes["/w"] = (200, [("Cache-Control", "max-age=60")], b"in memory")
+    gw, b = cached(store="worker", max_size="1mb")
+    assert request(gw.port, path="/w").header("x-cache-status") == "MISS"
+    hit = request(gw.port, path="/w")
+    assert hit.header("x-cache-status") == "HIT" and hit.body == b"in memory"
+    assert request(gw.port, "DELETE", "/w").status == 200
+    assert request(gw.port, path="/w").header("x-cache-status") == "MISS"
+    assert count(b, "/w") == 2
