@@ -14,7 +14,6 @@ from tollway.plugins.cache_config import ProxyCacheConfig
         ({"store": "redis"}, "store: redis needs redis_url"),
         ({"store": "redis", "redis_url": "http://127.0.0.1:6379"}, "redis_url must start with"),
         ({"store": "redis", "redis_url": "redis://"}, "redis_url names no host"),
-        ({"max_size": "1mb", "max_object_size": "2mb"}, "max_object_size is larger"),
         ({"redis_prefix": "a*"}, "redis_prefix"),
         ({"store": "disk"}, "store"),
         ({"methods": ["POST"]}, "methods"),

@@ -58,8 +58,6 @@ class ProxyCacheConfig(PluginConfig):
                 raise ValueError("redis_url names no host")
         elif self.store == "redis":
             raise ValueError("store: redis needs redis_url")
-        if self.max_object_size > self.max_size and self.store != "redis":
-            raise ValueError("max_object_size is larger than the store (max_size)")
         return self
 
 

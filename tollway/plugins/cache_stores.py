@@ -111,3 +111,11 @@ async def delete_async(store: Any, doomed: list[bytes]) -> None:
     except Exception as exc:
         STATS.store_errors += 1
         warn("cache store failed to invalidate: %s", exc)
+
+
+def release_lease(store: Any, key: bytes) -> None:
+    """End a fill lease (tollway.cache.store.LmdbStore.lock); a failure only delays the others."""
+    try:
+        store.unlock(key)
+    except Exception as exc:
+        warn("cache store failed to release a fill lease: %s", exc)
