@@ -133,7 +133,7 @@ class LmdbStore:
         self.path = path
         self.max_bytes = max_bytes
         self.stats = CacheStats()
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # copies of responses: this user's only
         # The map holds the budget plus B+tree pages and free pages awaiting reuse: twice the budget
         # and a margin (address space only; pages are used as written). sync/metasync off: a cache
         # may lose its last writes in a power cut, and each commit stays a memory write.
@@ -146,6 +146,7 @@ class LmdbStore:
             metasync=False,
             readahead=False,
             max_readers=1024,
+            mode=0o600,
         )
         self._data = self._env.open_db(b"data")
         self._meta = self._env.open_db(b"meta")  # key -> expiry, access time

@@ -53,7 +53,7 @@ def default_node_path() -> str:
     Stores of nodes that are gone are removed here."""
     base = node_base()
     supervisor = os.getppid()
-    os.makedirs(base, exist_ok=True)
+    os.makedirs(base, mode=0o700, exist_ok=True)  # copies of responses: this user's only
     for name in os.listdir(base):
         pid = int(name[5:]) if name.startswith("node-") and name[5:].isdigit() else supervisor
         if pid != supervisor and not _alive(pid):
