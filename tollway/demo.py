@@ -161,7 +161,8 @@ def _start_service(name: str, workdir: Path) -> Process:
 def _start_gateway(config_path: Path, workdir: Path) -> tuple[Process, int]:
     log = open(workdir / "gateway.log", "w")  # noqa: SIM115 - handed to the child process
     cmd = [sys.executable, "-m", "tollway", "run", "-c", str(config_path)]
-    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    env = dict(os.environ, TOLLWAY_CACHE_DIR=str(workdir / "cache"))  # the cache's node store, with the rest
+    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     line = _read_line(popen, _LISTENING, 30.0)
     if line is None:
         raise DemoError(f"the gateway did not start; see {workdir / 'gateway.log'}")

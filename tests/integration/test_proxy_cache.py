@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +317,23 @@ def test_concurrent_misses_make_one_backend_request(cached: Any, origin: Origin,
     assert len(results) == 100
     assert all(r == (200, b"slow body") for r in results)
     assert count(b, "/slow") == 1
+
+
+def test_concurrent_requests_for_a_stale_copy_share_one_revalidation(cached: Any, origin: Origin) -> None:
+    def answer(seen: Seen) -> tuple[int, list[tuple[str, str]], bytes]:
+        if seen.header("if-none-match") == '"r1"':
+            return 304, [("Cache-Control", "max-age=60"), ("ETag", '"r1"')], b""
+        return 200, [("Cache-Control", "max-age=1"), ("ETag", '"r1"')], b"revalidated body"
+
+    origin.routes["/rv"] = (0, [], answer)  # type: ignore[assignment]
+    gw, b = cached()
+    request(gw.port, path="/rv")
+    time.sleep(1.2)
+    origin.delay = 0.5
+    with ThreadPoolExecutor(30) as pool:
+        answers = list(pool.map(lambda _: request(gw.port, path="/rv"), range(30)))
+    assert all(a.status == 200 and a.body == b"revalidated body" for a in answers)
+    assert [s.header("if-none-match") for s in b.seen] == [None, '"r1"']
 
 
 # -- stale-if-error ---------------------------------------------------------------------------------------

@@ -4,17 +4,22 @@ metrics, and answers from a copy naming their own request."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import sys
+import threading
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.integration.cache_support import Origin, count, make_cached, make_origin
 from tests.support import ROOT, Backend, Gateway, gateway_config, request, wait_until
+from tollway.examples.user_service import make_server
 
 pytestmark = pytest.mark.integration
 origin = pytest.fixture(name="origin")(make_origin)
@@ -210,3 +215,57 @@ def test_key_consumer_keeps_a_copy_per_consumer(
         assert answer.body == name.encode()
     assert count(b, "/me") == 2
     assert request(gw.port, path="/me").status == 401  # authentication still runs before the cache
+
+
+# -- the seed example ---------------------------------------------------------------------------------------
+def test_users_example_put_then_get_never_serves_the_old_user(
+    gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """examples/users.yaml's route and plugins in front of two real user-service instances on one
+    SQLite file: reads are cached, and after every PUT the next GET (on either worker) is the new user."""
+    config = yaml.safe_load((ROOT / "examples" / "users.yaml").read_text())
+    route = config["routes"][0]
+    route["plugins"] = [p for p in route["plugins"] if p["name"] == "proxy-cache"]  # no rate limit here
+    route["plugins"][0]["config"]["path"] = str(tmp_path / "cache")
+    db = tmp_path / "users.db"
+    with running_user_service(db, "users-a") as port_a, running_user_service(db, "users-b") as port_b:
+        config["upstreams"][0]["targets"] = [
+            {"target": f"127.0.0.1:{port_a}"},
+            {"target": f"127.0.0.1:{port_b}"},
+        ]
+        config["gateway"] = {"listen": ["127.0.0.1:0"], "status_listen": "127.0.0.1:0"}
+        gw = gateway(config, workers=2)
+        for version in range(5):
+            name = f"user{version}"
+            put = request(gw.port, "PUT", "/users/7", {"Content-Type": "application/json"},
+                          json.dumps({"name": name, "email": f"{name}@example.com"}).encode())  # fmt: skip
+            assert put.status in (200, 201), put
+            for _ in range(4):  # new connections: either worker
+                got = request(gw.port, path="/users/7")
+                assert got.status == 200 and json.loads(got.body)["name"] == name
+        statuses = [request(gw.port, path="/users/7").header("x-cache-status") for _ in range(4)]
+        assert statuses == ["HIT"] * 4
+
+
+@contextlib.contextmanager
+def running_user_service(db: Path, name: str) -> Iterator[int]:
+    server = make_server("127.0.0.1", 0, str(db), name)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_worker_store_caches_in_the_process(cached: Any, origin: Origin) -> None:
+    origin.routes["/w"] = (200, [("Cache-Control", "max-age=60")], b"in memory")
+    gw, b = cached(store="worker", max_size="1mb")
+    assert request(gw.port, path="/w").header("x-cache-status") == "MISS"
+    hit = request(gw.port, path="/w")
+    assert hit.header("x-cache-status") == "HIT" and hit.body == b"in memory"
+    assert request(gw.port, "DELETE", "/w").status == 200
+    assert request(gw.port, path="/w").header("x-cache-status") == "MISS"
+    assert count(b, "/w") == 2

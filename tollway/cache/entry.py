@@ -110,6 +110,39 @@ def flags_for(response_cc: rfc.Directives, headers: rfc.Headers) -> int:
     return flags
 
 
+def build_entry(
+    status: int,
+    headers: rfc.Headers,
+    body: bytes,
+    sent: float,
+    received: float,
+    policy: tuple[bool, float, float, float],
+    age_from: rfc.Headers | None = None,
+    flags: int = 0,
+) -> Entry:
+    """The entry for a response received at `received` to a request sent at `sent`, under `policy`
+    (heuristic freshness, default TTL, default stale-while-revalidate and stale-if-error windows). Its
+    age comes from `age_from` (the response as received, with its Age field) when given. A backend's
+    echo of X-Request-Id names one request: the entry keeps the REQUEST_ID flag instead, so every
+    answer from it names its own request."""
+    heuristic, default_ttl, swr, sie = policy
+    if rfc.field(headers, b"x-request-id") is not None:
+        headers = [h for h in headers if h[0].lower() != b"x-request-id"]
+        flags |= REQUEST_ID
+    cc = rfc.directives_from(headers)
+    return Entry(
+        status,
+        headers,
+        body,
+        received,
+        rfc.initial_age(age_from if age_from is not None else headers, sent, received),
+        rfc.freshness_lifetime(status, cc, headers, received, heuristic, default_ttl),
+        rfc.window(cc, "stale-while-revalidate", swr),
+        rfc.window(cc, "stale-if-error", sie),
+        flags_for(cc, headers) | flags,
+    )
+
+
 class Variants:
     __slots__ = ("names", "nonce")
 

@@ -15,10 +15,11 @@ URI never leaves a variant behind. Values are opaque bytes (tollway.cache.entry 
   restarts loses nothing. Bounded by bytes with LRU eviction (below).
 - `tollway.cache.redis_store.RedisStore`: the cluster store (asynchronous: same names, awaitables).
 
-Why LMDB for the node (see docs/plugins/proxy-cache.md for the figures): a read is a B+tree walk in
-a shared mapping with no lock and no system call, about 1-2 µs from Python; the rate limiter's
-shared-memory table (tollway.state.shared) holds fixed 64-byte records and would need an allocator
-for variable-size bodies; SQLite costs 5-10 µs per read and a lock file write per LRU touch.
+Why LMDB for the node: a read is a B+tree walk in a shared mapping with no lock and no system call
+(readers never wait for the writer); the rate limiter's shared-memory table (tollway.state.shared)
+holds fixed 64-byte records and would need an allocator for variable-size bodies, which is what LMDB
+is; SQLite would parse SQL and take file locks per read. The hit cost through the gateway is measured
+by `python bench/bench.py --scenario cache` (bench/cache_scenario.py).
 
 LRU. Every key has an access time in seconds. A hit rewrites it only when it is older than
 `TOUCH_AFTER` (so a hot key costs one small write transaction a second, not one per hit); an `order`
@@ -133,7 +134,7 @@ class LmdbStore:
         self.path = path
         self.max_bytes = max_bytes
         self.stats = CacheStats()
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # copies of responses: this user's only
         # The map holds the budget plus B+tree pages and free pages awaiting reuse: twice the budget
         # and a margin (address space only; pages are used as written). sync/metasync off: a cache
         # may lose its last writes in a power cut, and each commit stays a memory write.
@@ -146,6 +147,7 @@ class LmdbStore:
             metasync=False,
             readahead=False,
             max_readers=1024,
+            mode=0o600,
         )
         self._data = self._env.open_db(b"data")
         self._meta = self._env.open_db(b"meta")  # key -> expiry, access time

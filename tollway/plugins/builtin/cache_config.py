@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tollway.config.types import Duration, Size
 from tollway.plugins.base import HeaderName, PluginConfig
@@ -23,7 +23,9 @@ class ProxyCacheConfig(PluginConfig):
     )
     max_object_size: Size = Field(1 << 20, ge=1, description="larger responses pass through, not stored")
     redis_url: str | None = Field(None, description="store: redis — redis://host:port/db, sentinel, cluster")
-    redis_prefix: str = Field("tollway:cache:", description="prefix of every Redis key")
+    redis_prefix: str = Field(
+        "tollway:cache:", pattern=r"^[A-Za-z0-9:_.-]{0,64}$", description="prefix of every Redis key"
+    )
     redis_timeout: Duration = Field(0.25, gt=0, description="a slower Redis reply counts as a miss")
     methods: list[Literal["GET", "HEAD"]] = Field(
         ["GET", "HEAD"], description="methods answered from the cache"
@@ -45,3 +47,18 @@ class ProxyCacheConfig(PluginConfig):
     coalesce_timeout: Duration = Field(5.0, gt=0, description="how long a waiting miss waits")
     status_header: HeaderName | None = Field("X-Cache-Status", description="HIT/MISS/STALE/...; null: none")
     cache_status_name: str = Field("Tollway", pattern=r"^[A-Za-z0-9._-]{1,32}$", description="RFC 9211 name")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProxyCacheConfig:
+        if self.redis_url is not None:
+            scheme, sep, rest = self.redis_url.partition("://")
+            if not sep or scheme not in _REDIS_SCHEMES:
+                raise ValueError(f"redis_url must start with {', '.join(s + '://' for s in _REDIS_SCHEMES)}")
+            if not rest.rpartition("@")[2].partition("/")[0]:
+                raise ValueError("redis_url names no host")
+        elif self.store == "redis":
+            raise ValueError("store: redis needs redis_url")
+        return self
+
+
+_REDIS_SCHEMES = ("redis", "redis+sentinel", "redis+cluster")

@@ -53,7 +53,7 @@ def default_node_path() -> str:
     Stores of nodes that are gone are removed here."""
     base = node_base()
     supervisor = os.getppid()
-    os.makedirs(base, exist_ok=True)
+    os.makedirs(base, mode=0o700, exist_ok=True)  # copies of responses: this user's only
     for name in os.listdir(base):
         pid = int(name[5:]) if name.startswith("node-") and name[5:].isdigit() else supervisor
         if pid != supervisor and not _alive(pid):
@@ -111,3 +111,11 @@ async def delete_async(store: Any, doomed: list[bytes]) -> None:
     except Exception as exc:
         STATS.store_errors += 1
         warn("cache store failed to invalidate: %s", exc)
+
+
+def release_lease(store: Any, key: bytes) -> None:
+    """End a fill lease (tollway.cache.store.LmdbStore.lock); a failure only delays the others."""
+    try:
+        store.unlock(key)
+    except Exception as exc:
+        warn("cache store failed to release a fill lease: %s", exc)

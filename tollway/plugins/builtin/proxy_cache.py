@@ -21,14 +21,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tollway.cache import keys, rfc, serve
-from tollway.cache.entry import NO_CACHE, NO_STALE, REQUEST_ID, Entry, Variants, decode, flags_for
+from tollway.cache.entry import NO_CACHE, NO_STALE, REQUEST_ID, Entry, Variants, build_entry, decode
 from tollway.cache.stats import STATS
 from tollway.plugins.base import HookResult, Plugin, PluginContext
 from tollway.plugins.builtin.cache_capture import BodyCapture
 from tollway.plugins.builtin.cache_capture import tags as body_tags
 from tollway.plugins.builtin.cache_config import ProxyCacheConfig
 from tollway.plugins.builtin.cache_refresh import refresh
-from tollway.plugins.builtin.cache_stores import delete_async, open_store, put_async, warn
+from tollway.plugins.builtin.cache_status import StatusFields
+from tollway.plugins.builtin.cache_stores import delete_async, open_store, put_async, release_lease, warn
 from tollway.protocol.http1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE
 from tollway.proxy.pdk import Response
 
@@ -90,9 +91,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         self._extra_names = tuple(sorted(h.lower().encode() for h in config.key_headers)) + (
             (_CONSUMER,) if config.key_consumer else ()
         )
-        self._status_name = config.status_header.encode() if config.status_header else None
-        self._hit_field = (self._status_name, b"HIT") if self._status_name is not None else None
-        self._name_bytes = config.cache_status_name.encode()
+        self._fields = StatusFields(config.cache_status_name, config.status_header)
         # key -> the request filling it; resolves to what it stored (written key, entry, variants) or None
         self._inflight: dict[bytes, asyncio.Future[Filled | None]] = {}
         self._decoded: dict[bytes, Entry | Variants | None] = {}  # see _decode
@@ -129,7 +128,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             return None
         store = self._open()
         if store is None:
-            self._label_fields(ex, "BYPASS", rfc.cache_status(self.config.cache_status_name, False, "bypass"))
+            self._fields.forwarded(ex, "BYPASS", "bypass")
             return None
         request_cc = rfc.request_directives(ex.headers)
         if self.config.ignore_client_no_cache:
@@ -160,7 +159,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         warn("cache store failed, requests go to the backend: %s", exc)
         state.label = "BYPASS"
         ex.vars[_VAR] = None  # type: ignore[index]
-        self._label_fields(ex, "BYPASS", rfc.cache_status(self.config.cache_status_name, False, "bypass"))
+        self._fields.forwarded(ex, "BYPASS", "bypass")
         return None
 
     def _decide(self, ex: RequestContext, state: _State, entry: Entry | None, may_wait: bool) -> HookResult:
@@ -190,6 +189,11 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             ex.fallback = self._stale_on_failure
         validators = rfc.validators(entry.headers)
         if validators and "no-store" not in state.request_cc:
+            if may_wait and self.config.coalesce and "no-cache" not in state.request_cc:
+                waiting = self._inflight.get(state.entry_key)
+                if waiting is not None:  # another request is revalidating this copy: wait for it
+                    return self._follow(ex, state, waiting)
+                self._lead(ex, state.entry_key)
             state.client_headers = ex.headers
             headers = [h for h in ex.headers if h[0].lower() not in _CONDITIONALS]
             ex.headers = headers + validators
@@ -214,53 +218,27 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             headers.append((b"X-Request-Id", ex.request_id))
         if ex.client.server_header is not None:  # the gateway adds its own
             headers = [h for h in headers if h[0].lower() != b"server"]
-        headers += self._status_fields(label, entry, age)
+        headers += self._fields.answer(label, entry, age)
         return Response(status, body, headers)
-
-    def _status_fields(self, label: str, entry: Entry | None, age: float = 0.0) -> rfc.Headers:
-        name = self.config.cache_status_name
-        if label == "HIT" and entry is not None:  # the hot path: no string building
-            value = b"%s; hit; ttl=%d" % (self._name_bytes, entry.lifetime - age)
-            if self._hit_field is None:
-                return [(b"Cache-Status", value)]
-            return [(b"Cache-Status", value), self._hit_field]
-        if label in ("HIT", "STALE"):  # RFC 9211 2.5: a stale hit has a negative ttl
-            ttl = entry.lifetime - age if entry is not None else None
-            value = rfc.cache_status(name, True, ttl=ttl)
-        elif label == "REVALIDATED":
-            # RFC 9211 2.2: forwarded because stale, the backend said 304
-            value = rfc.cache_status(name, True, "stale", stored=True) + b"; fwd-status=304"
-        else:
-            fwd = {"MISS": "uri-miss", "EXPIRED": "stale", "BYPASS": "bypass"}.get(label, "miss")
-            value = rfc.cache_status(name, False, fwd)
-        fields = [(b"Cache-Status", value)]
-        if self._status_name is not None:
-            fields.append((self._status_name, label.encode()))
-        return fields
-
-    def _label_fields(self, ex: RequestContext, label: str, cache_status: bytes) -> None:
-        fields = [(b"Cache-Status", cache_status)]
-        if self._status_name is not None:
-            fields.append((self._status_name, label.encode()))
-        ex.add_response_fields(fields)
 
     def _only_if_cached(self, ex: RequestContext, state: _State) -> Response:
         STATS.misses += 1
         ex.vars[_VAR] = None  # type: ignore[index]
         rid = ex.request_id.decode("latin-1")
         headers = [(b"Content-Type", b"application/json"), (b"X-Request-Id", ex.request_id)]
-        headers += self._status_fields("MISS", None)
+        headers += self._fields.answer("MISS", None)
         return Response(504, {"message": "not in the cache (only-if-cached)", "request_id": rid}, headers)
 
     # -- coalescing ----------------------------------------------------------------------------------
     def _miss(self, ex: RequestContext, state: _State, may_wait: bool) -> HookResult:
         if not self.config.coalesce or "no-cache" in state.request_cc or "no-store" in state.request_cc:
             return None
+        if ex.method != b"GET":
+            return None  # a HEAD miss is not stored: it fills nothing others could wait for
         key = state.entry_key
         waiting = self._inflight.get(key)
         if waiting is None:
-            self._inflight[key] = asyncio.get_running_loop().create_future()
-            ex.on_finish(lambda _ex: self._release(key))
+            self._lead(ex, key)
             store = self.store
             if may_wait and hasattr(store, "lock"):  # the node store: one fill for all its workers
                 try:
@@ -268,11 +246,16 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
                         return self._poll(ex, state)
                 except Exception as exc:
                     return self._bypass(ex, state, exc)
-                ex.on_finish(lambda _ex: _unlock(store, key))
+                ex.on_finish(lambda _ex: release_lease(store, key))
             return None
         if not may_wait:
             return None
         return self._follow(ex, state, waiting)
+
+    def _lead(self, ex: RequestContext, key: bytes) -> None:
+        """This request fills `key`; misses for it in this worker wait until it ends."""
+        self._inflight[key] = asyncio.get_running_loop().create_future()
+        ex.on_finish(lambda _ex: self._release(key))
 
     def _release(self, key: bytes, filled: Filled | None = None) -> None:
         waiting = self._inflight.pop(key, None)
@@ -319,6 +302,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         deadline = loop.time() + self.config.coalesce_timeout
         delay = 0.002
         store = self.store
+        stale = state.entry.response_time if state.entry is not None else None
         while loop.time() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
@@ -326,6 +310,8 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
                 return None
             try:
                 entry = self._find_sync(ex, state)
+                if stale is not None and entry is not None and entry.response_time == stale:
+                    entry = None  # still the stale copy this request is replacing
                 if entry is None and store.locked(key):
                     continue
             except Exception as exc:
@@ -422,7 +408,8 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             return False
         kept = entry.flags & REQUEST_ID
         fresh = self._entry(entry.status, merged, entry.body, state.request_time, time.time(), update, kept)
-        self._put(ex, state, fresh, merged)
+        written, variants = self._put(ex, state, fresh, merged)
+        self._release(state.entry_key, (written, fresh, variants))
         STATS.revalidated += 1
         ex.respond(self._answer(ex, fresh, fresh.initial_age, "REVALIDATED", state.request_headers(ex)))
         return True
@@ -460,29 +447,14 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         age_from: rfc.Headers | None = None,
         flags: int = 0,
     ) -> Entry:
-        """An entry for a response received at `received` to a request sent at `sent`; its age comes
-        from `age_from` (the response as received, with its Age field) when given. A backend's echo of
-        X-Request-Id names one request: the copy keeps the REQUEST_ID flag instead, and every answer
-        from it names its own request."""
         config = self.config
-        if rfc.field(headers, b"x-request-id") is not None:
-            headers = [h for h in headers if h[0].lower() != b"x-request-id"]
-            flags |= REQUEST_ID
-        cc = rfc.directives_from(headers)
-        lifetime = rfc.freshness_lifetime(
-            status, cc, headers, received, config.heuristic_freshness, config.default_ttl
+        policy = (
+            config.heuristic_freshness,
+            config.default_ttl,
+            config.stale_while_revalidate,
+            config.stale_if_error,
         )
-        return Entry(
-            status,
-            headers,
-            body,
-            received,
-            rfc.initial_age(age_from if age_from is not None else headers, sent, received),
-            lifetime,
-            rfc.window(cc, "stale-while-revalidate", config.stale_while_revalidate),
-            rfc.window(cc, "stale-if-error", config.stale_if_error),
-            flags_for(cc, headers) | flags,
-        )
+        return build_entry(status, headers, body, sent, received, policy, age_from, flags)
 
     def _maybe_store(self, ex: RequestContext, state: _State) -> None:
         head = ex.response_head
@@ -509,15 +481,10 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         if why is None and kind == BODY_LENGTH and head.content_length > config.max_object_size:
             why = "too large"
         STATS.misses += 1
-        name = config.cache_status_name
         if why is not None:
-            self._label_fields(
-                ex,
-                state.label,
-                rfc.cache_status(name, False, _fwd(state)) + b"; detail=" + why.replace(" ", "-").encode(),
-            )
+            self._fields.forwarded(ex, state.label, _fwd(state), detail=why)
             return
-        self._label_fields(ex, state.label, rfc.cache_status(name, False, _fwd(state), stored=True))
+        self._fields.forwarded(ex, state.label, _fwd(state), stored=True)
         status = head.status
         stored = list(headers)
         capture = BodyCapture(
@@ -623,13 +590,6 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
                 self._put(ex, state, self._entry(status, stored, body, sent, time.time(), headers), headers)
 
         return done
-
-
-def _unlock(store: Any, key: bytes) -> None:
-    try:
-        store.unlock(key)
-    except Exception as exc:
-        warn("cache store failed to release a fill lease: %s", exc)
 
 
 def _fwd(state: _State) -> str:
