@@ -180,3 +180,19 @@ def test_tollway_check_prints_expiry_warnings(certs: dict[str, Any], tmp_path: P
     )
     assert out.returncode == 0, out.stderr
     assert "certificate 'soon' expires in" in out.stderr
+
+
+def test_crl_checking_needs_a_crl_for_every_ca(certs: dict[str, Any]) -> None:
+    ca_file = CA().write(certs["dir"], "clients")
+    crl = certs["dir"] / "c.crl"
+    crl.write_bytes(CA().crl([]))
+    data = config(
+        [{"name": "a", "cert": certs["a"][0], "key": certs["a"][1], "client_auth": {"ca_file": ca_file}}]
+    )
+    data["gateway"]["listen"] = ["127.0.0.1:0 mtls"]
+    data["gateway"]["tls"] = {"client_auth": {"ca_file": ca_file, "crl_files": [str(crl)]}}
+    text = errors(data)
+    assert (
+        'certificates[0] "a": client_auth.crl_files: CRLs are checked (crl_files in gateway.tls.client_auth)'
+        in text
+    )

@@ -21,7 +21,7 @@ import logging
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from tollway.config.tls import ClientAuth, ListenerTls, load_chain, pem_path
+from tollway.config.tls import ClientAuth, ClientCas, ListenerTls, load_chain, pem_path
 
 if TYPE_CHECKING:
     from tollway.config.schema import GatewayConfig
@@ -45,19 +45,29 @@ def _policy_context(settings: ListenerTls) -> ssl.SSLContext:
     return context
 
 
-def _load_client_auth(context: ssl.SSLContext, client_auth: ClientAuth) -> None:
-    with pem_path(client_auth.ca_file) as ca_file:
-        context.load_verify_locations(cafile=ca_file)
+def _load_client_auth(context: ssl.SSLContext, client_auth: ClientAuth | ClientCas) -> None:
+    if client_auth.ca_file is not None:
+        with pem_path(client_auth.ca_file) as ca_file:
+            context.load_verify_locations(cafile=ca_file)
     for crl in client_auth.crl_files:
         context.load_verify_locations(cafile=crl)  # a PEM file may hold CRLs: they join the store
     if client_auth.crl_files:
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
-def _fixed_part(settings: ListenerTls) -> tuple[object, ...]:
+def crl_checking(settings: ListenerTls, certificates: list[Certificate]) -> bool:
+    """Whether client certificates are checked against CRLs: any CRL configured anywhere turns it on
+    for every name of the mtls listeners (OpenSSL takes the flag from the listener's context)."""
+    if settings.client_auth is not None and settings.client_auth.crl_files:
+        return True
+    return any(c.client_auth is not None and c.client_auth.crl_files for c in certificates)
+
+
+def _fixed_part(settings: ListenerTls, certificates: list[Certificate]) -> tuple[object, ...]:
     """The settings a running listener keeps until restart (CA and CRL files reload live)."""
     mode = settings.client_auth.mode if settings.client_auth is not None else None
     return (
+        crl_checking(settings, certificates),
         settings.min_version,
         settings.ciphers,
         settings.session_tickets,
@@ -110,8 +120,9 @@ class CertificateTable:
 def certificate_context(cert: Certificate, settings: ListenerTls) -> ssl.SSLContext:
     context = _policy_context(settings)
     load_chain(context, cert)
-    if settings.client_auth is not None:
-        _load_client_auth(context, settings.client_auth)
+    client_auth = cert.client_auth or settings.client_auth  # per SNI, else the listener's
+    if client_auth is not None:
+        _load_client_auth(context, client_auth)
         # Whether a certificate is asked for is the listener's (base context's) choice; this only makes
         # Python's getpeercert(), which reads the *current* context's mode, report what was verified.
         context.verify_mode = ssl.CERT_OPTIONAL
@@ -125,6 +136,7 @@ class ServerTls:
         self.settings = config.gateway.tls
         self.table = CertificateTable(config)
         self._bases: dict[bool, ssl.SSLContext] = {}
+        self._certificates = list(config.certificates)
 
     @property
     def handshake_timeout(self) -> float:
@@ -140,7 +152,10 @@ class ServerTls:
                 context.verify_mode = (
                     ssl.CERT_REQUIRED if client_auth.mode == "require" else ssl.CERT_OPTIONAL
                 )
-                _load_client_auth(context, client_auth)
+                # The CAs and CRLs are not needed here: verification uses the store of the certificate
+                # context chosen by SNI. Whether CRLs are checked, though, is copied from this context.
+                if crl_checking(self.settings, self._certificates):
+                    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
             context.sni_callback = self._select  # type: ignore[assignment]
             self._bases[mtls] = context
         return context
@@ -155,7 +170,8 @@ class ServerTls:
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("certificates not reloaded, the previous ones stay: %s", exc)
             return False
-        if _fixed_part(config.gateway.tls) != _fixed_part(self.settings) and self._bases:
+        new = _fixed_part(config.gateway.tls, config.certificates)
+        if new != _fixed_part(self.settings, self._certificates) and self._bases:
             log.warning("gateway.tls protocol settings changed: they apply at the next restart only")
         self.table = table
         return True
