@@ -196,3 +196,32 @@ def test_crl_checking_needs_a_crl_for_every_ca(certs: dict[str, Any]) -> None:
         'certificates[0] "a": client_auth.crl_files: CRLs are checked (crl_files in gateway.tls.client_auth)'
         in text
     )
+
+
+def test_clear_routes_keep_the_fast_path_and_tls_matchers_choose() -> None:
+    from tollway.router import Router
+    from tollway.router.table import RouteEntry
+
+    cfg = validate(
+        {
+            "services": [{"name": "s", "url": "http://127.0.0.1:9"}],
+            "routes": [
+                {"name": "plain", "service": "s", "paths": ["/"]},
+                {"name": "tls", "service": "s", "paths": ["/"], "protocols": ["https"], "priority": 1},
+                {"name": "sni", "service": "s", "paths": ["/"], "snis": ["*.corp.test"], "priority": 2},
+            ],
+        }
+    )
+    assert RouteEntry(cfg.routes[0], None).plain  # no TLS matcher: nothing more is checked per request
+    assert not RouteEntry(cfg.routes[1], None).plain
+    router = Router([(route, route.name) for route in cfg.routes])
+
+    def chosen(scheme: bytes, sni: str) -> object:
+        found = router.match("GET", "h", "/", "", [], scheme, sni)
+        return getattr(found, "route", None)
+
+    assert chosen(b"http", "") == "plain"
+    assert chosen(b"https", "") == "tls"
+    assert chosen(b"https", "a.corp.test") == "sni"
+    assert chosen(b"https", "corp.test") == "tls"
+    assert router.match("GET", "h", "/", "", []).route == "plain"  # type: ignore[union-attr]

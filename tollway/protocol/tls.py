@@ -162,9 +162,13 @@ class ServerTls:
 
     def apply(self, config: GatewayConfig) -> bool:
         """Swap in the certificates of a new config; on failure the current ones stay (and False)."""
-        if not config.certificates and not self._bases:
-            self.table = CertificateTable(config)
-            return True
+        if not config.certificates and self._bases:
+            # Listeners change at restart only: a config without certificates would leave the running
+            # TLS listeners refusing every handshake. Keep serving the previous ones until then.
+            log.warning(
+                "the new config has no certificates; TLS listeners keep the previous ones until restart"
+            )
+            return False
         try:
             table = CertificateTable(config)
         except (OSError, ssl.SSLError, ValueError) as exc:
