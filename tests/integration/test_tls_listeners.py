@@ -297,3 +297,19 @@ def test_rsa_and_ecdsa_side_by_side_for_one_name(gateway: Any, backend: Any, pki
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         with context.wrap_socket(raw, server_hostname="dual.test") as sock:
             assert common_name(sock) == expected
+
+
+def test_certificate_expiry_metric(gateway: Any, backend: Any, pki: dict[str, Any]) -> None:
+    import urllib.request
+
+    gw = gateway(tls_config(backend().url, pki))
+    with urllib.request.urlopen(gw.status_url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    values = {
+        line.split('certificate="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("tollway_tls_certificate_expiry_timestamp_seconds{")
+    }
+    assert set(values) == {"api", "wild", "secret"}
+    for expiry in values.values():  # issued for 365 days by tls_support
+        assert 364 * 86400 < expiry - time.time() < 366 * 86400
