@@ -56,7 +56,11 @@ def run(
     ] = None,
     listen: Annotated[
         list[str] | None,
-        typer.Option("--listen", "-l", help="HOST:PORT to listen on (repeatable); replaces gateway.listen."),
+        typer.Option(
+            "--listen",
+            "-l",
+            help='HOST:PORT to listen on, or "HOST:PORT tls" (HTTPS); repeatable; replaces gateway.listen.',
+        ),
     ] = None,
     log_level: Annotated[
         str, typer.Option(help="Diagnostic log level: DEBUG, INFO, WARNING, ERROR.")
@@ -68,14 +72,14 @@ def run(
     running config and logs why.
     """
     from tollway.config.loader import load_file
-    from tollway.config.types import check_listen
+    from tollway.config.types import check_traffic_listen, parse_listen
     from tollway.errors import ConfigError
 
     _setup_logging(log_level)
     _warn_if_stale()
     for address in listen or []:
         try:
-            check_listen(address)
+            check_traffic_listen(address)
         except ValueError as exc:
             err.print(f"[red]--listen {address}: {exc}[/red]")
             raise typer.Exit(2) from None
@@ -84,6 +88,9 @@ def run(
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
+    if any("tls" in parse_listen(a)[2] for a in listen or []) and not cfg.certificates:
+        err.print("[red]--listen with tls: the config has no `certificates` to serve (docs/tls.md)[/red]")
+        raise typer.Exit(2)
     raise typer.Exit(serve(config, cfg, workers, listen))
 
 
