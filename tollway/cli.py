@@ -72,7 +72,8 @@ def run(
     running config and logs why.
     """
     from tollway.config.loader import load_file
-    from tollway.config.types import check_traffic_listen, parse_listen
+    from tollway.config.tls import check_tls
+    from tollway.config.types import check_traffic_listen
     from tollway.errors import ConfigError
 
     _setup_logging(log_level)
@@ -88,9 +89,11 @@ def run(
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
-    if any("tls" in parse_listen(a)[2] for a in listen or []) and not cfg.certificates:
-        err.print("[red]--listen with tls: the config has no `certificates` to serve (docs/tls.md)[/red]")
-        raise typer.Exit(2)
+    if listen:  # what --listen asks for must be servable: tls needs certificates, mtls client_auth
+        gateway = cfg.gateway.model_copy(update={"listen": listen})
+        for _, message in check_tls(cfg.model_copy(update={"gateway": gateway})):
+            err.print(f"--listen: {message} (docs/tls.md)", style="red", markup=False)
+            raise typer.Exit(2)
     raise typer.Exit(serve(config, cfg, workers, listen))
 
 
