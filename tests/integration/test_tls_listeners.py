@@ -311,3 +311,22 @@ def test_certificate_expiry_metric(gateway: Any, backend: Any, pki: dict[str, An
     assert set(values) == {"api", "wild", "secret"}
     for expiry in values.values():  # issued for 365 days by tls_support
         assert 364 * 86400 < expiry - time.time() < 366 * 86400
+
+
+def test_resumption_across_workers_with_shared_ticket_keys(
+    gateway: Any, backend: Any, pki: dict[str, Any]
+) -> None:
+    gw = gateway(tls_config(backend().url, pki), workers=2)
+    port = tls_port(gw)
+    context = client_context(pki["ca_file"], maximum=ssl.TLSVersion.TLSv1_2)
+    first = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="api.test"
+    )
+    session = first.session
+    first.close()
+    reused = []
+    for _ in range(12):  # new connections: the kernel spreads them over both workers
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with context.wrap_socket(raw, server_hostname="api.test", session=session) as sock:
+            reused.append(sock.session_reused)
+    assert all(reused), reused

@@ -103,6 +103,12 @@ class ListenerTls(Model):
         10.0, gt=0, description="a client that has not finished its handshake by then is disconnected"
     )
     session_tickets: bool = Field(True, description="TLS session resumption with tickets")
+    ticket_key_rotation: Duration = Field(
+        43200.0,
+        ge=60,
+        description="session-ticket keys, shared by the workers, are replaced this often (tickets "
+        "issued before then need one full handshake)",
+    )
     alpn: list[Alpn] = Field(
         default_factory=_default_alpn, description="ALPN protocols offered (http/1.1 today)"
     )
@@ -210,7 +216,7 @@ def check_tls(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
             # make each of its certificates fail ("unable to get certificate CRL").
             first = ".".join(str(part) for part in with_crls[0])
             yield (*where, "crl_files"), f"CRLs are checked (crl_files in {first}): give this CA's CRL too"
-        files = [(("ca_file",), auth.ca_file)] if auth.ca_file is not None else []
+        files: list[tuple[Loc, str]] = [(("ca_file",), auth.ca_file)] if auth.ca_file is not None else []
         files += [(("crl_files", j), p) for j, p in enumerate(auth.crl_files)]
         for loc, path in files:
             if not is_pem_text(path) and not os.path.isfile(path):

@@ -22,6 +22,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from tollway.config.tls import ClientAuth, ClientCas, ListenerTls, load_chain, pem_path
+from tollway.protocol.tickets import set_ticket_keys
 
 if TYPE_CHECKING:
     from tollway.config.schema import GatewayConfig
@@ -137,6 +138,7 @@ class ServerTls:
         self.table = CertificateTable(config)
         self._bases: dict[bool, ssl.SSLContext] = {}
         self._certificates = list(config.certificates)
+        self._ticket_keys: bytes | None = None  # the node's, from the supervisor (tollway.protocol.tickets)
 
     @property
     def handshake_timeout(self) -> float:
@@ -158,7 +160,17 @@ class ServerTls:
                     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
             context.sni_callback = self._select  # type: ignore[assignment]
             self._bases[mtls] = context
+            if self._ticket_keys is not None:
+                set_ticket_keys(context, self._ticket_keys)
         return context
+
+    def share_ticket_keys(self, keys: bytes) -> None:
+        """Use the node's session-ticket keys, so resumption works across workers."""
+        self._ticket_keys = keys
+        for context in self._bases.values():
+            if not set_ticket_keys(context, keys):
+                log.warning("session tickets stay per worker: the shared keys could not be set")
+                return
 
     def apply(self, config: GatewayConfig) -> bool:
         """Swap in the certificates of a new config; on failure the current ones stay (and False)."""
