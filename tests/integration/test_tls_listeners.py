@@ -330,3 +330,14 @@ def test_resumption_across_workers_with_shared_ticket_keys(
         with context.wrap_socket(raw, server_hostname="api.test", session=session) as sock:
             reused.append(sock.session_reused)
     assert all(reused), reused
+
+
+def test_certificate_chain_with_an_intermediate(gateway: Any, backend: Any, pki: dict[str, Any]) -> None:
+    root = CA("Chain Root")
+    leaf = root.intermediate().issue(["chain.test"]).write(pki["dir"], "chain")  # leaf, then intermediate
+    config = tls_config(backend().url, pki)
+    config["certificates"].append({"name": "chain", "cert": leaf[0], "key": leaf[1], "snis": ["chain.test"]})
+    port = tls_port(gateway(config))
+    # The client trusts the root only: the handshake verifies because the gateway sends the intermediate.
+    with handshake(port, root.write(pki["dir"], "chain-root"), "chain.test") as sock:
+        assert common_name(sock) == "chain.test"

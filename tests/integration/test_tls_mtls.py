@@ -23,13 +23,20 @@ def pki(tmp_path: Path) -> dict[str, Any]:
     server_ca, client_ca = CA("Server CA"), CA("Client CA")
     alice = client_ca.issue([], client=True, common_name="alice")
     bob = client_ca.issue(["bob@example.test"], client=True, common_name="bob")
+    carol = client_ca.issue(["carol.clients.test"], client=True, common_name="not-carol")  # mapped by SAN
     mallory = client_ca.issue([], client=True, common_name="mallory")  # revoked
     stranger = CA("Stranger CA").issue([], client=True, common_name="alice")  # right name, wrong CA
     crl = tmp_path / "clients.crl"
     crl.write_bytes(client_ca.crl([mallory]))
     files = {
         name: issued.write(tmp_path, name)
-        for name, issued in (("alice", alice), ("bob", bob), ("mallory", mallory), ("stranger", stranger))
+        for name, issued in (
+            ("alice", alice),
+            ("bob", bob),
+            ("carol", carol),
+            ("mallory", mallory),
+            ("stranger", stranger),
+        )
     }
     return {
         "server": server_ca.issue(["api.test"]).write(tmp_path, "server"),
@@ -107,6 +114,7 @@ def test_mtls_auth_maps_certificates_to_consumers_with_acl(
             "groups": ["users"],
             "credentials": {"mtls-auth": [{"fingerprint": pki["bob"].fingerprint().upper()}]},
         },
+        {"username": "carol", "credentials": {"mtls-auth": [{"san": "carol.clients.test"}]}},
     ]
     config["routes"] = [
         {
@@ -131,6 +139,8 @@ def test_mtls_auth_maps_certificates_to_consumers_with_acl(
     assert get(port, pki, "bob", "/admin")[0] == 403  # identified (by fingerprint), but not an admin
     assert get(port, pki, "bob", "/data")[0] == 200
     assert seen.seen[-1].header("x-consumer-username") == "bob"
+    assert get(port, pki, "carol", "/data")[0] == 200
+    assert seen.seen[-1].header("x-consumer-username") == "carol"
     # mode "request": a client without a certificate completes the handshake, and mtls-auth says 401.
     status, body = get(port, pki, None, "/data")
     assert status == 401 and b"credentials" in body
