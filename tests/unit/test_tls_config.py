@@ -225,3 +225,22 @@ def test_clear_routes_keep_the_fast_path_and_tls_matchers_choose() -> None:
     assert chosen(b"https", "a.corp.test") == "sni"
     assert chosen(b"https", "corp.test") == "tls"
     assert router.match("GET", "h", "/", "", []).route == "plain"  # type: ignore[union-attr]
+
+
+def test_reload_reuses_unchanged_certificate_contexts(certs: dict[str, Any]) -> None:
+    data = config(
+        [
+            {"name": "a", "cert": certs["a"][0], "key": certs["a"][1], "snis": ["a.test"]},
+            {"name": "b", "cert": certs["b"][0], "key": certs["b"][1], "snis": ["*.b.test"]},
+        ]
+    )
+    first = CertificateTable(validate(data))
+    data["routes"] = []  # an unrelated change
+    second = CertificateTable(validate(data), first)
+    assert second.exact["a.test"] is first.exact["a.test"]
+    renewed = CA().issue(["a.test"])
+    Path(certs["a"][0]).write_bytes(renewed.cert_pem())  # renewed in place, same paths
+    Path(certs["a"][1]).write_bytes(renewed.key_pem())
+    third = CertificateTable(validate(data), second)
+    assert third.exact["a.test"] is not second.exact["a.test"]
+    assert third.wildcard["b.test"] is second.wildcard["b.test"]

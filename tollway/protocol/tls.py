@@ -18,6 +18,7 @@ event loop, and `handshake_timeout` drops one that stalls.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -82,16 +83,22 @@ class CertificateTable:
     """SNI name → the context serving it, built once per config. Lookups are one or two dict probes:
     the exact name, then the wildcard of its parent domain (``*.example.com`` covers one label)."""
 
-    __slots__ = ("default", "exact", "names", "refuse_unknown", "wildcard")
+    __slots__ = ("contexts", "default", "exact", "names", "refuse_unknown", "wildcard")
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, previous: CertificateTable | None = None) -> None:
         settings = config.gateway.tls
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcard: dict[str, ssl.SSLContext] = {}  # "*.example.com" under "example.com"
         self.names: dict[str, list[str]] = {}
+        # Contexts by what they were built from: a reload reuses those whose entity, TLS settings and
+        # files are unchanged, so thousands of certificates do not reload for a route change.
+        self.contexts: dict[tuple[object, ...], ssl.SSLContext] = {}
+        reusable = previous.contexts if previous is not None else {}
         by_name: dict[str, ssl.SSLContext] = {}
         for cert in config.certificates:
-            context = certificate_context(cert, settings)
+            key = _context_key(cert, settings)
+            context = reusable.get(key) or certificate_context(cert, settings)
+            self.contexts[key] = context
             by_name[cert.name] = context
             self.names[cert.name] = list(cert.snis)
             for sni in cert.snis:
@@ -116,6 +123,26 @@ class CertificateTable:
         if context is None and not self.refuse_unknown:
             return self.default
         return context
+
+
+def _stamp(value: str | None) -> object:
+    if value is None or value.lstrip().startswith("-----BEGIN"):
+        return None  # absent, or PEM text (part of the entity itself)
+    try:
+        stat = os.stat(value)
+    except OSError:
+        return -1
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def _context_key(cert: Certificate, settings: ListenerTls) -> tuple[object, ...]:
+    auth = cert.client_auth or settings.client_auth
+    files = [cert.cert, cert.key, cert.cert_alt, cert.key_alt, cert.passphrase_file]
+    if auth is not None:
+        files += [auth.ca_file, *auth.crl_files]
+    passphrase_env = os.environ.get(cert.passphrase_env) if cert.passphrase_env else None
+    # JSON: the models hold lists, so they are not hashable themselves.
+    return (cert.model_dump_json(), settings.model_dump_json(), passphrase_env, *(_stamp(f) for f in files))
 
 
 def certificate_context(cert: Certificate, settings: ListenerTls) -> ssl.SSLContext:
@@ -182,7 +209,7 @@ class ServerTls:
             )
             return False
         try:
-            table = CertificateTable(config)
+            table = CertificateTable(config, self.table)
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("certificates not reloaded, the previous ones stay: %s", exc)
             return False
