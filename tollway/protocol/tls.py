@@ -162,7 +162,13 @@ class ServerTls:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.settings = config.gateway.tls
-        self.table = CertificateTable(config)
+        try:
+            self.table = CertificateTable(config)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            # Validated by the supervisor a moment ago (a file removed since?): serve clear traffic, and
+            # refuse TLS handshakes until a reload brings loadable certificates, rather than crash-loop.
+            log.error("certificates could not be loaded; TLS handshakes fail until a reload: %s", exc)
+            self.table = CertificateTable(config.model_copy(update={"certificates": []}))
         self._bases: dict[bool, ssl.SSLContext] = {}
         self._certificates = list(config.certificates)
         self._ticket_keys: bytes | None = None  # the node's, from the supervisor (tollway.protocol.tickets)
