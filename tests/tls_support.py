@@ -54,14 +54,15 @@ class Issued:
 
 
 class CA:
-    def __init__(self, name: str = "Tollway Test CA", kind: str = "ec") -> None:
+    def __init__(self, name: str = "Tollway Test CA", kind: str = "ec", parent: CA | None = None) -> None:
         self.key = _key(kind)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         self.name = subject
+        self.parent = parent
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(subject)
-            .issuer_name(subject)
+            .issuer_name(parent.name if parent is not None else subject)
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(_NOW - datetime.timedelta(days=1))
@@ -70,8 +71,12 @@ class CA:
             .add_extension(
                 x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
             )
-            .sign(self.key, hashes.SHA256())
+            .sign(parent.key if parent is not None else self.key, hashes.SHA256())
         )
+
+    def intermediate(self, name: str = "Tollway Test Intermediate") -> CA:
+        """A CA signed by this one: its certificates carry it in their chain."""
+        return CA(name, parent=self)
 
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
@@ -114,7 +119,8 @@ class CA:
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return Issued(builder.sign(self.key, hashes.SHA256()), key, [])
+        chain = [self.cert] if self.parent is not None else []  # the intermediate follows the leaf
+        return Issued(builder.sign(self.key, hashes.SHA256()), key, chain)
 
     def crl(self, revoked: list[Issued]) -> bytes:
         builder = (

@@ -86,7 +86,11 @@ def run(
     ] = None,
     listen: Annotated[
         list[str] | None,
-        typer.Option("--listen", "-l", help="HOST:PORT to listen on (repeatable); replaces gateway.listen."),
+        typer.Option(
+            "--listen",
+            "-l",
+            help='HOST:PORT to listen on, or "HOST:PORT tls" (HTTPS); repeatable; replaces gateway.listen.',
+        ),
     ] = None,
     log_level: Annotated[
         str, typer.Option(help="Diagnostic log level: DEBUG, INFO, WARNING, ERROR.")
@@ -99,7 +103,8 @@ def run(
     running config and logs why.
     """
     from tollway.config.loader import load_file
-    from tollway.config.types import check_listen
+    from tollway.config.tls import check_tls
+    from tollway.config.types import check_traffic_listen
     from tollway.errors import ConfigError
     from tollway.plugins.registry import PLUGIN_CHECK
 
@@ -107,7 +112,7 @@ def run(
     _warn_if_stale()
     for address in listen or []:
         try:
-            check_listen(address)
+            check_traffic_listen(address)
         except ValueError as exc:
             err.print(f"[red]--listen {address}: {exc}[/red]")
             raise typer.Exit(2) from None
@@ -116,6 +121,11 @@ def run(
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
+    if listen:  # what --listen asks for must be servable: tls needs certificates, mtls client_auth
+        gateway = cfg.gateway.model_copy(update={"listen": listen})
+        for _, message in check_tls(cfg.model_copy(update={"gateway": gateway})):
+            err.print(f"--listen: {message} (docs/tls.md)", style="red", markup=False)
+            raise typer.Exit(2)
     source = None
     if cfg.gateway.store.backend != "file":  # entities come from a config store (docs/config-store.md)
         from tollway.store.node import StoreSource

@@ -23,13 +23,20 @@ def pki(tmp_path: Path) -> dict[str, Any]:
     server_ca, client_ca = CA("Server CA"), CA("Client CA")
     alice = client_ca.issue([], client=True, common_name="alice")
     bob = client_ca.issue(["bob@example.test"], client=True, common_name="bob")
+    carol = client_ca.issue(["carol.clients.test"], client=True, common_name="not-carol")  # mapped by SAN
     mallory = client_ca.issue([], client=True, common_name="mallory")  # revoked
     stranger = CA("Stranger CA").issue([], client=True, common_name="alice")  # right name, wrong CA
     crl = tmp_path / "clients.crl"
     crl.write_bytes(client_ca.crl([mallory]))
     files = {
         name: issued.write(tmp_path, name)
-        for name, issued in (("alice", alice), ("bob", bob), ("mallory", mallory), ("stranger", stranger))
+        for name, issued in (
+            ("alice", alice),
+            ("bob", bob),
+            ("carol", carol),
+            ("mallory", mallory),
+            ("stranger", stranger),
+        )
     }
     return {
         "server": server_ca.issue(["api.test"]).write(tmp_path, "server"),
@@ -107,6 +114,7 @@ def test_mtls_auth_maps_certificates_to_consumers_with_acl(
             "groups": ["users"],
             "credentials": {"mtls-auth": [{"fingerprint": pki["bob"].fingerprint().upper()}]},
         },
+        {"username": "carol", "credentials": {"mtls-auth": [{"san": "carol.clients.test"}]}},
     ]
     config["routes"] = [
         {
@@ -131,6 +139,8 @@ def test_mtls_auth_maps_certificates_to_consumers_with_acl(
     assert get(port, pki, "bob", "/admin")[0] == 403  # identified (by fingerprint), but not an admin
     assert get(port, pki, "bob", "/data")[0] == 200
     assert seen.seen[-1].header("x-consumer-username") == "bob"
+    assert get(port, pki, "carol", "/data")[0] == 200
+    assert seen.seen[-1].header("x-consumer-username") == "carol"
     # mode "request": a client without a certificate completes the handshake, and mtls-auth says 401.
     status, body = get(port, pki, None, "/data")
     assert status == 401 and b"credentials" in body
@@ -146,3 +156,46 @@ def test_mtls_auth_on_a_clear_listener_is_401(gateway: Any, backend: Any, pki: d
     assert conn.getresponse().status == 401
     conn.close()
     assert get(tls_port(gw), pki, "alice")[0] == 200
+
+
+def test_client_cas_per_sni(gateway: Any, backend: Any, pki: dict[str, Any], tmp_path: Path) -> None:
+    partner_ca = CA("Partner CA")
+    pki["files"]["partner"] = partner_ca.issue([], client=True, common_name="acme").write(tmp_path, "partner")
+    partner_crl = tmp_path / "partner.crl"  # CRLs are checked on this listener: every CA needs one
+    partner_crl.write_bytes(partner_ca.crl([]))
+    partner_server = CA("Server CA 2")  # any server certificate will do for the second name
+    pki["partner_server_ca"] = partner_server.write(tmp_path, "server-ca-2")
+    partner_cert = partner_server.issue(["partner.test"]).write(tmp_path, "partner-server")
+    config = mtls_config(backend().url, pki)
+    config["certificates"].append(
+        {
+            "name": "partner",
+            "cert": partner_cert[0],
+            "key": partner_cert[1],
+            "snis": ["partner.test"],
+            "client_auth": {
+                "ca_file": partner_ca.write(tmp_path, "partner-ca"),
+                "crl_files": [str(partner_crl)],
+            },
+        }
+    )
+    port = tls_port(gateway(config))
+
+    def on(name: str, who: str) -> bool:
+        context = client_context(
+            pki["partner_server_ca" if name == "partner.test" else "server_ca"], cert=pki["files"][who]
+        )
+        try:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            with context.wrap_socket(raw, server_hostname=name) as sock:
+                sock.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+                resp = http.client.HTTPResponse(sock)
+                resp.begin()
+                return resp.status == 200
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+            return False
+
+    assert on("partner.test", "partner")
+    assert not on("partner.test", "alice")  # the listener's CA does not count for this name
+    assert on("api.test", "alice")
+    assert not on("api.test", "partner")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+
 from tollway.plugins.builtin.cache_config import ProxyCacheConfig
 
 

@@ -180,3 +180,67 @@ def test_tollway_check_prints_expiry_warnings(certs: dict[str, Any], tmp_path: P
     )
     assert out.returncode == 0, out.stderr
     assert "certificate 'soon' expires in" in out.stderr
+
+
+def test_crl_checking_needs_a_crl_for_every_ca(certs: dict[str, Any]) -> None:
+    ca_file = CA().write(certs["dir"], "clients")
+    crl = certs["dir"] / "c.crl"
+    crl.write_bytes(CA().crl([]))
+    data = config(
+        [{"name": "a", "cert": certs["a"][0], "key": certs["a"][1], "client_auth": {"ca_file": ca_file}}]
+    )
+    data["gateway"]["listen"] = ["127.0.0.1:0 mtls"]
+    data["gateway"]["tls"] = {"client_auth": {"ca_file": ca_file, "crl_files": [str(crl)]}}
+    text = errors(data)
+    assert (
+        'certificates[0] "a": client_auth.crl_files: CRLs are checked (crl_files in gateway.tls.client_auth)'
+        in text
+    )
+
+
+def test_clear_routes_keep_the_fast_path_and_tls_matchers_choose() -> None:
+    from tollway.router import Router
+    from tollway.router.table import RouteEntry
+
+    cfg = validate(
+        {
+            "services": [{"name": "s", "url": "http://127.0.0.1:9"}],
+            "routes": [
+                {"name": "plain", "service": "s", "paths": ["/"]},
+                {"name": "tls", "service": "s", "paths": ["/"], "protocols": ["https"], "priority": 1},
+                {"name": "sni", "service": "s", "paths": ["/"], "snis": ["*.corp.test"], "priority": 2},
+            ],
+        }
+    )
+    assert RouteEntry(cfg.routes[0], None).plain  # no TLS matcher: nothing more is checked per request
+    assert not RouteEntry(cfg.routes[1], None).plain
+    router = Router([(route, route.name) for route in cfg.routes])
+
+    def chosen(scheme: bytes, sni: str) -> object:
+        found = router.match("GET", "h", "/", "", [], scheme, sni)
+        return getattr(found, "route", None)
+
+    assert chosen(b"http", "") == "plain"
+    assert chosen(b"https", "") == "tls"
+    assert chosen(b"https", "a.corp.test") == "sni"
+    assert chosen(b"https", "corp.test") == "tls"
+    assert router.match("GET", "h", "/", "", []).route == "plain"  # type: ignore[union-attr]
+
+
+def test_reload_reuses_unchanged_certificate_contexts(certs: dict[str, Any]) -> None:
+    data = config(
+        [
+            {"name": "a", "cert": certs["a"][0], "key": certs["a"][1], "snis": ["a.test"]},
+            {"name": "b", "cert": certs["b"][0], "key": certs["b"][1], "snis": ["*.b.test"]},
+        ]
+    )
+    first = CertificateTable(validate(data))
+    data["routes"] = []  # an unrelated change
+    second = CertificateTable(validate(data), first)
+    assert second.exact["a.test"] is first.exact["a.test"]
+    renewed = CA().issue(["a.test"])
+    Path(certs["a"][0]).write_bytes(renewed.cert_pem())  # renewed in place, same paths
+    Path(certs["a"][1]).write_bytes(renewed.key_pem())
+    third = CertificateTable(validate(data), second)
+    assert third.exact["a.test"] is not second.exact["a.test"]
+    assert third.wildcard["b.test"] is second.wildcard["b.test"]

@@ -71,6 +71,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("gateway.tls", "ListenerTls"),
     ("gateway.tls.client_auth", "ClientAuth"),
     ("certificates[]", "Certificate"),
+    ("certificates[].client_auth", "ClientCas"),
     ("services[].tls, upstreams[].tls", "UpstreamTls"),
 ]
 

@@ -59,7 +59,11 @@ class ClientAuth(Model):
         description="require: a handshake without a valid client certificate fails; request: a client may "
         "send none (plugins see no identity), but a certificate it sends must be valid",
     )
-    ca_file: str = Field(description="PEM file of the CAs that sign client certificates")
+    ca_file: str | None = Field(
+        None,
+        description="PEM file of the CAs that sign client certificates; null: only the names whose "
+        "certificate has its own client_auth accept client certificates",
+    )
     crl_files: list[str] = Field(
         default_factory=list, description="PEM CRL files; a revoked client certificate fails the handshake"
     )
@@ -70,6 +74,13 @@ Alpn = Literal["http/1.1"]
 
 def _default_alpn() -> list[Alpn]:
     return ["http/1.1"]
+
+
+class ClientCas(Model):
+    """The CAs (and CRLs) that verify client certificates for one certificate's names (per SNI)."""
+
+    ca_file: str = Field(description="PEM file of the CAs that sign client certificates for these names")
+    crl_files: list[str] = Field(default_factory=list, description="PEM CRL files")
 
 
 class ListenerTls(Model):
@@ -92,6 +103,12 @@ class ListenerTls(Model):
         10.0, gt=0, description="a client that has not finished its handshake by then is disconnected"
     )
     session_tickets: bool = Field(True, description="TLS session resumption with tickets")
+    ticket_key_rotation: Duration = Field(
+        43200.0,
+        ge=60,
+        description="session-ticket keys, shared by the workers, are replaced this often (tickets "
+        "issued before then need one full handshake)",
+    )
     alpn: list[Alpn] = Field(
         default_factory=_default_alpn, description="ALPN protocols offered (http/1.1 today)"
     )
@@ -117,6 +134,11 @@ class Certificate(Model):
     snis: list[SniName] = Field(
         default_factory=list,
         description='names this certificate serves: "api.example.com" or "*.example.com" (one label)',
+    )
+    client_auth: ClientCas | None = Field(
+        None,
+        description="on mtls listeners, verify client certificates for these names against these CAs "
+        "instead of gateway.tls.client_auth's (the listener's mode still applies)",
     )
 
     @model_validator(mode="after")
@@ -179,12 +201,26 @@ def check_tls(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
         yield ("gateway", "listen"), "a tls listener needs at least one entry in `certificates`"
     if any("mtls" in f for f in flags) and tls.client_auth is None:
         yield ("gateway", "listen"), "an mtls listener needs gateway.tls.client_auth"
-    if tls.client_auth is not None:
-        for loc, path in [(("ca_file",), tls.client_auth.ca_file)] + [
-            (("crl_files", j), p) for j, p in enumerate(tls.client_auth.crl_files)
-        ]:
-            if not os.path.isfile(path):
-                yield ("gateway", "tls", "client_auth", *loc), f"{path}: no such file"
+    places: list[tuple[Loc, ClientAuth | ClientCas | None]] = [
+        (("gateway", "tls", "client_auth"), tls.client_auth)
+    ]
+    places += [
+        (("certificates", i, "client_auth"), cert.client_auth) for i, cert in enumerate(config.certificates)
+    ]
+    with_crls = [where for where, auth in places if auth is not None and auth.crl_files]
+    for where, auth in places:
+        if auth is None:
+            continue
+        if with_crls and not auth.crl_files and auth.ca_file is not None:
+            # OpenSSL checks CRLs for every name of a listener or for none: a CA without a CRL would
+            # make each of its certificates fail ("unable to get certificate CRL").
+            first = ".".join(str(part) for part in with_crls[0])
+            yield (*where, "crl_files"), f"CRLs are checked (crl_files in {first}): give this CA's CRL too"
+        files: list[tuple[Loc, str]] = [(("ca_file",), auth.ca_file)] if auth.ca_file is not None else []
+        files += [(("crl_files", j), p) for j, p in enumerate(auth.crl_files)]
+        for loc, path in files:
+            if not is_pem_text(path) and not os.path.isfile(path):
+                yield (*where, *loc), f"{path}: no such file"
 
 
 def is_pem_text(value: str) -> bool:

@@ -18,10 +18,12 @@ event loop, and `handshake_timeout` drops one that stalls.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from tollway.config.tls import ClientAuth, ListenerTls, load_chain, pem_path
+from tollway.config.tls import ClientAuth, ClientCas, ListenerTls, load_chain, pem_path
+from tollway.protocol.tickets import set_ticket_keys
 
 if TYPE_CHECKING:
     from tollway.config.schema import GatewayConfig
@@ -45,19 +47,29 @@ def _policy_context(settings: ListenerTls) -> ssl.SSLContext:
     return context
 
 
-def _load_client_auth(context: ssl.SSLContext, client_auth: ClientAuth) -> None:
-    with pem_path(client_auth.ca_file) as ca_file:
-        context.load_verify_locations(cafile=ca_file)
+def _load_client_auth(context: ssl.SSLContext, client_auth: ClientAuth | ClientCas) -> None:
+    if client_auth.ca_file is not None:
+        with pem_path(client_auth.ca_file) as ca_file:
+            context.load_verify_locations(cafile=ca_file)
     for crl in client_auth.crl_files:
         context.load_verify_locations(cafile=crl)  # a PEM file may hold CRLs: they join the store
     if client_auth.crl_files:
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
-def _fixed_part(settings: ListenerTls) -> tuple[object, ...]:
+def crl_checking(settings: ListenerTls, certificates: list[Certificate]) -> bool:
+    """Whether client certificates are checked against CRLs: any CRL configured anywhere turns it on
+    for every name of the mtls listeners (OpenSSL takes the flag from the listener's context)."""
+    if settings.client_auth is not None and settings.client_auth.crl_files:
+        return True
+    return any(c.client_auth is not None and c.client_auth.crl_files for c in certificates)
+
+
+def _fixed_part(settings: ListenerTls, certificates: list[Certificate]) -> tuple[object, ...]:
     """The settings a running listener keeps until restart (CA and CRL files reload live)."""
     mode = settings.client_auth.mode if settings.client_auth is not None else None
     return (
+        crl_checking(settings, certificates),
         settings.min_version,
         settings.ciphers,
         settings.session_tickets,
@@ -71,16 +83,22 @@ class CertificateTable:
     """SNI name → the context serving it, built once per config. Lookups are one or two dict probes:
     the exact name, then the wildcard of its parent domain (``*.example.com`` covers one label)."""
 
-    __slots__ = ("default", "exact", "names", "refuse_unknown", "wildcard")
+    __slots__ = ("contexts", "default", "exact", "names", "refuse_unknown", "wildcard")
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, previous: CertificateTable | None = None) -> None:
         settings = config.gateway.tls
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcard: dict[str, ssl.SSLContext] = {}  # "*.example.com" under "example.com"
         self.names: dict[str, list[str]] = {}
+        # Contexts by what they were built from: a reload reuses those whose entity, TLS settings and
+        # files are unchanged, so thousands of certificates do not reload for a route change.
+        self.contexts: dict[tuple[object, ...], ssl.SSLContext] = {}
+        reusable = previous.contexts if previous is not None else {}
         by_name: dict[str, ssl.SSLContext] = {}
         for cert in config.certificates:
-            context = certificate_context(cert, settings)
+            key = _context_key(cert, settings)
+            context = reusable.get(key) or certificate_context(cert, settings)
+            self.contexts[key] = context
             by_name[cert.name] = context
             self.names[cert.name] = list(cert.snis)
             for sni in cert.snis:
@@ -107,11 +125,32 @@ class CertificateTable:
         return context
 
 
+def _stamp(value: str | None) -> object:
+    if value is None or value.lstrip().startswith("-----BEGIN"):
+        return None  # absent, or PEM text (part of the entity itself)
+    try:
+        stat = os.stat(value)
+    except OSError:
+        return -1
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def _context_key(cert: Certificate, settings: ListenerTls) -> tuple[object, ...]:
+    auth = cert.client_auth or settings.client_auth
+    files = [cert.cert, cert.key, cert.cert_alt, cert.key_alt, cert.passphrase_file]
+    if auth is not None:
+        files += [auth.ca_file, *auth.crl_files]
+    passphrase_env = os.environ.get(cert.passphrase_env) if cert.passphrase_env else None
+    # JSON: the models hold lists, so they are not hashable themselves.
+    return (cert.model_dump_json(), settings.model_dump_json(), passphrase_env, *(_stamp(f) for f in files))
+
+
 def certificate_context(cert: Certificate, settings: ListenerTls) -> ssl.SSLContext:
     context = _policy_context(settings)
     load_chain(context, cert)
-    if settings.client_auth is not None:
-        _load_client_auth(context, settings.client_auth)
+    client_auth = cert.client_auth or settings.client_auth  # per SNI, else the listener's
+    if client_auth is not None:
+        _load_client_auth(context, client_auth)
         # Whether a certificate is asked for is the listener's (base context's) choice; this only makes
         # Python's getpeercert(), which reads the *current* context's mode, report what was verified.
         context.verify_mode = ssl.CERT_OPTIONAL
@@ -123,8 +162,16 @@ class ServerTls:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.settings = config.gateway.tls
-        self.table = CertificateTable(config)
+        try:
+            self.table = CertificateTable(config)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            # Validated by the supervisor a moment ago (a file removed since?): serve clear traffic, and
+            # refuse TLS handshakes until a reload brings loadable certificates, rather than crash-loop.
+            log.error("certificates could not be loaded; TLS handshakes fail until a reload: %s", exc)
+            self.table = CertificateTable(config.model_copy(update={"certificates": []}))
         self._bases: dict[bool, ssl.SSLContext] = {}
+        self._certificates = list(config.certificates)
+        self._ticket_keys: bytes | None = None  # the node's, from the supervisor (tollway.protocol.tickets)
 
     @property
     def handshake_timeout(self) -> float:
@@ -140,22 +187,40 @@ class ServerTls:
                 context.verify_mode = (
                     ssl.CERT_REQUIRED if client_auth.mode == "require" else ssl.CERT_OPTIONAL
                 )
-                _load_client_auth(context, client_auth)
+                # The CAs and CRLs are not needed here: verification uses the store of the certificate
+                # context chosen by SNI. Whether CRLs are checked, though, is copied from this context.
+                if crl_checking(self.settings, self._certificates):
+                    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
             context.sni_callback = self._select  # type: ignore[assignment]
             self._bases[mtls] = context
+            if self._ticket_keys is not None:
+                set_ticket_keys(context, self._ticket_keys)
         return context
+
+    def share_ticket_keys(self, keys: bytes) -> None:
+        """Use the node's session-ticket keys, so resumption works across workers."""
+        self._ticket_keys = keys
+        for context in self._bases.values():
+            if not set_ticket_keys(context, keys):
+                log.warning("session tickets stay per worker: the shared keys could not be set")
+                return
 
     def apply(self, config: GatewayConfig) -> bool:
         """Swap in the certificates of a new config; on failure the current ones stay (and False)."""
-        if not config.certificates and not self._bases:
-            self.table = CertificateTable(config)
-            return True
+        if not config.certificates and self._bases:
+            # Listeners change at restart only: a config without certificates would leave the running
+            # TLS listeners refusing every handshake. Keep serving the previous ones until then.
+            log.warning(
+                "the new config has no certificates; TLS listeners keep the previous ones until restart"
+            )
+            return False
         try:
-            table = CertificateTable(config)
+            table = CertificateTable(config, self.table)
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("certificates not reloaded, the previous ones stay: %s", exc)
             return False
-        if _fixed_part(config.gateway.tls) != _fixed_part(self.settings) and self._bases:
+        new = _fixed_part(config.gateway.tls, config.certificates)
+        if new != _fixed_part(self.settings, self._certificates) and self._bases:
             log.warning("gateway.tls protocol settings changed: they apply at the next restart only")
         self.table = table
         return True

@@ -38,6 +38,7 @@ from tollway.config.types import parse_hostport, parse_listen
 from tollway.errors import ConfigError, TollwayError
 from tollway.observability.supervisor_side import CONTENT_TYPE, MetricsHub, resident_bytes
 from tollway.plugins.registry import PLUGIN_CHECK
+from tollway.protocol.tickets import KEY_BYTES as TICKET_KEY_BYTES
 from tollway.runtime import config_delta
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.config_file import load_for_reload, read_stable, stat
@@ -84,6 +85,7 @@ class Supervisor:
         self.sockets: list[list[socket.socket]] = []
         self.listening: list[str] = []
         self.listen_kinds: list[str] = []  # per listen address: "" (clear), "tls" or "mtls"
+        self._ticket_keys: bytes | None = None  # session-ticket keys shared by the workers (docs/tls.md)
         self.status_address: str | None = None
         self.workers: dict[int, WorkerHandle] = {}
         self.draining = False
@@ -129,6 +131,8 @@ class Supervisor:
         await self._start_status_listener()
         self.orphans = Orphans(loop, self._handoff_receivers)
         _log_warnings(self.config)
+        if any(self.listen_kinds):
+            self._ticket_keys = os.urandom(TICKET_KEY_BYTES)
         await self.upstreams.start(self.config)
         self.state_table = create_for_workers()
         for slot in range(self.nworkers):
@@ -147,8 +151,9 @@ class Supervisor:
         watcher = loop.create_task(self._watch_file())
         collector = loop.create_task(self._collect_periodically())
         syncer = loop.create_task(self.source.run()) if self.source is not None else None
+        rotator = loop.create_task(self._rotate_ticket_keys())
         await self._done.wait()
-        for task in (watcher, collector, syncer):
+        for task in (watcher, collector, syncer, rotator):
             if task is not None:
                 task.cancel()
         return 0
@@ -302,6 +307,12 @@ class Supervisor:
             if getattr(new.gateway.metrics, name) != getattr(old.metrics, name):
                 log.warning("gateway.metrics.%s changed: it applies at the next restart only", name)
 
+    async def _rotate_ticket_keys(self) -> None:
+        while self._ticket_keys is not None:
+            await asyncio.sleep(self.config.gateway.tls.ticket_key_rotation)
+            self._ticket_keys = os.urandom(TICKET_KEY_BYTES)
+            self._broadcast(("tls_ticket_keys", self._ticket_keys))
+
     async def _watch_file(self) -> None:
         if self.config_path is None:
             return
@@ -368,6 +379,8 @@ class Supervisor:
         )
         handle.channel.send(self.upstreams.state_message())
         handle.channel.send(("config", self.version, self.config))
+        if self._ticket_keys is not None:  # TLS listeners: one set of session-ticket keys per node
+            handle.channel.send(("tls_ticket_keys", self._ticket_keys))
         log.debug("worker %d started (pid %d)", slot, process.pid)
 
     def _on_worker_message(self, handle: WorkerHandle, message: Message) -> None:

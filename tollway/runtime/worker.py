@@ -65,6 +65,7 @@ class Worker:
         self.handoff_sock = handoff_sock  # connections the supervisor accepted for a restarting worker
         self.listen_kinds = listen_kinds or [""] * len(listen_socks)
         self.tls: ServerTls | None = None  # certificates of TLS listeners (tollway.protocol.tls)
+        self._ticket_keys: bytes | None = None
         self.channel: ChannelProtocol | None = None
         self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by the first config
         self.config: GatewayConfig | None = None  # the base of the next config delta
@@ -134,6 +135,8 @@ class Worker:
             return
         first = self.snapshot is None
         self.tls = update_server_tls(self.tls, config, any(self.listen_kinds))
+        if first and self.tls is not None and self._ticket_keys is not None:
+            self.tls.share_ticket_keys(self._ticket_keys)
         self.snapshot, self.config = snapshot, config
         self.upstreams.activate(snapshot.clusters)
         self.observability.apply(config)
@@ -276,6 +279,12 @@ class Worker:
         """The supervisor is answering a scrape or /status: send this worker's numbers."""
         if self.channel is not None:
             self.channel.send(("collected", token, self.observability.collect(self)))
+
+    def on_tls_ticket_keys(self, keys: bytes) -> None:
+        """The node's session-ticket keys (new ones at each rotation): resumption across workers."""
+        self._ticket_keys = keys
+        if self.tls is not None:
+            self.tls.share_ticket_keys(keys)
 
     def on_reopen_logs(self) -> None:
         """SIGUSR1 reached the supervisor (logrotate): reopen the access log file."""
