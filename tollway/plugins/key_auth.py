@@ -213,7 +213,10 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         return b"&".join(f for f in body.split(b"&") if _form_name(f) not in names)
 
     def _strip_json(self, body: bytes) -> bytes | None:
-        data = orjson.loads(body)
+        try:
+            data = orjson.loads(body)  # (what an earlier transform left: it may no longer be JSON)
+        except orjson.JSONDecodeError:
+            return None
         if not isinstance(data, dict):
             return None
         for name in self._names:
