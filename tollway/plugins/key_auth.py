@@ -129,7 +129,10 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         return self._decide(ex, key)
 
     async def _after_body(self, ex: Exchange, pending: Awaitable[bytes | None]) -> Response | None:
-        return self._decide(ex, self._from_body(ex, await pending))
+        body = await pending
+        if ex.done:
+            return None  # the client left while its body was awaited: nothing to decide or count
+        return self._decide(ex, self._from_body(ex, body))
 
     def _decide(self, ex: Exchange, key: Found) -> Response | None:
         if key is None:
