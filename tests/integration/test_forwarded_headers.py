@@ -100,6 +100,9 @@ def test_only_the_headers_turned_on_are_touched(gateway, backend):
         ("/api/", "/", b"/api"),
         ("/v1users", "/users", b"/v1"),  # the router added the "/" of the rest
         ("/v1/x", "/x", b"/v1"),
+        ("/apix", "/x", b"/api"),  # a prefix is not cut at a segment boundary
+        ("/users/7", "/", b"/users/7"),  # a template that matched it all
+        ("/files/a/b", "/a/b", b"/files"),
     ],
 )
 def test_stripped_prefix(path, rest, prefix):

@@ -321,7 +321,13 @@ def test_token_in_query_cookie_or_custom_header(harness):
 
 @pytest.mark.parametrize(
     "where",
-    ["header and query", "two authorization headers", "two query parameters", "header and cookie"],
+    [
+        "header and query",
+        "two authorization headers",
+        "two query parameters",
+        "header and cookie",
+        "two cookie fields",
+    ],
 )
 def test_two_different_tokens_are_ambiguous(harness, where):
     gw = harness(config(query_param_names=["jwt"], cookie_names=["session"]))
@@ -331,6 +337,7 @@ def test_two_different_tokens_are_ambiguous(harness, where):
         "two authorization headers": ("/p", [("Authorization", f"Bearer {alice}"), ("Authorization", bob)]),
         "two query parameters": (f"/p?jwt={alice}&jwt={bob}", []),
         "header and cookie": ("/p", [("Authorization", f"Bearer {alice}"), ("Cookie", f"session={bob}")]),
+        "two cookie fields": ("/p", [("Cookie", f"a=1; session={alice}"), ("Cookie", f"session={bob}")]),
     }[where]
     result = gw.request("GET", request[0], request[1])
     assert result.status == 401, where

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from tests.memory_transport import MemoryTransport
 from tests.support import RawClient, gateway_config, request
+from tollway.counters.metrics import REGISTRY
 from tollway.plugins.builtin.key_auth import KeyAuthConfig, KeyCredential
 from tollway.proxy.server import ClientConnection
 
@@ -195,7 +196,10 @@ def test_key_auth_through_a_real_gateway(gateway, backend):
 )
 def test_a_key_name_sent_twice_is_ambiguous(harness, path, headers):
     gw = harness(config(key_names=["apikey", "api-key"], key_in_query=True))
+    counted = REGISTRY.counter("auth_failures_total", plugin="key-auth", route="all", reason="ambiguous")
+    before = counted.value
     result = gw.request("GET", path, headers)
+    assert counted.value == before + 1
     assert result.status == 401
     assert result.upstream is None
     assert result.header("www-authenticate") == 'Key realm="tollway"'

@@ -183,7 +183,7 @@ CATALOG: dict[str, Entry] = {
     "auth_failures_total": Entry(
         "counter",
         "Requests rejected (401) by an authentication plugin, by reason (missing: no credential; invalid: "
-        "unknown, expired or badly signed)",
+        "unknown, expired or badly signed; ambiguous: two different credentials in one request)",
         ("plugin", "route", "reason"),
     ),
     # -- the supervisor ------------------------------------------------------------------------------------

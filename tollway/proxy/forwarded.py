@@ -51,26 +51,34 @@ class Forwarded:
         return cls(mask) if mask else None
 
     def apply(self, ex: Exchange, headers: Headers) -> Headers:
-        """`headers` without the client's fields of these names, followed by the gateway's."""
+        """A new list: `headers` without the client's fields of these names, then the gateway's (the
+        exchange's own list stays as it is: a retry builds the head again)."""
         names = self.names
-        trusted = ex.client.trusted
-        theirs: dict[int, bytes] = {}
-        out: Headers = []
-        for field in headers:
-            bit = names.get(field[0].lower())
-            if bit is None:
-                out.append(field)
-            elif trusted:
-                theirs.setdefault(bit, field[1])
+        if ex.client.trusted:
+            return self._add(ex, [h for h in headers if h[0].lower() not in names], self._theirs(headers))
+        return self._add(ex, [h for h in headers if h[0].lower() not in names], None)
+
+    def _theirs(self, headers: Headers) -> dict[int, bytes]:
+        """A trusted proxy's own values, by bit (the first field of each name)."""
+        names = self.names
+        found: dict[int, bytes] = {}
+        for name, value in headers:
+            bit = names.get(name.lower())
+            if bit is not None and bit not in found:
+                found[bit] = value
+        return found
+
+    def _add(self, ex: Exchange, out: Headers, theirs: dict[int, bytes] | None) -> Headers:
         mask = self.mask
         if mask & REAL_IP:
-            out.append((b"X-Real-IP", theirs.get(REAL_IP) or real_client_ip(ex).encode("latin-1")))
+            real_ip = theirs.get(REAL_IP) if theirs else None
+            out.append((b"X-Real-IP", real_ip or _client_ip(ex)))
         if mask & PORT:
-            port = theirs.get(PORT) or _local_port(ex)
+            port = (theirs.get(PORT) if theirs else None) or _local_port(ex)
             if port:
                 out.append((b"X-Forwarded-Port", port))
         if mask & PREFIX:
-            prefix = theirs.get(PREFIX) or ex.forwarded_prefix
+            prefix = (theirs.get(PREFIX) if theirs else None) or ex.forwarded_prefix
             if prefix:
                 out.append((b"X-Forwarded-Prefix", prefix))
         return out
@@ -101,6 +109,13 @@ def real_client_ip(ex: Exchange) -> str:
             break  # garbage in the header: keep the last address a trusted hop vouched for
         client = address
     return client
+
+
+def _client_ip(ex: Exchange) -> bytes:
+    client = ex.client
+    if not client.trusted or not ex.x_forwarded_for:
+        return client.peer_ip  # the common case, without decoding
+    return real_client_ip(ex).encode("latin-1")
 
 
 def _parse_ip(text: str) -> str | None:

@@ -75,7 +75,7 @@ class CompiledRoute:
         self.service = service
         self.pipeline = pipeline
         self.retry_non_idempotent = retry_non_idempotent
-        self.strips_prefix = strips_prefix  # strip_path without a rewrite: X-Forwarded-Prefix can say what
+        self.strips_prefix = strips_prefix  # strip_path, no rewrite: X-Forwarded-Prefix tells what went
         self.metrics: RouteMetrics | None = None  # bound on first use (tollway.observability.recorder)
 
     def __repr__(self) -> str:

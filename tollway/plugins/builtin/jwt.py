@@ -419,16 +419,18 @@ class JwtAuth(AuthPlugin[JwtConfig]):
         return values
 
     def _from_cookies(self, ex: RequestContext) -> list[bytes]:
-        header = ex.header_bytes(b"cookie")
-        if header is None:
+        """Tokens in the configured cookies, from every Cookie field; with hide, the other cookies go on
+        in one field."""
+        fields = [value for name, value in ex.headers if name.lower() == b"cookie"]
+        if not fields:
             return []
         found: list[bytes] = []
         kept = []
-        for part in header.split(b";"):
+        for part in b";".join(fields).split(b";"):
             name, _, value = part.strip().partition(b"=")
             if name.decode("latin-1") in self._cookies:
                 found.append(value.strip(b'"'))
-            else:
+            elif part.strip():
                 kept.append(part.strip())
         if found and self._hide:
             ex.pop_header(b"cookie")

@@ -128,7 +128,10 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         return self._decide(ex, key)
 
     async def _after_body(self, ex: RequestContext, pending: Awaitable[bytes | None]) -> Response | None:
-        return self._decide(ex, self._from_body(ex, await pending))
+        body = await pending
+        if ex.done:
+            return None  # the client left while its body was awaited: nothing to decide or count
+        return self._decide(ex, self._from_body(ex, body))
 
     def _decide(self, ex: RequestContext, key: Found) -> Response | None:
         if key is None:
@@ -212,7 +215,10 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         return b"&".join(f for f in body.split(b"&") if _form_name(f) not in names)
 
     def _strip_json(self, body: bytes) -> bytes | None:
-        data = orjson.loads(body)
+        try:
+            data = orjson.loads(body)  # (what an earlier transform left: it may no longer be JSON)
+        except orjson.JSONDecodeError:
+            return None
         if not isinstance(data, dict):
             return None
         for name in self._names:
