@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tollway.plugins import HeaderName, Plugin, PluginConfig, PluginContext
+from tollway.plugins import HeaderName, Plugin, PluginConfig, PluginContext, RequestContext
 
 
 class CanaryConfig(PluginConfig):

