@@ -61,7 +61,7 @@ def https_status(port: int, cert_path: str, path: str) -> tuple[int, str]:
         conn.request("GET", path)
         resp = conn.getresponse()
         resp.read()
-        version = conn.sock.version() if conn.sock is not None else ""  # type: ignore[attr-defined]
+        version = conn.sock.version() if conn.sock is not None else ""
         return resp.status, version or ""
     finally:
         conn.close()

@@ -191,7 +191,7 @@ class ServerTls:
                 # context chosen by SNI. Whether CRLs are checked, though, is copied from this context.
                 if crl_checking(self.settings, self._certificates):
                     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-            context.sni_callback = self._select  # type: ignore[assignment]
+            context.sni_callback = self._select
             self._bases[mtls] = context
             if self._ticket_keys is not None:
                 set_ticket_keys(context, self._ticket_keys)

@@ -293,11 +293,11 @@ class Exchange(UpstreamTries):
         parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
         if fwd_host:
             parts += (b"X-Forwarded-Host: ", fwd_host, b"\r\n")
-        forwarded = self.forwarded if client.trusted else b""
+        rfc7239 = self.forwarded if client.trusted else b""  # Forwarded, kept only from trusted proxies
         if self.snapshot.forwarded_header:
-            forwarded = forwarded_element(forwarded, client.peer_ip, client.scheme, self.host)
-        if forwarded:
-            parts += (b"Forwarded: ", forwarded, b"\r\n")
+            rfc7239 = forwarded_element(rfc7239, client.peer_ip, client.scheme, self.host)
+        if rfc7239:
+            parts += (b"Forwarded: ", rfc7239, b"\r\n")
         parts += (b"X-Request-Id: ", self.request_id, b"\r\n")
         self.snapshot.trace.add_header(self, parts)  # traceparent, tracestate
         if self.upgrade:

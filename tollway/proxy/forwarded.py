@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tollway.config.schema import ForwardedHeaders
     from tollway.proxy.exchange import Exchange
+    from tollway.proxy.pdk import RequestContext
 
 Headers = list[tuple[bytes, bytes]]
 REAL_IP, PORT, PREFIX = 1, 2, 4
@@ -92,7 +93,7 @@ def stripped_prefix(path: str, rest: str) -> bytes:
     return prefix.encode("latin-1")
 
 
-def real_client_ip(ex: Exchange) -> str:
+def real_client_ip(ex: RequestContext) -> str:
     """The client's address: the peer, or what trusted proxies in front of us say it is. Walks
     X-Forwarded-For right to left while the hop that appended an entry is trusted, and stops at the first
     address a trusted proxy saw but does not vouch for (nginx's `real_ip_recursive`)."""

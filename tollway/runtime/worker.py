@@ -153,7 +153,7 @@ class Worker:
             return
         tls = server_tls_options(self.tls, self._listener_kind(sock))  # a TLS listener's: handshake here
         task = self.loop.create_task(
-            self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock=sock, **tls)  # type: ignore[arg-type,return-value,type-var]
+            self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock=sock, **tls)  # type: ignore[type-var]
         )
         task.add_done_callback(_ignore_failure)
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tollway.cache import keys, rfc, serve
@@ -83,7 +84,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
 
     def __init__(self, config: ProxyCacheConfig, context: PluginContext) -> None:
         super().__init__(config, context)
-        self._store_factory = lambda: open_store(config)
+        self._store_factory: Callable[[], Any] = lambda: open_store(config)
         self._store: Any = None
         self._retry_open = 0.0
         self._methods = frozenset(m.encode() for m in config.methods)
