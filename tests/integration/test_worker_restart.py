@@ -61,7 +61,8 @@ def test_connections_during_a_worker_restart_do_not_wait_for_it(gateway, backend
     assert [o for s, _, o in during if o != "ok" and s > killed_at + 0.05] == []
     worst = max(latency for _, latency, outcome in during if outcome == "ok")
     # Queued for the replacement, connections waited 0.9-4 s; served by the other worker they take
-    # one request's time (bounded loosely: the test machine is shared).
-    assert worst < 0.5, f"a connection waited {worst:.3f}s while the worker restarted"
+    # one request's time. Bounded loosely (the test machine is shared, the suite runs in parallel):
+    # the ≤ 100 ms figure is bench/stress.py's to measure, this only tells the two behaviours apart.
+    assert worst < 0.8, f"a connection waited {worst:.3f}s while the worker restarted"
     line = gw.wait_for_output(r"worker 0 is back; the other workers served the (\d+) connections")
     assert int(line.rsplit("served the ", 1)[1].split()[0]) > 0
