@@ -118,7 +118,12 @@ class AdminProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
-            self._fail(400, f"malformed HTTP request: {exc}")
+            # httptools wraps what a callback raised (a limit) in HttpParserCallbackError
+            cause = exc.__context__
+            if isinstance(cause, _TooLarge):
+                self._fail(cause.status, cause.message)
+            else:
+                self._fail(400, f"malformed HTTP request: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
