@@ -61,10 +61,14 @@ def _collection(model: str, what: str, params: list[dict[str, Any]]) -> dict[str
 
 
 def _item(model: str, what: str, params: list[dict[str, Any]]) -> dict[str, Any]:
+    get = _op(f"a {what} by id or name", "200", _ref("Entity"))
+    get["responses"]["304"] = {"description": "not modified (If-None-Match named its ETag)"}
+    put = _op(f"replace a {what}", "200", _ref("Entity"), body=model, parameters=_IF_MATCH)
+    put["responses"]["201"] = _json(_ref("Entity"), f"created a {what} of that name")
     return {
         "parameters": params,
-        "get": _op(f"a {what} by id or name", "200", _ref("Entity")),
-        "put": _op(f"replace or create a {what}", "200", _ref("Entity"), body=model, parameters=_IF_MATCH),
+        "get": get,
+        "put": put,
         "patch": _op(
             f"change a {what} (JSON merge patch)",
             "200",
