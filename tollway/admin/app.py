@@ -17,7 +17,7 @@ from typing import Any
 
 from tollway import __version__
 from tollway.admin import bulk, children, entities
-from tollway.admin.common import Call
+from tollway.admin.common import Call, find, load
 from tollway.admin.entities import Scope
 from tollway.admin.errors import ApiError
 from tollway.admin.http import Request, Response
@@ -92,20 +92,22 @@ class AdminApp:
     async def _nested(self, call: Call, parent: str, name: str, child: str, rest: list[str]) -> Response:
         method = call.request.method
         if parent == "upstreams" and child == "targets" and len(rest) <= 1:
-            allowed = ("GET", "HEAD", "POST") if not rest else _ENTITY_METHODS
+            verbs = ("GET", "HEAD", "POST") if not rest else _ENTITY_METHODS
             return await _only_async(
-                method, allowed, lambda: children.targets(call, name, rest[0] if rest else None)
+                method, verbs, lambda: children.targets(call, name, rest[0] if rest else None)
             )
         if parent == "consumers" and child == "credentials" and len(rest) <= 2:
-            allowed = READ if not rest else ("GET", "HEAD", "POST") if len(rest) == 1 else _ENTITY_METHODS
+            allowed: tuple[str, ...] = READ
+            if rest:
+                allowed = ("GET", "HEAD", "POST") if len(rest) == 1 else _ENTITY_METHODS
             plugin = rest[0] if rest else None
             index = rest[1] if len(rest) > 1 else None
             return await _only_async(method, allowed, lambda: children.credentials(call, name, plugin, index))
         field = NESTED.get(parent, {}).get(child)
         if field is None or len(rest) > 1:
             raise ApiError(404, f"no such resource: /{'/'.join(call.request.path)}")
-        rows = await entities.load(call)
-        owner = entities.find(rows, parent, name)
+        rows = await load(call)
+        owner = find(rows, parent, name)
         if owner is None:
             raise ApiError(404, f"no {parent[:-1]} {name!r}")
         scope = Scope(field, owner.key)

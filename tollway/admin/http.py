@@ -214,7 +214,11 @@ class AdminProtocol(asyncio.Protocol):
         if self.idle is not None:
             self.idle.cancel()
         loop = asyncio.get_running_loop()
-        self.idle = loop.call_later(_IDLE_TIMEOUT, lambda: self.transport and self.transport.close())
+        self.idle = loop.call_later(_IDLE_TIMEOUT, self._close_idle)
+
+    def _close_idle(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 async def start_server(

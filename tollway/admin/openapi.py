@@ -10,13 +10,19 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from tollway import __version__
 from tollway.config.schema import Consumer, PluginInstance, Route, Service
 from tollway.config.upstreams import Target, Upstream
 
-MODELS = {"upstreams": Upstream, "services": Service, "routes": Route, "consumers": Consumer}
+MODELS: dict[str, type[BaseModel]] = {
+    "upstreams": Upstream,
+    "services": Service,
+    "routes": Route,
+    "consumers": Consumer,
+}
 MODELS["plugins"] = PluginInstance
 _NESTED = {"services": ("routes", "plugins"), "routes": ("plugins",), "consumers": ("plugins",)}
 _NESTED["upstreams"] = ("services",)
@@ -88,8 +94,9 @@ def _item(model: str, what: str, params: list[dict[str, Any]]) -> dict[str, Any]
 
 @functools.cache
 def openapi_document() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [*MODELS.values(), Target]
     _, defs = models_json_schema(
-        [(model, "validation") for model in (*MODELS.values(), Target)],
+        [(model, "validation") for model in models],
         ref_template="#/components/schemas/{model}",
     )
     schemas: dict[str, Any] = dict(defs.get("$defs", {}))

@@ -23,7 +23,7 @@ _CONFIG_SECRETS = frozenset({"password", "secret", "client_secret", "private_key
 
 def redact(kind: str, data: dict[str, Any]) -> dict[str, Any]:
     """A copy of an entity's data with every secret replaced by REDACTED (the input is not changed)."""
-    out = _redact_config(data)
+    out: dict[str, Any] = _redact_config(data)
     if kind == "consumers" and isinstance(data.get("credentials"), dict):
         out["credentials"] = {
             plugin: [_redact_credential(plugin, c) for c in creds] if isinstance(creds, list) else creds

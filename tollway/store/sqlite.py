@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -281,12 +281,21 @@ class SQLiteStore(ConfigStore):
         return int(cursor.rowcount)
 
 
-def _audit_entry(row: tuple[object, ...]) -> AuditEntry:
-    *head, before, after = row
+def _audit_entry(row: tuple[Any, ...]) -> AuditEntry:
+    seq, version, at, actor, address, request_id, action, kind, key, entity_id, before, after = row
     return AuditEntry(
-        *head,  # type: ignore[arg-type]
-        orjson.loads(before) if before is not None else None,  # type: ignore[arg-type]
-        orjson.loads(after) if after is not None else None,  # type: ignore[arg-type]
+        seq,
+        version,
+        at,
+        actor,
+        address,
+        request_id,
+        action,
+        kind,
+        key,
+        entity_id,
+        orjson.loads(before) if before is not None else None,
+        orjson.loads(after) if after is not None else None,
     )
 
 
