@@ -52,6 +52,9 @@ def test_crud_of_every_resource_is_served_by_the_data_plane(
     assert admin.post("/upstreams/pool/targets", {"target": t2}).status == 201
     assert admin.delete(f"/upstreams/pool/targets/{t1}").status == 204
     assert [t["target"] for t in admin.get("/upstreams/pool/targets").body["data"]] == [t2]
+    health = admin.get("/health").body  # the node's upstream health, as on the status listener
+    assert wait_until(lambda: [u["name"] for u in admin.get("/health").body["upstreams"]] == ["pool"], SERVED)
+    assert "workers_reporting" in health
     before = len(b2.seen)
     assert _served(gw, "/users", 200) and wait_until(
         lambda: _status(gw, "/users") == 200 and len(b2.seen) > before

@@ -44,6 +44,8 @@ class AdminApp:
         self.auth = auth  # "none" | "token"
         self.auth_failures: Counter[str] = Counter()  # reason → count (metric)
         self.requests: Counter[tuple[str, int]] = Counter()  # (method, status) → count (metric)
+        # The node's upstream health (the status listener's /upstreams), set by the server at start.
+        self.upstream_health: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -78,6 +80,8 @@ class AdminApp:
         if not path:
             return _only(method, READ, lambda: _index())
         head, rest = path[0], path[1:]
+        if head == "health" and not rest:
+            return await _only_async(method, READ, lambda: self._health())
         if head in _FIXED and not rest:
             allowed, handler = _FIXED[head]
             return await _only_async(method, allowed, lambda: handler(call))
@@ -114,6 +118,11 @@ class AdminApp:
         if not rest:
             return await _collection(call, child, scope)
         return await _entity(call, child, rest[0], scope)
+
+    async def _health(self) -> Response:
+        if self.upstream_health is None:
+            raise ApiError(404, "upstream health is served by the node that runs this listener only")
+        return Response(200, await self.upstream_health())
 
 
 _KNOWN = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -168,7 +177,7 @@ def _index() -> Response:
         200,
         {
             "tollway": __version__,
-            "resources": [f"/{kind}" for kind in KINDS] + ["/config", "/audit", "/cluster"],
+            "resources": [f"/{kind}" for kind in KINDS] + ["/config", "/audit", "/cluster", "/health"],
             "openapi": "/openapi.json",
             "docs": "/docs",
         },

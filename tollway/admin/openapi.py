@@ -186,6 +186,7 @@ def _other_paths() -> dict[str, Any]:
             )
         },
         "/cluster": {"get": _op("nodes and their applied config versions", "200", obj)},
+        "/health": {"get": _op("this node's upstream health (targets, checks, ejections)", "200", obj)},
     }
 
 

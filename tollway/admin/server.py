@@ -58,6 +58,9 @@ class AdminServer:
         bound = self._server.sockets[0].getsockname()[1]
         self.address = f"[{address}]:{bound}" if ":" in address else f"{address}:{bound}"
         host.add_collector(_Collector(self.app))
+        upstreams = getattr(host, "upstreams", None)  # the supervisor's health checks (/upstreams)
+        if upstreams is not None:
+            self.app.upstream_health = upstreams.status_json
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_periodically())
         return self.address
 
