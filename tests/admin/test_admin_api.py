@@ -311,3 +311,26 @@ def test_audit_log_records_every_write_with_secrets_redacted(node: tuple[Gateway
     assert len(page["data"]) == 2 and page["next"]
     assert len(admin.get(page["next"]).body["data"]) == 2
     assert admin.get("/audit?kind=bogus").status == 400
+
+
+def test_a_redacted_secret_is_never_moved_to_another_credential(node: tuple[Gateway, AdminClient]) -> None:
+    gw, admin = node
+    keys = [{"key": "first-key-aaaa"}, {"key": "second-key-bbbb"}]
+    admin.post("/services", {"name": "api", "url": "http://127.0.0.1:9"})
+    admin.post("/consumers", {"username": "ann", "credentials": {"key-auth": keys}})
+    read = admin.get("/consumers/ann").body["data"]
+    assert read["credentials"]["key-auth"] == [{"key": "<redacted>"}, {"key": "<redacted>"}]
+    # dropping the first redacted item: which secret the remaining placeholder means is ambiguous
+    dropped = {**read, "credentials": {"key-auth": read["credentials"]["key-auth"][1:]}}
+    refused = admin.put("/consumers/ann", dropped)
+    assert refused.status == 400 and "stands for a stored secret" in refused.body["message"]
+    assert admin.patch("/consumers/ann", {"credentials": {"key-auth": [{"key": "<redacted>"}]}}).status == 400
+    # the way to remove one: its own path; the other key is kept as it was
+    assert admin.delete("/consumers/ann/credentials/key-auth/0").status == 204
+    admin.post("/routes", {"name": "r", "service": "api", "paths": ["/r"], "plugins": [{"name": "key-auth"}]})
+    assert wait_until(lambda: request(gw.port, path="/r", headers={"apikey": "first-key-aaaa"}).status == 401)
+    assert request(gw.port, path="/r", headers={"apikey": "second-key-bbbb"}).status == 502
+    # same-shape read-modify-write keeps each secret in its place
+    same = admin.get("/consumers/ann").body["data"]
+    assert admin.put("/consumers/ann", {**same, "groups": ["x"]}).status == 200
+    assert request(gw.port, path="/r", headers={"apikey": "second-key-bbbb"}).status == 502

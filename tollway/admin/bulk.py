@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import yaml
 
-from tollway.admin.common import SINGULAR, Call, json_body, load, page_size, write
+from tollway.admin.common import SINGULAR, Call, json_body, load, no_placeholders, page_size, write
 from tollway.admin.errors import ApiError, refused
 from tollway.admin.http import Response
 from tollway.errors import TollwayError
@@ -93,6 +93,7 @@ async def apply(call: Call) -> Response:
     rows = await load(call)
     try:
         doc = _with_stored_secrets(_document(call), rows)
+        no_placeholders(doc)
         ops = ops_from_document(doc)
         if prune:
             ops += prune_ops(rows, doc)

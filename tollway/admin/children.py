@@ -116,5 +116,6 @@ async def credentials(call: Call, username: str, plugin: str | None, index: str 
     body = json_object(call.request)
     old = creds[plugin][i]
     creds[plugin][i] = restore(merge_patch(old, body) if method == "PATCH" else body, old)
+    no_placeholders(creds[plugin][i])
     new = await _rewrite(call, row, {**row.data, "credentials": creds})
     return Response(200, {"data": _shown(new)[plugin][i], "index": i, "consumer": new.key})

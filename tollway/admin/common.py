@@ -60,9 +60,15 @@ def json_object(request: Request) -> dict[str, Any]:
 
 
 def no_placeholders(data: Any) -> None:
-    """A new entity cannot carry REDACTED: there is no stored secret for it to stand for."""
+    """REDACTED left in a body after `restore`: a new entity (no stored secret for it to stand for), or a
+    list whose items changed (which stored secret it stands for is ambiguous)."""
     if contains_redacted(data):
-        raise ApiError(400, f"{REDACTED!r} stands for a stored secret; a new entity needs the real value")
+        raise ApiError(
+            400,
+            f"{REDACTED!r} stands for a stored secret, and there is none at that place (a new entity, or "
+            "a list that gained or lost items): send the real value, or change one credential at "
+            "/consumers/{name}/credentials/{plugin}/{index}",
+        )
 
 
 def expected_version(request: Request) -> int | None:

@@ -139,6 +139,7 @@ async def replace(call: Call, kind: str, ident: str, scope: Scope | None) -> Res
     if existing is not None:
         data = {**data, field: data.get(field, existing.data.get(field))}
         data = restore(data, existing.data)
+        no_placeholders(data)
     else:
         data = {field: ident, **data} if not (kind == "plugins" and "@" in ident) else data
         no_placeholders(data)
@@ -160,6 +161,7 @@ async def patch(call: Call, kind: str, ident: str, scope: Scope | None) -> Respo
         raise ApiError(404, f"no {SINGULAR[kind]} {ident!r}")
     body = json_object(call.request)
     data = restore(merge_patch(existing.data, body), existing.data)
+    no_placeholders(data)
     if not isinstance(data, dict) or _key(kind, _scoped(data, scope)) != existing.key:
         raise ApiError(400, f"{KEY_FIELD[kind]}: a PATCH cannot rename (or re-scope) an entity")
     expect = expected_version(call.request)

@@ -54,14 +54,17 @@ def _redact_config(value: Any) -> Any:
 
 
 def restore(new: Any, old: Any) -> Any:
-    """`new` with every REDACTED replaced by the value at the same place in `old` (when there is one)."""
+    """`new` with every REDACTED replaced by the value at the same place in `old` (when there is one:
+    a REDACTED left over cannot be matched, and the caller refuses it)."""
     if new == REDACTED:
         return old if isinstance(old, str) else new
     if isinstance(new, dict):
         base = old if isinstance(old, dict) else {}
         return {k: restore(v, base.get(k)) for k, v in new.items()}
     if isinstance(new, list):
-        base_list = old if isinstance(old, list) else []
+        # Only a list of the same length is matched item by item: in a list that lost or gained items
+        # (a credential removed), index i may be another item, and its secret must not move over.
+        base_list = old if isinstance(old, list) and len(old) == len(new) else []
         return [restore(v, base_list[i] if i < len(base_list) else None) for i, v in enumerate(new)]
     return new
 
