@@ -132,7 +132,7 @@ def run(
         from tollway.admin.server import AdminServer
 
         base = config.resolve().parent if config is not None else Path.cwd()
-        admin = AdminServer(cfg.gateway.admin, source.store, base)
+        admin = AdminServer(cfg.gateway.admin, source.store, base, cfg.gateway.access_log)
     raise typer.Exit(serve(config, cfg, workers, listen, source, admin))
 
 

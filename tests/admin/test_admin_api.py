@@ -4,6 +4,7 @@ plane, ETags guard against lost updates, references are protected, errors have o
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -284,7 +285,7 @@ def test_bulk_config_dry_run_apply_and_export_round_trip(
 
 
 def test_audit_log_records_every_write_with_secrets_redacted(node: tuple[Gateway, AdminClient]) -> None:
-    _, admin = node
+    gw, admin = node
     admin.post("/consumers", {"username": "ann", "credentials": {"key-auth": [{"key": "top-secret-1"}]}})
     admin.patch("/consumers/ann", {"groups": ["staff"]})
     jwt = {"key": "issuer-ann", "algorithms": ["HS256"], "secret": "hunter2-hunter2-hunter2-hunter2-hunter2"}
@@ -299,6 +300,15 @@ def test_audit_log_records_every_write_with_secrets_redacted(node: tuple[Gateway
     assert [e["action"] for e in log] == ["delete", "update", "update", "create"]
     assert all(e["actor"] == "anonymous@127.0.0.1" and e["address"] == "127.0.0.1" for e in log)
     assert all(e["request_id"] for e in log)
+    # the same writes as structured lines on the access log's sink (stdout here)
+    lines = [json.loads(line)["audit"] for line in gw.output if line.startswith('{"audit"')]
+    assert [c["action"] for line in lines for c in line["changes"]] == [
+        "create",
+        "update",
+        "update",
+        "delete",
+    ]
+    assert {line["request_id"] for line in lines} == {e["request_id"] for e in log}
     text = str(log)
     assert "top-secret-1" not in text and "hunter2" not in text
     assert log[-1]["before"] is None and log[-1]["after"]["credentials"]["key-auth"][0]["key"] == "<redacted>"

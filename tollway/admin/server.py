@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tollway.admin.app import AdminApp, metrics
+from tollway.admin.common import audit_log
 from tollway.admin.http import start_server
 from tollway.config.admin_settings import AdminSettings
+from tollway.config.settings import AccessLog as AccessLogSettings
 from tollway.config.types import parse_hostport
 from tollway.errors import TollwayError
+from tollway.observability.log_sinks import LogWriter
 from tollway.store.base import ConfigStore
 
 log = logging.getLogger("tollway.admin")
@@ -38,9 +41,29 @@ class _Collector:
         return metrics(self.app)
 
 
+class _AuditToAccessLog(logging.Handler):
+    """The audit lines (logger `tollway.audit`) also go to the access log's sink: stdout, a file or
+    syslog, where log shippers already look."""
+
+    def __init__(self, writer: LogWriter) -> None:
+        super().__init__(logging.INFO)
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.writer.submit([record.getMessage().encode() + b"\n"])
+
+
 class AdminServer:
-    def __init__(self, settings: AdminSettings, store: ConfigStore, base_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: AdminSettings,
+        store: ConfigStore,
+        base_dir: Path,
+        access_log: AccessLogSettings | None = None,
+    ) -> None:
         self.settings = settings
+        self.access_log = access_log
+        self._audit_handler: _AuditToAccessLog | None = None
         self.app = AdminApp(store, settings.auth)
         self.store = store
         self.base_dir = base_dir
@@ -62,6 +85,10 @@ class AdminServer:
         if upstreams is not None:
             self.app.upstream_health = upstreams.status_json
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_periodically())
+        if self.access_log is not None and self.access_log.enabled:
+            self._audit_handler = _AuditToAccessLog(LogWriter(self.access_log))
+            audit_log.addHandler(self._audit_handler)
+            audit_log.setLevel(logging.INFO)
         return self.address
 
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -90,3 +117,6 @@ class AdminServer:
                 await self._trimmer
         if self._server is not None:
             self._server.close()
+        if self._audit_handler is not None:
+            audit_log.removeHandler(self._audit_handler)
+            self._audit_handler.writer.close()
