@@ -231,6 +231,9 @@ def test_list_pagination_filters_and_lookup_by_id(node: tuple[Gateway, AdminClie
     assert [e["name"] for e in admin.get("/routes?service=b").body["data"]] == ["r04", "r05", "r06"]
     assert [e["name"] for e in admin.get("/services/a/routes?tags=even").body["data"]] == ["r00", "r02"]
     assert [e["name"] for e in admin.get("/services?tags=team-x").body["data"]] == ["a"]
+    odd = admin.get("/routes?tags=even&size=1").body["next"]
+    assert odd == "/routes?tags=even&size=1&offset=" + odd.rsplit("=", 1)[1]
+    assert admin.get("/routes?tags=a%26b").body["data"] == []  # an encoded & is part of the tag
     one = admin.get("/routes/r03").body
     assert admin.get(f"/routes/{one['id']}").body == one
     assert admin.get(f"/services/b/routes/{one['name']}").status == 404  # r03 belongs to a

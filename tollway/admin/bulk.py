@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 import yaml
@@ -149,7 +150,7 @@ async def audit(call: Call) -> Response:
     if more:
         args = {k: v[-1] for k, v in call.request.query.items() if k != "offset"}
         args["offset"] = str(entries[-1].seq)
-        next_link = "/audit?" + "&".join(f"{k}={v}" for k, v in args.items())
+        next_link = "/audit?" + urlencode(args)
     return Response(200, {"data": [audit_json(e) for e in entries], "next": next_link})
 
 

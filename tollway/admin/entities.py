@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from tollway.admin.common import (
     SINGULAR,
@@ -84,7 +85,8 @@ async def list_entities(call: Call, kind: str, scope: Scope | None) -> Response:
     if more:
         query = {k: v[-1] for k, v in request.query.items() if k != "offset"}
         query["offset"] = str(out[-1].position)
-        body["next"] = "/" + "/".join(request.path) + "?" + "&".join(f"{k}={v}" for k, v in query.items())
+        path = "/".join(quote(segment, safe="") for segment in request.path)
+        body["next"] = f"/{path}?{urlencode(query)}"
     return Response(200, body)
 
 
