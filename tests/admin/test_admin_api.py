@@ -347,3 +347,24 @@ def test_a_redacted_secret_is_never_moved_to_another_credential(node: tuple[Gate
     same = admin.get("/consumers/ann").body["data"]
     assert admin.put("/consumers/ann", {**same, "groups": ["x"]}).status == 200
     assert request(gw.port, path="/r", headers={"apikey": "second-key-bbbb"}).status == 502
+
+
+def test_openapi_document_and_its_page(node: tuple[Gateway, AdminClient]) -> None:
+    _, admin = node
+    doc = admin.get("/openapi.json").body
+    assert doc["openapi"] == "3.1.0"
+    schemas = doc["components"]["schemas"]
+    # generated from the config's own models: the route's fields and their descriptions are there
+    assert {"name", "service", "paths", "tags", "strip_path"} <= set(schemas["Route"]["properties"])
+    assert schemas["Route"]["properties"]["strip_path"]["description"].startswith("remove the matched path")
+    assert {"Upstream", "Service", "Consumer", "PluginInstance", "Target", "Error", "Entity"} <= set(schemas)
+    post = doc["paths"]["/services/{parent}/routes"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Route"
+    }
+    page = admin.get("/docs")
+    assert page.status == 200 and page.header("content-type").startswith("text/html")
+    html = page.raw.decode()
+    assert (
+        "/openapi.json" in html and "https://" not in html and "http://" not in html
+    )  # nothing fetched elsewhere
