@@ -139,6 +139,21 @@ def test_hundreds_of_malformed_requests_never_get_a_5xx(node: tuple[Gateway, Adm
                 statuses[status] = statuses.get(status, 0) + 1
                 assert status < 500, answer[:2000]
     assert statuses.get(400, 0) > 50 and sum(statuses.values()) > 300  # the requests were answered
+    # deeply nested bodies (orjson accepts 1,024 levels; the recursive steps behind must not see them)
+    admin.post("/services", {"name": "a", "url": "http://127.0.0.1:9"})
+    for depth in (65, 900, 1020):
+        deep_config = '{"a":' * depth + "1" + "}" * depth
+        plugin = f'{{"name":"a","url":"http://127.0.0.1:9","plugins":[{{"name":"key-auth","config":{deep_config}}}]}}'
+        tags = '{"name":"a","tags":' + "[" * depth + "]" * depth + "}"
+        for method, path, body in (
+            ("POST", "/services", plugin),
+            ("POST", "/config?dry_run=true", '{"services":[' + plugin + "]}"),
+            ("PUT", "/services/a", tags),
+            ("PATCH", "/services/a", tags),
+        ):
+            answer = admin.call(method, path, raw=body.encode())
+            message = answer.body["message"]
+            assert answer.status == 400 and ("nested" in message or "depth" in message), (depth, path)
     assert admin.get("/").status == 200  # and the listener is still up
     assert not [line for line in gw.errors if "Traceback" in line or "failed (request" in line]
 

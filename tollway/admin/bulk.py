@@ -10,7 +10,16 @@ from urllib.parse import urlencode
 import orjson
 import yaml
 
-from tollway.admin.common import SINGULAR, Call, json_body, load, no_placeholders, page_size, write
+from tollway.admin.common import (
+    SINGULAR,
+    Call,
+    check_depth,
+    json_body,
+    load,
+    no_placeholders,
+    page_size,
+    write,
+)
 from tollway.admin.errors import ApiError, refused
 from tollway.admin.http import Response
 from tollway.errors import TollwayError
@@ -47,6 +56,7 @@ def _document(call: Call) -> dict[str, Any]:
             raise ApiError(400, f"malformed YAML: {exc}") from None
     else:
         doc = json_body(call.request)
+    check_depth(doc)
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):

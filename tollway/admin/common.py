@@ -43,13 +43,32 @@ class Call:
         return AuditContext(self.actor, self.request.client, self.request.request_id)
 
 
+MAX_DEPTH = 64  # nesting levels a body may have: config needs a handful; recursion needs a bound
+
+
 def json_body(request: Request) -> Any:
     if not request.body.strip():
         raise ApiError(400, "a JSON body is required")
     try:
-        return orjson.loads(request.body)
+        body = orjson.loads(request.body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
+    check_depth(body)
+    return body
+
+
+def check_depth(value: Any) -> None:
+    """Refuse documents nested deeper than MAX_DEPTH (iteratively: the check itself never recurses), so
+    validation, merge patches and redaction, which recurse, never exhaust the stack on client input."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(400, f"the body is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(item, dict):
+            stack += [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, list):
+            stack += [(v, depth + 1) for v in item]
 
 
 def json_object(request: Request) -> dict[str, Any]:
