@@ -141,6 +141,12 @@ def test_hundreds_of_malformed_requests_never_get_a_5xx(node: tuple[Gateway, Adm
     assert statuses.get(400, 0) > 50 and sum(statuses.values()) > 300  # the requests were answered
     # deeply nested bodies (orjson accepts 1,024 levels; the recursive steps behind must not see them)
     admin.post("/services", {"name": "a", "url": "http://127.0.0.1:9"})
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    for yaml_body in ("[" * 5000 + "]" * 5000, laughs):
+        answer = admin.post("/config", raw=yaml_body.encode(), headers={"Content-Type": "application/yaml"})
+        assert answer.status == 400, answer.raw
     for depth in (65, 900, 1020):
         deep_config = '{"a":' * depth + "1" + "}" * depth
         plugin = f'{{"name":"a","url":"http://127.0.0.1:9","plugins":[{{"name":"key-auth","config":{deep_config}}}]}}'

@@ -11,6 +11,7 @@ import orjson
 import yaml
 
 from tollway.admin.common import (
+    MAX_DEPTH,
     SINGULAR,
     Call,
     check_depth,
@@ -51,9 +52,11 @@ def _document(call: Call) -> dict[str, Any]:
     ctype = call.request.headers.get("content-type", "")
     if "yaml" in ctype:
         try:
-            doc = yaml.safe_load(call.request.body.decode("utf-8"))
+            doc = yaml.load(call.request.body.decode("utf-8"), Loader=_NoAliasLoader)  # a SafeLoader
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"malformed YAML: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, f"the body is nested more than {MAX_DEPTH} levels deep") from None
     else:
         doc = json_body(call.request)
     check_depth(doc)
@@ -66,6 +69,19 @@ def _document(call: Call) -> dict[str, Any]:
         raise ApiError(400, f"unknown section(s) {', '.join(map(repr, unknown))} (known: {', '.join(KINDS)})")
     doc.pop("gateway", None)  # node settings stay in each node's file
     return doc
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: `*name` can make a small document a huge one (billion laughs); a config
+    sent to the API has no need for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not accepted by the admin API", event.start_mark
+            )
+        return super().compose_node(parent, index)
 
 
 def _with_stored_secrets(doc: dict[str, Any], rows: Rows) -> dict[str, Any]:
