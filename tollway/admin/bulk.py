@@ -71,7 +71,7 @@ def _document(call: Call) -> dict[str, Any]:
     return doc
 
 
-class _NoAliasLoader(yaml.SafeLoader):
+class _NoAliasLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no type stubs here
     """YAML without aliases: `*name` can make a small document a huge one (billion laughs); a config
     sent to the API has no need for them."""
 
