@@ -190,6 +190,17 @@ def test_errors_have_one_shape_and_check_words(node: tuple[Gateway, AdminClient]
     assert admin.post("/routes", {"service": "api"}).body["errors"][0]["path"] == "name"
     renamed = admin.put("/routes/a", {"name": "b", "service": "api", "paths": ["/b"]})
     assert renamed.status == 400 and "renaming" in renamed.body["message"]
+    # Expect: 100-continue gets its interim answer before the body is sent
+    client = RawClient(admin.port)
+    try:
+        body = b'{"name": "e", "service": "api", "paths": ["/e"]}'
+        head = b"POST /routes HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+        client.send(head % len(body))
+        assert client.read_response().status == 100
+        client.send(body)
+        assert client.read_response().status == 201
+    finally:
+        client.close()
     # a body over max_body (8 MiB): refused as soon as its Content-Length is read, then chunk by chunk
     client = RawClient(admin.port)
     try:

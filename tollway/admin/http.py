@@ -157,6 +157,8 @@ class AdminProtocol(asyncio.Protocol):
         length = self.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             raise _TooLarge(413, f"request body larger than {self.max_body} bytes")
+        if self.headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
 
     def on_message_complete(self) -> None:
         method = self.parser.get_method().decode("latin-1")
