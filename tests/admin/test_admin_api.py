@@ -190,11 +190,23 @@ def test_errors_have_one_shape_and_check_words(node: tuple[Gateway, AdminClient]
     assert admin.post("/routes", {"service": "api"}).body["errors"][0]["path"] == "name"
     renamed = admin.put("/routes/a", {"name": "b", "service": "api", "paths": ["/b"]})
     assert renamed.status == 400 and "renaming" in renamed.body["message"]
+    # what a web page in the operator's browser could send is refused: no JSON content type (a
+    # "simple" cross-site request), or a Host that is not a loopback name (DNS rebinding)
+    route = {"name": "csrf", "service": "api", "paths": ["/csrf"]}
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+        sent = admin.call(
+            "POST", "/routes", raw=json.dumps(route).encode(), headers={"Content-Type": ctype or ""}
+        )
+        assert sent.status == 415, ctype
+    assert admin.get("/routes", headers={"Host": "evil.example:8001"}).status == 403
+    assert admin.get("/routes", headers={"Host": "localhost:8001"}).status == 200
+    assert admin.get("/routes/csrf").status == 404
     # Expect: 100-continue gets its interim answer before the body is sent
     client = RawClient(admin.port)
     try:
         body = b'{"name": "e", "service": "api", "paths": ["/e"]}'
-        head = b"POST /routes HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+        head = b"POST /routes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        head += b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n"
         client.send(head % len(body))
         assert client.read_response().status == 100
         client.send(body)

@@ -56,6 +56,7 @@ class AdminApp:
         return response
 
     async def _handle(self, request: Request) -> Response:
+        _refuse_browsers(request, self.auth)
         actor = await self._authorize(request)
         return await self._route(Call(request, self.store, actor))
 
@@ -123,6 +124,29 @@ class AdminApp:
         if self.upstream_health is None:
             raise ApiError(404, "upstream health is served by the node that runs this listener only")
         return Response(200, await self.upstream_health())
+
+
+_BODY_TYPES = ("application/json", "application/merge-patch+json", "application/yaml", "application/x-yaml")
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _refuse_browsers(request: Request, auth: str) -> None:
+    """A web page must not drive the API through a browser on the operator's machine.
+
+    - A body must be declared JSON or YAML: a page can POST text/plain or a form anywhere without a CORS
+      preflight, but not application/json (and the API answers no preflight), so no cross-site write.
+    - Without tokens, the Host must be a loopback name: a page whose own name resolves to 127.0.0.1
+      (DNS rebinding) sends its own name as Host.
+    """
+    if request.body and request.method not in READ:
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype not in _BODY_TYPES:
+            raise ApiError(415, "a body must be sent as Content-Type: application/json (or application/yaml)")
+    if auth == "none":
+        host = request.headers.get("host", "").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name and name not in _LOCAL_HOSTS and not name.startswith("127."):
+            raise ApiError(403, f"Host {host!r} is not a loopback name (auth: none answers loopback only)")
 
 
 _KNOWN = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
