@@ -131,7 +131,19 @@ def run(
         from tollway.store.node import StoreSource
 
         source = StoreSource(cfg, config)
-    raise typer.Exit(serve(config, cfg, workers, listen, source))
+    admin = None
+    if cfg.gateway.admin.enabled:  # the admin REST API (docs/admin-api.md) writes to the store
+        if source is None:
+            err.print(
+                "[red]gateway.admin needs a config store: "
+                "set gateway.store.backend to sqlite or postgres[/red]"
+            )
+            raise typer.Exit(1)
+        from tollway.admin.server import AdminServer
+
+        base = config.resolve().parent if config is not None else Path.cwd()
+        admin = AdminServer(cfg.gateway.admin, source.store, base, cfg.gateway.access_log)
+    raise typer.Exit(serve(config, cfg, workers, listen, source, admin))
 
 
 def _embedded_store_config() -> Any:
@@ -142,7 +154,12 @@ def _embedded_store_config() -> Any:
 
 
 def serve(
-    path: Path | None, cfg: Any, workers: int | None, listen: list[str] | None, source: Any = None
+    path: Path | None,
+    cfg: Any,
+    workers: int | None,
+    listen: list[str] | None,
+    source: Any = None,
+    admin: Any = None,
 ) -> int:
     """Run a supervisor in the foreground; used by `run` and by the demo."""
     import uvloop
@@ -150,7 +167,7 @@ def serve(
     from tollway.runtime.supervisor import Supervisor
 
     supervisor = Supervisor(
-        path, cfg, workers=workers, listen=listen or None, on_event=_print_event, source=source
+        path, cfg, workers=workers, listen=listen or None, on_event=_print_event, source=source, admin=admin
     )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(supervisor.run())
@@ -295,6 +312,8 @@ def _print_event(kind: str, data: dict[str, Any]) -> None:
             f"(pid {os.getpid()}, {data['workers']} worker{'s' if data['workers'] != 1 else ''}, "
             f"{data['routes']} routes, config v{data['config_version']}){status}"
         )
+        if data.get("admin_listen"):
+            out.print(f"admin API on {data['admin_listen']}")
     elif kind == "reloaded":
         out.print(f"config v{data['version']} applied ({data['reason']})")
     elif kind == "draining":
@@ -329,6 +348,9 @@ def _add_store_commands() -> None:
 
     app.add_typer(db_app, name="db")
     app.add_typer(config_app, name="config")
+    from tollway.admin.cli import admin_app
+
+    app.add_typer(admin_app, name="admin")
 
 
 _add_store_commands()

@@ -130,7 +130,7 @@ def test_backend_connection_close_is_not_reused(gateway, backend) -> None:
 def test_pooled_connection_closed_by_backend_while_idle_is_never_a_client_error(gateway, backend) -> None:
     """The backend closes idle keep-alive connections now and then (its own idle timeout). A request that
     meets such a connection as it closes is sent again on a fresh one when it is safe to repeat (here GET
-    and PUT with a body; a POST only with `replay_non_idempotent`, tests/integration/test_connection_end.py)."""
+    and PUT with a body; a POST only with `replay_non_idempotent`, see test_connection_end.py)."""
     state = {"n": 0}
 
     async def close_after(seen: Seen, writer: asyncio.StreamWriter) -> bool:

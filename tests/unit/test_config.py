@@ -510,3 +510,23 @@ def test_plugin_configs_are_checked_by_the_check_the_loader_is_given() -> None:
     with pytest.raises(ConfigError, match="refused by the check"):
         validate(document, plugins=Check())
     assert seen == [("plugins", 0)]
+
+
+def test_an_invalid_document_whose_last_entity_has_no_plugins_is_reported_not_crashed() -> None:
+    # The plugin checks of a rejected document once used the last entity's `plugins` (None here) as
+    # the checker: `tollway check` and the admin API died with AttributeError instead of reporting.
+    document = {
+        "services": [
+            {
+                "name": "a",
+                "url": "http://127.0.0.1:9",
+                "connect_timeout": {"x": 1},
+                "plugins": [{"name": "nope"}],
+            },
+            {"name": "b", "url": "http://127.0.0.1:9"},
+        ]
+    }
+    with pytest.raises(ConfigError) as caught:
+        validate(document, plugins=PLUGIN_CHECK)
+    assert any("connect_timeout" in issue for issue in caught.value.issues)
+    assert any("unknown plugin 'nope'" in issue for issue in caught.value.issues)

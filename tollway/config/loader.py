@@ -186,8 +186,8 @@ def check_references(config: GatewayConfig | dict[str, Any]) -> Iterator[Issue]:
                 yield Issue(("plugins", i, field), f"unknown {field} {ref!r}{did_you_mean(ref, known)}")
     for kind in ("services", "routes", "consumers"):
         for i, entity in _items(data, kind):
-            listed = entity.get("plugins")
-            for j, plugin in enumerate(listed if isinstance(listed, list) else []):
+            nested = entity.get("plugins")  # not `plugins`: that names the checker
+            for j, plugin in enumerate(nested if isinstance(nested, list) else []):
                 if isinstance(plugin, dict) and any(plugin.get(f) for f in ("route", "service", "consumer")):
                     yield Issue(
                         (kind, i, "plugins", j, "route"),
@@ -232,8 +232,8 @@ def _check_plugin_documents(data: dict[str, Any], plugins: PluginCheck | None) -
     instances: list[tuple[Loc, dict[str, Any]]] = [(("plugins", i), p) for i, p in _items(data, "plugins")]
     for kind in ("services", "routes", "consumers"):
         for i, entity in _items(data, kind):
-            listed = entity.get("plugins")
-            for j, plugin in enumerate(listed if isinstance(listed, list) else []):
+            nested = entity.get("plugins")  # not `plugins`: that names the checker
+            for j, plugin in enumerate(nested if isinstance(nested, list) else []):
                 if isinstance(plugin, dict):
                     instances.append(((kind, i, "plugins", j), plugin))
     for loc, plugin in instances:

@@ -115,6 +115,9 @@ class PluginInstance(Model):
     config: dict[str, Any] = Field(
         default_factory=dict, description="the plugin's options, validated by its own schema (docs/plugins)"
     )
+    tags: list[str] = Field(
+        default_factory=list, description="labels to find it by (admin API `?tags=`); no effect on traffic"
+    )
     enabled: bool = Field(
         True,
         description="false: the plugin does not run where this instance applies, even if a less specific "
@@ -135,6 +138,9 @@ class Service(Model):
     """Where traffic goes: a backend URL, or an upstream (a named group of targets) plus a base path."""
 
     name: Name = Field(description="unique; routes refer to it, logs and metrics show it")
+    tags: list[str] = Field(
+        default_factory=list, description="labels to find it by (admin API `?tags=`); no effect on traffic"
+    )
     url: str | None = Field(None, description="http://host:port/base-path")
     upstream: str | None = Field(None, description="name of an upstream")
     path: str = Field("", description="base path prepended to the forwarded path (with `upstream`)")
@@ -252,6 +258,9 @@ class Route(Model):
 
     name: Name = Field(
         description="unique; top-level plugins refer to it (`route`), logs and metrics show it"
+    )
+    tags: list[str] = Field(
+        default_factory=list, description="labels to find it by (admin API `?tags=`); no effect on traffic"
     )
     service: str = Field(description="name of the service matched requests go to")
     hosts: list[HostPattern] = Field(
@@ -405,6 +414,9 @@ class Consumer(Model):
 
     username: Name = Field(
         description="unique; top-level plugins refer to it (`consumer`); backends get X-Consumer-Username"
+    )
+    tags: list[str] = Field(
+        default_factory=list, description="labels to find it by (admin API `?tags=`); no effect on traffic"
     )
     id: str | None = Field(None, description="sent to backends as X-Consumer-Id (default: the username)")
     groups: list[str] = Field(default_factory=list, description="ACL groups")

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from tollway.config.admin_settings import AdminSettings
 from tollway.config.log_fields import DEFAULT_FIELDS, check_field
 from tollway.config.model import Model
 from tollway.config.store_settings import StoreSettings
@@ -284,4 +285,7 @@ class GatewaySettings(Model):
     tls: ListenerTls = Field(default_factory=ListenerTls, description="TLS listeners' policy (docs/tls.md)")
     store: StoreSettings = Field(
         default_factory=StoreSettings, description="where entities come from (docs/config-store.md)"
+    )
+    admin: AdminSettings = Field(
+        default_factory=AdminSettings, description="the admin REST API listener (docs/admin-api.md)"
     )

@@ -272,6 +272,9 @@ class Upstream(Model):
     """A named group of targets that services send traffic to, with how to balance, check and retry."""
 
     name: Name = Field(description="unique; services refer to it (`upstream`), metrics show it")
+    tags: list[str] = Field(
+        default_factory=list, description="labels to find it by (admin API `?tags=`); no effect on traffic"
+    )
     algorithm: Literal["round-robin", "random", "least-connections", "consistent-hashing", "latency"] = Field(
         "round-robin", description="how a target is picked (docs/upstreams.md)"
     )

@@ -76,6 +76,7 @@ class Supervisor:
         listen: list[str] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         source: Any = None,
+        admin: Any = None,
     ) -> None:
         self.config_path = Path(config_path) if config_path is not None else None
         self.overrides = {"listen": listen} if listen else {}
@@ -113,6 +114,9 @@ class Supervisor:
         self.status_sections: dict[str, Callable[[], Any]] = {}
         # A config store (tollway.store.node.StoreSource): entities come from it, not from the file.
         self.source = source
+        # The admin API listener (tollway.admin.server.AdminServer), started beside the status listener.
+        self.admin = admin
+        self.admin_address: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -129,6 +133,8 @@ class Supervisor:
             self.on_event("error", {"message": f"cannot listen on {addresses}: {exc.strerror or exc}"})
             return 1
         await self._start_status_listener()
+        if self.admin is not None and not await self._start_admin():
+            return 1
         self.orphans = Orphans(loop, self._handoff_receivers)
         _log_warnings(self.config)
         if any(self.listen_kinds):
@@ -168,6 +174,17 @@ class Supervisor:
             return False
         return True
 
+    async def _start_admin(self) -> bool:
+        try:
+            self.admin_address = await self.admin.start(self)
+        except OSError as exc:
+            message = f"cannot serve the admin API on {self.admin.settings.listen}: {exc.strerror or exc}"
+            log.error("%s", message)
+            self.on_event("error", {"message": message})
+            self._close_sockets()
+            return False
+        return True
+
     def describe(self) -> dict[str, Any]:
         return {
             "version": __version__,
@@ -175,6 +192,7 @@ class Supervisor:
             "listen": self.listening,
             "schemes": ["https" if kind else "http" for kind in self.listen_kinds],
             "status_listen": self.status_address,
+            "admin_listen": f"{self.admin.scheme}://{self.admin_address}" if self.admin_address else None,
             "workers": self.nworkers,
             "config_version": self.version,
             "config_path": str(self.config_path) if self.config_path else None,
@@ -202,6 +220,8 @@ class Supervisor:
         await self.upstreams.stop()
         if self._status_server is not None:
             self._status_server.close()
+        if self.admin is not None:
+            await self.admin.close()
         if self._done is not None:
             self._done.set()
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from tollway.store.model import StoreError
 
-# (version, what it does, statements). {json} is the column type of entity data in the dialect.
+# (version, what it does, statements). {json} is the column type of entity data in the dialect, {serial}
+# an ever-increasing integer key.
 _V1 = [
     "CREATE TABLE tollway_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
     "INSERT INTO tollway_meta (key, value) VALUES ('config_version', 0)",
@@ -42,8 +43,35 @@ _V1 = [
     )""",
 ]
 
+# The admin API's tokens (only their SHA-256 is kept) and its audit log (one row per changed entity,
+# secrets redacted before they are written).
+_V2 = [
+    """CREATE TABLE tollway_admin_tokens (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at DOUBLE PRECISION NOT NULL
+    )""",
+    """CREATE TABLE tollway_audit (
+        seq {serial},
+        version BIGINT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        actor TEXT,
+        address TEXT,
+        request_id TEXT,
+        action TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        entity_id TEXT,
+        before {json},
+        after {json}
+    )""",
+    "CREATE INDEX tollway_audit_at ON tollway_audit (at)",
+]
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "entities, config version, change log, cluster nodes", _V1),
+    (2, "admin API tokens and audit log", _V2),
 ]
 LATEST = MIGRATIONS[-1][0]
 SCHEMA_TABLE = (
@@ -54,9 +82,10 @@ SCHEMA_TABLE = (
 
 def statements(version: int, dialect: str) -> list[str]:
     json_type = "JSONB" if dialect == "postgres" else "TEXT"
+    serial = "BIGSERIAL PRIMARY KEY" if dialect == "postgres" else "INTEGER PRIMARY KEY AUTOINCREMENT"
     for number, _, stmts in MIGRATIONS:
         if number == version:
-            return [s.replace("{json}", json_type) for s in stmts]
+            return [s.replace("{json}", json_type).replace("{serial}", serial) for s in stmts]
     raise KeyError(version)
 
 

@@ -19,7 +19,20 @@ import asyncpg
 import orjson
 
 from tollway.store import migrations
-from tollway.store.base import NODE_FORGET_AFTER, ConfigStore, NodeInfo, WriteResult, trim_floor
+from tollway.store.base import (
+    AUDIT_COLUMNS,
+    NODE_FORGET_AFTER,
+    AdminToken,
+    AuditContext,
+    AuditEntry,
+    AuditQuery,
+    ConfigStore,
+    NodeInfo,
+    WriteResult,
+    audit_filters,
+    audit_rows,
+    trim_floor,
+)
 from tollway.store.model import Change, Op, Row, Rows, StoreError, plan_write
 
 CHANNEL = "tollway_config"
@@ -171,7 +184,9 @@ class PostgresStore(ConfigStore):
         return current, changes
 
     # -- writes ------------------------------------------------------------------------------------------
-    async def write(self, ops: Sequence[Op], author: str | None = None) -> WriteResult:
+    async def write(
+        self, ops: Sequence[Op], author: str | None = None, audit: AuditContext | None = None
+    ) -> WriteResult:
         async def run(conn: asyncpg.Connection) -> tuple[WriteResult, Rows | None]:
             async with conn.transaction():
                 # The row lock on the version serialises writers: read, validate, bump, as one.
@@ -182,6 +197,8 @@ class PostgresStore(ConfigStore):
                 if not changes:
                     return WriteResult(current.version, []), None
                 await _store_changes(conn, changes, new_version, author)
+                if audit is not None:
+                    await _store_audit(conn, audit_rows(current, changes, new_version, audit))
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(new_version))
             return WriteResult(new_version, changes), result
 
@@ -236,6 +253,70 @@ class PostgresStore(ConfigStore):
 
         result: list[NodeInfo] = await self._query(run)
         return result
+
+    # -- admin API: tokens and audit log ------------------------------------------------------------------
+    async def put_admin_token(self, token: AdminToken) -> None:
+        async def run(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO tollway_admin_tokens (name, role, token_hash, created_at)"
+                " VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (name) DO UPDATE SET role = excluded.role, token_hash = excluded.token_hash,"
+                " created_at = excluded.created_at",
+                token.name,
+                token.role,
+                token.token_hash,
+                token.created_at,
+            )
+
+        await self._query(run)
+
+    async def delete_admin_token(self, name: str) -> bool:
+        async def run(conn: asyncpg.Connection) -> str:
+            return str(await conn.execute("DELETE FROM tollway_admin_tokens WHERE name = $1", name))
+
+        return bool((await self._query(run)) != "DELETE 0")
+
+    async def admin_tokens(self) -> list[AdminToken]:
+        async def run(conn: asyncpg.Connection) -> list[AdminToken]:
+            records = await conn.fetch(
+                "SELECT name, role, token_hash, created_at FROM tollway_admin_tokens ORDER BY name"
+            )
+            return [AdminToken(*record) for record in records]
+
+        result: list[AdminToken] = await self._query(run)
+        return result
+
+    async def audit_log(self, query: AuditQuery) -> list[AuditEntry]:
+        where, args = audit_filters(query, numbered=True)
+        columns = AUDIT_COLUMNS.replace("before", "before::text").replace("after", "after::text")
+        sql = f"SELECT {columns} FROM tollway_audit{where} ORDER BY seq DESC LIMIT {int(query.limit)}"
+
+        async def run(conn: asyncpg.Connection) -> list[AuditEntry]:
+            records = await conn.fetch(sql, *args)
+            return [
+                AuditEntry(
+                    *tuple(record)[:10],
+                    *(orjson.loads(v) if v is not None else None for v in tuple(record)[10:]),
+                )
+                for record in records
+            ]
+
+        result: list[AuditEntry] = await self._query(run)
+        return result
+
+    async def trim_audit(self, older_than: float) -> int:
+        async def run(conn: asyncpg.Connection) -> str:
+            return str(await conn.execute("DELETE FROM tollway_audit WHERE at < $1", older_than))
+
+        return int((await self._query(run)).rsplit(" ", 1)[-1])
+
+
+async def _store_audit(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+    await conn.executemany(
+        "INSERT INTO tollway_audit (version, at, actor, address, request_id, action, kind, key, entity_id,"
+        " before, after) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11::jsonb)",
+        [(*row[:9], *(orjson.dumps(v).decode() if v is not None else None for v in row[9:])) for row in rows],
+    )
 
 
 def _rows(records: Iterable[Any]) -> list[Row]:

@@ -16,12 +16,25 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
 from tollway.store import migrations
-from tollway.store.base import NODE_FORGET_AFTER, ConfigStore, NodeInfo, WriteResult, trim_floor
+from tollway.store.base import (
+    AUDIT_COLUMNS,
+    NODE_FORGET_AFTER,
+    AdminToken,
+    AuditContext,
+    AuditEntry,
+    AuditQuery,
+    ConfigStore,
+    NodeInfo,
+    WriteResult,
+    audit_filters,
+    audit_rows,
+    trim_floor,
+)
 from tollway.store.model import Change, Op, Row, Rows, StoreError, plan_write
 
 T = TypeVar("T")
@@ -154,7 +167,9 @@ class SQLiteStore(ConfigStore):
         return await self._run(read)
 
     # -- writes ------------------------------------------------------------------------------------------
-    async def write(self, ops: Sequence[Op], author: str | None = None) -> WriteResult:
+    async def write(
+        self, ops: Sequence[Op], author: str | None = None, audit: AuditContext | None = None
+    ) -> WriteResult:
         def run(db: sqlite3.Connection) -> WriteResult:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -165,6 +180,8 @@ class SQLiteStore(ConfigStore):
                     db.execute("COMMIT")
                     return WriteResult(current.version, [])
                 _store_changes(db, changes, new_version, author)
+                if audit is not None:
+                    _store_audit(db, audit_rows(current, changes, new_version, audit))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -221,6 +238,73 @@ class SQLiteStore(ConfigStore):
             return [NodeInfo(*row) for row in cursor.fetchall()]
 
         return await self._run(run)
+
+    # -- admin API: tokens and audit log ------------------------------------------------------------------
+    async def put_admin_token(self, token: AdminToken) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO tollway_admin_tokens (name, role, token_hash, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET role = excluded.role, token_hash = excluded.token_hash,"
+                " created_at = excluded.created_at",
+                (token.name, token.role, token.token_hash, token.created_at),
+            )
+        )
+
+    async def delete_admin_token(self, name: str) -> bool:
+        cursor = await self._run(
+            lambda db: db.execute("DELETE FROM tollway_admin_tokens WHERE name = ?", (name,))
+        )
+        return bool(cursor.rowcount)
+
+    async def admin_tokens(self) -> list[AdminToken]:
+        def run(db: sqlite3.Connection) -> list[AdminToken]:
+            cursor = db.execute(
+                "SELECT name, role, token_hash, created_at FROM tollway_admin_tokens ORDER BY name"
+            )
+            return [AdminToken(*row) for row in cursor.fetchall()]
+
+        return await self._run(run)
+
+    async def audit_log(self, query: AuditQuery) -> list[AuditEntry]:
+        where, args = audit_filters(query, numbered=False)
+        sql = f"SELECT {AUDIT_COLUMNS} FROM tollway_audit{where} ORDER BY seq DESC LIMIT {int(query.limit)}"
+
+        def run(db: sqlite3.Connection) -> list[AuditEntry]:
+            return [_audit_entry(row) for row in db.execute(sql, args).fetchall()]
+
+        return await self._run(run)
+
+    async def trim_audit(self, older_than: float) -> int:
+        cursor = await self._run(
+            lambda db: db.execute("DELETE FROM tollway_audit WHERE at < ?", (older_than,))
+        )
+        return int(cursor.rowcount)
+
+
+def _audit_entry(row: tuple[Any, ...]) -> AuditEntry:
+    seq, version, at, actor, address, request_id, action, kind, key, entity_id, before, after = row
+    return AuditEntry(
+        seq,
+        version,
+        at,
+        actor,
+        address,
+        request_id,
+        action,
+        kind,
+        key,
+        entity_id,
+        orjson.loads(before) if before is not None else None,
+        orjson.loads(after) if after is not None else None,
+    )
+
+
+def _store_audit(db: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
+    db.executemany(
+        "INSERT INTO tollway_audit (version, at, actor, address, request_id, action, kind, key, entity_id,"
+        " before, after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(*row[:9], *(orjson.dumps(v).decode() if v is not None else None for v in row[9:])) for row in rows],
+    )
 
 
 _COLUMNS = "kind, key, data, id, version, position"
