@@ -102,7 +102,7 @@ def run(
     SIGHUP, or saving the file, reloads the config without dropping connections; a bad file keeps the
     running config and logs why.
     """
-    from tollway.config.loader import load_file
+    from tollway.config.apart import load_file_apart
     from tollway.config.tls import check_tls
     from tollway.config.types import check_traffic_listen
     from tollway.errors import ConfigError
@@ -117,7 +117,7 @@ def run(
             err.print(f"[red]--listen {address}: {exc}[/red]")
             raise typer.Exit(2) from None
     try:
-        cfg = load_file(config, PLUGIN_CHECK) if config is not None else _embedded_store_config()
+        cfg = load_file_apart(config, PLUGIN_CHECK) if config is not None else _embedded_store_config()
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None

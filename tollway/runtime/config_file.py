@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tollway.config.loader import PluginCheck, load_file, load_text
+from tollway.config.apart import load_file_apart, load_text_apart
+from tollway.config.loader import PluginCheck
 from tollway.config.schema import GatewayConfig
 from tollway.errors import ConfigError
 
@@ -68,10 +69,10 @@ def load_for_reload(
     if data is not None and not data.strip():
         raise ConfigError([f"{source}: the file is empty (being written?); not applied"], source)
     if data is None:
-        config = load_file(path, plugins)
+        config = load_file_apart(path, plugins)
     else:
         try:
-            config = load_text(data.decode("utf-8"), source, plugins)
+            config = load_text_apart(data.decode("utf-8"), source, plugins)
         except UnicodeDecodeError:
             raise ConfigError(["the file is not UTF-8 text"], source) from None
     if entities is not None:
