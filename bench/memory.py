@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen_chain import chain_config  # noqa: E402
+from gen_chain import chain_config
 
 _BANNER = re.compile(r"status http://127\.0\.0\.1:(\d+)")
 
