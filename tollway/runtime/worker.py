@@ -30,6 +30,7 @@ from tollway.proxy.server import ClientConnection
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime import config_delta
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
+from tollway.runtime.config_hold import unwire
 from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
 from tollway.runtime.handoff import adopt
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
@@ -164,6 +165,10 @@ class Worker:
             if listener.getsockname()[1] == port:
                 return kind
         return ""
+
+    def on_config_wire(self, version: int, data: bytes) -> None:
+        """A whole config, pickled once by the supervisor (tollway.runtime.config_hold)."""
+        self.apply_config(version, unwire(data))
 
     def on_config_delta(self, version: int, delta: dict[str, Any]) -> None:
         """What changed since the version this worker holds (tollway.runtime.config_delta)."""
