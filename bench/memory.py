@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rate-limit", choices=["local", "batched", "none"], default="local")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait after ready")
+    parser.add_argument("--log", action="store_true", help="print the gateway's output at the end")
     args = parser.parse_args()
     rate_limit = None if args.rate_limit == "none" else args.rate_limit
     with tempfile.TemporaryDirectory(prefix="tollway-mem-") as tmp:
@@ -102,6 +103,8 @@ def main() -> None:
             print(f"reload: supervisor applied version 2 {applied:.2f} s after SIGHUP")
             time.sleep(args.settle)
             report("after a reload", proc.pid)
+            if args.log:
+                print("".join(lines), end="")
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -42,7 +42,7 @@ from tollway.protocol.tickets import KEY_BYTES as TICKET_KEY_BYTES
 from tollway.runtime import config_delta
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
 from tollway.runtime.config_file import hold_for_reload, load_for_reload, read_stable, stat
-from tollway.runtime.config_hold import HeldConfig
+from tollway.runtime.config_hold import HeldConfig, release_freed_memory
 from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
 from tollway.runtime.handoff import Orphans
 from tollway.runtime.supervisor_status import start_status_server
@@ -284,6 +284,7 @@ class Supervisor:
         for handle in self.workers.values():
             if handle.channel is not None:
                 handle.channel.send(message)
+        release_freed_memory()
         log.info("config version %d applied (%s)", self.version, reason)
         self.on_event("reloaded", {"reason": reason, "version": self.version})
 

@@ -30,7 +30,7 @@ from tollway.proxy.server import ClientConnection
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime import config_delta
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
-from tollway.runtime.config_hold import unwire
+from tollway.runtime.config_hold import release_freed_memory, unwire
 from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
 from tollway.runtime.handoff import adopt
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
@@ -142,6 +142,7 @@ class Worker:
         self.upstreams.activate(snapshot.clusters)
         self.observability.apply(config)
         self._close_unused_pools(snapshot)
+        release_freed_memory()  # the previous config's memory, and the apply's
         if first:
             self._configured.set()
         elif self.channel is not None:
