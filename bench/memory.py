@@ -3,8 +3,8 @@
 Starts `tollway run` (2 workers by default) with the chain benchmark's config grown to `--routes` routes
 and 10,000 key-auth consumers (bench/gen_chain.py), waits until every worker has applied it (/ready),
 and prints each process's RSS. Then it reloads the same file with one route changed (SIGHUP) and prints
-how long the apply took (from the signal to the supervisor's "config version 2 applied" and the workers'
-ready answers) and the RSS after it.
+how long the apply took (from the signal to the supervisor's "config version 2 applied", and to every
+worker having applied it: /ready answers 200 again) and the RSS after it.
 
     python bench/memory.py [--routes 10000] [--workers 2] [--rate-limit local]
 
@@ -84,7 +84,7 @@ def main() -> None:
         lines: list[str] = []
         cmd = [sys.executable, "-m", "tollway", "run", "-c", str(path), "--workers", str(args.workers)]
         started = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
         assert proc.stdout is not None
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
         reader.start()
@@ -100,7 +100,12 @@ def main() -> None:
             proc.send_signal(signal.SIGHUP)
             _wait_line(lines, proc, "config version 2 applied")
             applied = time.monotonic() - signalled
-            print(f"reload: supervisor applied version 2 {applied:.2f} s after SIGHUP")
+            while not ready(status_port):  # every worker on version 2
+                time.sleep(0.01)
+            print(
+                f"reload: supervisor sent version 2 {applied:.2f} s after SIGHUP, "
+                f"every worker applied it after {time.monotonic() - signalled:.2f} s"
+            )
             time.sleep(args.settle)
             report("after a reload", proc.pid)
             if args.log:
