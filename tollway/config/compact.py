@@ -18,9 +18,11 @@ from typing import Any
 from pydantic import BaseModel
 
 
-def compact(config: BaseModel) -> None:
-    """Make equal empty containers and field sets in `config`'s models one shared object each."""
-    _Compactor().model(config)
+def compact(*models: BaseModel) -> None:
+    """Make equal empty containers and field sets in the models one shared object each."""
+    compactor = _Compactor()
+    for model in models:
+        compactor.model(model)
 
 
 class _Compactor:
