@@ -12,6 +12,7 @@ its entity objects are the base of the deltas sent to workers (tollway.runtime.c
 from __future__ import annotations
 
 import ctypes
+import gc
 import pickle
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from tollway.config.compact import compact
 from tollway.config.schema import GatewayConfig
 
-_DROPPED = {"routes": [], "consumers": []}
+_DROPPED: dict[str, list[Any]] = {"routes": [], "consumers": []}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,22 @@ class HeldConfig:
         if self.wire is None:
             return ("config", version, self.config)
         return ("config_wire", version, self.wire)
+
+
+def freeze_config_objects() -> None:
+    """Move every object alive now (the config, the snapshot, imported modules) out of the cyclic
+    garbage collector's scans. A worker holding 10,000 routes and consumers has ~1M objects; every
+    full collection walked all of them (~0.25 s), and the more a request allocates, the more often
+    that happens: per request, that was most of what a local rate limit cost on top of its own work
+    (callgrind: `visit_reachable`/`visit_decref`). Frozen objects are still freed when their last
+    reference goes; only reference cycles among them wait for `thaw_config_objects` at the next apply."""
+    gc.collect()
+    gc.freeze()
+
+
+def thaw_config_objects() -> None:
+    """Before a new config: what the previous one leaves in reference cycles becomes collectable."""
+    gc.unfreeze()
 
 
 def release_freed_memory() -> None:
