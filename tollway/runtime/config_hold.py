@@ -58,11 +58,11 @@ class HeldConfig:
 
 def freeze_config_objects() -> None:
     """Move every object alive now (the config, the snapshot, imported modules) out of the cyclic
-    garbage collector's scans. A worker holding 10,000 routes and consumers has ~1M objects; every
-    full collection walked all of them (~0.25 s), and the more a request allocates, the more often
-    that happens: per request, that was most of what a local rate limit cost on top of its own work
-    (callgrind: `visit_reachable`/`visit_decref`). Frozen objects are still freed when their last
-    reference goes; only reference cycles among them wait for `thaw_config_objects` at the next apply."""
+    garbage collector's scans. A worker holding 10,000 routes and consumers has ~1M objects, and every
+    full collection walked all of them (~0.25 s of stalled event loop). Frozen objects are still freed
+    when their last reference goes; only reference cycles among them wait for `thaw_config_objects`
+    at the next apply. After a reload this frees the previous snapshot's cycles at once (a worker at
+    10,000 routes: ~101 MB after a reload instead of ~105)."""
     gc.collect()
     gc.freeze()
 
