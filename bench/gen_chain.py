@@ -28,12 +28,14 @@ def chain_config(
     access_log: str = "/tmp/tollway-bench/tollway-chain-access.log",
     rate_limit: str | None = "local",
     redis_url: str = "redis://127.0.0.1:6379",
+    routes: int = ROUTES + 1,
 ) -> dict[str, Any]:
-    """`rate_limit`: "local" (the node table), "batched" (Redis in slices) or None (no limit)."""
-    routes: list[dict[str, Any]] = [
-        {"name": f"svc{i}", "service": "backend", "paths": [f"/svc{i}/"]} for i in range(ROUTES)
+    """`rate_limit`: "local" (the node table), "batched" (Redis in slices) or None (no limit);
+    `routes`: how many routes, the catch-all included."""
+    route_list: list[dict[str, Any]] = [
+        {"name": f"svc{i}", "service": "backend", "paths": [f"/svc{i}/"]} for i in range(routes - 1)
     ]
-    routes.append({"name": "catch-all", "service": "backend", "paths": ["/"]})
+    route_list.append({"name": "catch-all", "service": "backend", "paths": ["/"]})
     consumers = [
         {"username": f"user-{i}", "credentials": {"key-auth": [{"key": f"key-{i}"}]}}
         for i in range(CONSUMERS)
@@ -57,7 +59,7 @@ def chain_config(
             "access_log": {"enabled": True, "path": access_log},
         },
         "services": [{"name": "backend", "url": "http://127.0.0.1:9001"}],
-        "routes": routes,
+        "routes": route_list,
         "consumers": consumers,
         "plugins": plugins,
     }

@@ -102,11 +102,13 @@ def run(
     SIGHUP, or saving the file, reloads the config without dropping connections; a bad file keeps the
     running config and logs why.
     """
+    from tollway.config.apart import run_apart
     from tollway.config.loader import load_file
     from tollway.config.tls import check_tls
     from tollway.config.types import check_traffic_listen
     from tollway.errors import ConfigError
     from tollway.plugins.registry import PLUGIN_CHECK
+    from tollway.runtime.config_hold import HeldConfig
 
     _setup_logging(log_level)
     _warn_if_stale()
@@ -117,7 +119,8 @@ def run(
             err.print(f"[red]--listen {address}: {exc}[/red]")
             raise typer.Exit(2) from None
     try:
-        cfg = load_file(config, PLUGIN_CHECK) if config is not None else _embedded_store_config()
+        held = run_apart(lambda: HeldConfig.hold_file(load_file(config, PLUGIN_CHECK))) if config else None
+        cfg = held.config if held is not None else _embedded_store_config()
     except ConfigError as exc:
         _print_issues(exc)
         raise typer.Exit(1) from None
@@ -143,7 +146,7 @@ def run(
 
         base = config.resolve().parent if config is not None else Path.cwd()
         admin = AdminServer(cfg.gateway.admin, source.store, base, cfg.gateway.access_log)
-    raise typer.Exit(serve(config, cfg, workers, listen, source, admin))
+    raise typer.Exit(serve(config, held or cfg, workers, listen, source, admin))
 
 
 def _embedded_store_config() -> Any:

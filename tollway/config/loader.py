@@ -75,8 +75,7 @@ def load_file(path: str | Path, plugins: PluginCheck | None = None) -> GatewayCo
 
 def load_text(text: str, source: str = "<config>", plugins: PluginCheck | None = None) -> GatewayConfig:
     try:
-        root = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader) if root is not None else {}
+        root, data = _parse(text)
     except yaml.YAMLError as exc:
         raise ConfigError([yaml_problem(exc, source)], source) from exc
     lines = _line_map(root) if root is not None else {}
@@ -88,6 +87,17 @@ def load_text(text: str, source: str = "<config>", plugins: PluginCheck | None =
     if duplicates:
         raise ConfigError(duplicates, source)
     return config
+
+
+def _parse(text: str) -> tuple[yaml.Node | None, Any]:
+    """The node tree (for line numbers and duplicate keys) and the document built from it: one parse,
+    not one for each."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        return root, (loader.construct_document(root) if root is not None else {})
+    finally:
+        loader.dispose()
 
 
 def yaml_problem(exc: yaml.YAMLError, source: str) -> str:

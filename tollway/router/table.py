@@ -71,6 +71,9 @@ class MethodNotAllowed:
 _UNCHANGED, _STRIP, _REWRITE = 0, 1, 2
 
 
+_ANY_METHOD: frozenset[str] = frozenset()
+
+
 class RouteEntry:
     """One route as the hot path needs it; shared by all of the route's variants."""
 
@@ -89,7 +92,8 @@ class RouteEntry:
 
     def __init__(self, route: Route, payload: Any) -> None:
         self.payload = payload
-        self.methods = frozenset(route.methods)  # empty: any method
+        # empty: any method (one shared empty set: 10,000 routes would hold 10,000 copies, 2 MB)
+        self.methods = frozenset(route.methods) if route.methods else _ANY_METHOD
         self.headers: Matchers | None = compile_matchers(route.headers)
         self.query: Matchers | None = compile_matchers(route.query)
         # TLS matchers (docs/tls.md): the client's scheme and the server name it sent

@@ -13,7 +13,9 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+from tollway.config.apart import run_apart
 from tollway.config.loader import PluginCheck, load_file, load_text
 from tollway.config.schema import GatewayConfig
 from tollway.errors import ConfigError
@@ -22,6 +24,7 @@ SETTLE = 0.1  # seconds between the two reads that must agree
 SETTLE_MAX = 5.0  # a file still changing after this is not reloaded
 
 Stat = tuple[int, int, int]
+T = TypeVar("T")
 
 
 def stat(path: Path) -> Stat | None:
@@ -63,19 +66,36 @@ def load_for_reload(
 ) -> GatewayConfig:
     """Validate the file (`data`: its bytes as read, or None to read it now) for a reload, with the
     entities of a config store when there is one (`entities`, tollway.store): ConfigError if it is
-    invalid, empty, or has no routes without `gateway.allow_empty_routes`."""
+    invalid, empty, or has no routes without `gateway.allow_empty_routes`. The parse runs in a forked
+    child (tollway.config.apart)."""
+    config = run_apart(lambda: _load(path, data, plugins))
+    if entities is not None:
+        config = entities(config)
+    _check_routes(config, str(path))
+    return config
+
+
+def hold_for_reload(
+    path: Path, data: bytes | None, plugins: PluginCheck, finish: Callable[[GatewayConfig], T]
+) -> T:
+    """`load_for_reload` without a config store, and `finish(config)` too, all in the forked child:
+    only what `finish` returns (the supervisor's held config) reaches this process."""
+    return run_apart(lambda: finish(_check_routes(_load(path, data, plugins), str(path))))
+
+
+def _load(path: Path, data: bytes | None, plugins: PluginCheck) -> GatewayConfig:
     source = str(path)
     if data is not None and not data.strip():
         raise ConfigError([f"{source}: the file is empty (being written?); not applied"], source)
     if data is None:
-        config = load_file(path, plugins)
-    else:
-        try:
-            config = load_text(data.decode("utf-8"), source, plugins)
-        except UnicodeDecodeError:
-            raise ConfigError(["the file is not UTF-8 text"], source) from None
-    if entities is not None:
-        config = entities(config)
+        return load_file(path, plugins)
+    try:
+        return load_text(data.decode("utf-8"), source, plugins)
+    except UnicodeDecodeError:
+        raise ConfigError(["the file is not UTF-8 text"], source) from None
+
+
+def _check_routes(config: GatewayConfig, source: str) -> GatewayConfig:
     if not config.routes and not config.gateway.allow_empty_routes:
         raise ConfigError(
             [f"{source}: {NO_ROUTES}; not applied (gateway.allow_empty_routes: true allows it)"], source

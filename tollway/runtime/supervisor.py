@@ -41,7 +41,8 @@ from tollway.plugins.registry import PLUGIN_CHECK
 from tollway.protocol.tickets import KEY_BYTES as TICKET_KEY_BYTES
 from tollway.runtime import config_delta
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
-from tollway.runtime.config_file import load_for_reload, read_stable, stat
+from tollway.runtime.config_file import hold_for_reload, load_for_reload, read_stable, stat
+from tollway.runtime.config_hold import HeldConfig, release_freed_memory
 from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
 from tollway.runtime.handoff import Orphans
 from tollway.runtime.supervisor_status import start_status_server
@@ -71,7 +72,7 @@ class Supervisor:
     def __init__(
         self,
         config_path: str | Path | None,
-        config: GatewayConfig,
+        config: GatewayConfig | HeldConfig,
         workers: int | None = None,
         listen: list[str] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
@@ -80,7 +81,15 @@ class Supervisor:
     ) -> None:
         self.config_path = Path(config_path) if config_path is not None else None
         self.overrides = {"listen": listen} if listen else {}
-        self.config = self._with_overrides(config)
+        self.source = source  # a config store (tollway.store.node.StoreSource): entities come from it
+        if isinstance(config, HeldConfig) and (
+            self.overrides or (config.wire is None) != (source is not None)
+        ):
+            config = config.whole()  # --listen, or a store: held again below
+        if isinstance(config, HeldConfig):
+            self.held, self.config = config, config.config
+        else:
+            self._hold(self._with_overrides(config))
         self.version = 1
         self.nworkers = workers or _default_workers(self.config)
         self.sockets: list[list[socket.socket]] = []
@@ -112,8 +121,6 @@ class Supervisor:
         # Observability: merged worker metrics, and hooks for other features (docs/monitoring.md).
         self.metrics = MetricsHub(self)
         self.status_sections: dict[str, Callable[[], Any]] = {}
-        # A config store (tollway.store.node.StoreSource): entities come from it, not from the file.
-        self.source = source
         # The admin API listener (tollway.admin.server.AdminServer), started beside the status listener.
         self.admin = admin
         self.admin_address: str | None = None
@@ -167,7 +174,7 @@ class Supervisor:
     async def _start_source(self) -> bool:
         """The first config from the store (or its last-known-good file); False if neither answers."""
         try:
-            self.config = self._with_overrides(await self.source.start(self))
+            self._hold(self._with_overrides(await self.source.start(self)))
         except TollwayError as exc:
             log.error("%s", exc)
             self.on_event("error", {"message": str(exc)})
@@ -196,8 +203,8 @@ class Supervisor:
             "workers": self.nworkers,
             "config_version": self.version,
             "config_path": str(self.config_path) if self.config_path else None,
-            "routes": len(self.config.routes),
-            "services": len(self.config.services),
+            "routes": self.held.routes,
+            "services": self.held.services,
         }
 
     async def shutdown(self, fast: bool = False) -> None:
@@ -268,28 +275,36 @@ class Supervisor:
         if data is None:
             self._watch_stat = stat(self.config_path)  # before reading: a later change is seen next poll
         try:
-            entities = self.source.with_entities if self.source is not None else None
-            config = self._with_overrides(load_for_reload(self.config_path, data, PLUGIN_CHECK, entities))
+            if self.source is not None:
+                entities = self.source.with_entities
+                config: GatewayConfig | HeldConfig = self._with_overrides(
+                    load_for_reload(self.config_path, data, PLUGIN_CHECK, entities)
+                )
+            else:  # parsed, checked and held in a forked child (config_hold: memory)
+                config = hold_for_reload(self.config_path, data, PLUGIN_CHECK, self._held_file_config)
         except TollwayError as exc:
             self._reload_failed(reason, exc)
             return False
         self.apply_config(config, reason)
         return True
 
-    def apply_config(self, config: GatewayConfig, reason: str) -> None:
+    def apply_config(self, config: GatewayConfig | HeldConfig, reason: str) -> None:
         """Send a validated config to every worker (a file reload, or a config store change)."""
-        self._warn_restart_only(config)
-        _log_warnings(config)
-        previous, self.config = self.config, config
-        self.upstreams.apply(config)
+        held = config if isinstance(config, HeldConfig) else HeldConfig.hold(config, self.source is not None)
+        self._warn_restart_only(held.config)
+        _log_warnings(held.config)
+        previous = self.config
+        self.held, self.config = held, held.config
+        self.upstreams.apply(self.config)
         self.version += 1
         self.last_reload = {"time": time.time(), "result": "ok", "version": self.version}
         self.metrics.registry.count("config_reloads_total", result="ok")
-        delta = config_delta.encode(previous, config)
-        message = ("config", self.version, config) if delta is None else ("config_delta", self.version, delta)
+        delta = config_delta.encode(previous, self.config) if held.wire is None else None
+        message = self.held.message(self.version) if delta is None else ("config_delta", self.version, delta)
         for handle in self.workers.values():
             if handle.channel is not None:
                 handle.channel.send(message)
+        release_freed_memory()
         log.info("config version %d applied (%s)", self.version, reason)
         self.on_event("reloaded", {"reason": reason, "version": self.version})
 
@@ -311,6 +326,14 @@ class Supervisor:
             "\n  ".join(issues),
         )
         self.on_event("reload_failed", {"reason": reason, "issues": issues})
+
+    def _hold(self, config: GatewayConfig) -> None:
+        """Keep the config (routes and consumers only pickled, without a store: config_hold)."""
+        self.held = HeldConfig.hold(config, whole=self.source is not None)
+        self.config = self.held.config
+
+    def _held_file_config(self, config: GatewayConfig) -> HeldConfig:
+        return HeldConfig.hold(self._with_overrides(config), whole=False)
 
     def _with_overrides(self, config: GatewayConfig) -> GatewayConfig:
         if not self.overrides:
@@ -398,7 +421,7 @@ class Supervisor:
             lambda: self._in_background(self._on_worker_gone(handle)),
         )
         handle.channel.send(self.upstreams.state_message())
-        handle.channel.send(("config", self.version, self.config))
+        handle.channel.send(self.held.message(self.version))
         if self._ticket_keys is not None:  # TLS listeners: one set of session-ticket keys per node
             handle.channel.send(("tls_ticket_keys", self._ticket_keys))
         log.debug("worker %d started (pid %d)", slot, process.pid)
@@ -592,7 +615,7 @@ class Supervisor:
     def on_worker_config_needed(self, handle: WorkerHandle) -> None:
         """A worker got a config delta against a version it does not hold: send the whole config."""
         if handle.channel is not None:
-            handle.channel.send(("config", self.version, self.config))
+            handle.channel.send(self.held.message(self.version))
 
     def on_worker_collected(self, handle: WorkerHandle, token: int, data: dict[str, Any]) -> None:
         self.metrics.received(handle.slot, handle.process.pid, token, data)

@@ -30,6 +30,12 @@ from tollway.proxy.server import ClientConnection
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime import config_delta
 from tollway.runtime.channel import ChannelProtocol, Message, open_channel
+from tollway.runtime.config_hold import (
+    freeze_config_objects,
+    release_freed_memory,
+    thaw_config_objects,
+    unwire,
+)
 from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
 from tollway.runtime.handoff import adopt
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
@@ -141,10 +147,17 @@ class Worker:
         self.upstreams.activate(snapshot.clusters)
         self.observability.apply(config)
         self._close_unused_pools(snapshot)
-        if first:
+        if first:  # not serving yet: the collection stalls no request
+            freeze_config_objects()
+            release_freed_memory()
             self._configured.set()
-        elif self.channel is not None:
+            return
+        if self.channel is not None:
             self.channel.send(("ready", version))
+        # After a reload, once "ready" is out: one full collection (what the garbage collector would
+        # run soon anyway), then the new config leaves its scans (config_hold.freeze_config_objects).
+        thaw_config_objects()
+        self.loop.call_soon(_settle_memory)
 
     def _serve_passed(self, sock: socket.socket) -> None:
         """A connection the supervisor accepted on a restarting worker's socket (tollway.runtime.handoff)."""
@@ -164,6 +177,10 @@ class Worker:
             if listener.getsockname()[1] == port:
                 return kind
         return ""
+
+    def on_config_wire(self, version: int, data: bytes) -> None:
+        """A whole config, pickled once by the supervisor (tollway.runtime.config_hold)."""
+        self.apply_config(version, unwire(data))
 
     def on_config_delta(self, version: int, delta: dict[str, Any]) -> None:
         """What changed since the version this worker holds (tollway.runtime.config_delta)."""
@@ -348,6 +365,11 @@ def _attach_pipelines(config: GatewayConfig, routes: list[CompiledRoute]) -> Non
     from tollway.plugins.build import attach_pipelines
 
     attach_pipelines(config, routes)
+
+
+def _settle_memory() -> None:
+    freeze_config_objects()
+    release_freed_memory()
 
 
 def _ignore_failure(task: asyncio.Task[object]) -> None:

@@ -78,6 +78,7 @@ class BatchedRedisPolicy(RedisBacked):
         self.gcra = spec.algorithm == "gcra"
         self.fetching: dict[str, asyncio.Future[bool]] = {}
         self.fetched: dict[str, float] = {}  # keys this process fetched for -> reserve seen at last sweep
+        self.waiting: dict[str, int] = {}  # units requested by checks waiting on a key's slice
         self._prefix = b"batched\0" + spec.ident.encode() + b"\0"
         self._fps: dict[str, int] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -159,9 +160,18 @@ class BatchedRedisPolicy(RedisBacked):
         return max(0.0, expires - now)
 
     async def _fetch_then_check(self, key: str, fp: int, cost: int) -> Decision:
+        waiting = self.waiting
         for _ in range(3):
             future = self.fetching.get(key) or self._start_fetch(key, fp, cost)
-            ok = await asyncio.shield(future)
+            waiting[key] = waiting.get(key, 0) + cost
+            try:
+                ok = await asyncio.shield(future)
+            finally:
+                left = waiting[key] - cost
+                if left > 0:
+                    waiting[key] = left
+                else:
+                    del waiting[key]
             now = self.clock()
             if not ok:
                 return self.fail(key, now, cost)
@@ -192,7 +202,7 @@ class BatchedRedisPolicy(RedisBacked):
     async def _take_slice(self, key: str, fp: int, cost: int) -> bool:
         """Ask Redis for a slice and park what it grants in the node table; False if Redis failed."""
         sent = self.clock()
-        want = self._slice_size(fp, sent, cost)
+        want = self._slice_size(key, fp, sent, cost)
         self.stats.redis_calls += 1
         args = (self.p1, self.p2, want, 1, self.now_arg(sent))
         try:
@@ -205,7 +215,7 @@ class BatchedRedisPolicy(RedisBacked):
         self._deposit(key, fp, sent, granted, remaining, reset_us / 1e6, retry_us / 1e6, float(wid))
         return True
 
-    def _slice_size(self, fp: int, now: float, cost: int) -> int:
+    def _slice_size(self, key: str, fp: int, now: float, cost: int) -> int:
         """The node's recent rate for this key x slice_interval, within [cost, max_slice]."""
         table = self.table
         stripe = table.lock(fp)
@@ -215,10 +225,14 @@ class BatchedRedisPolicy(RedisBacked):
         finally:
             table.unlock(stripe)
         want = self.initial_slice
-        if record is not None and record[LAST_FETCH] > 0:
+        # STOCK is 0 once the sweeper took an idle reserve back: the rate is unknown again, as for a
+        # new key (a slice of one unit for a burst starved the requests waiting on it: 429s).
+        if record is not None and record[LAST_FETCH] > 0 and record[STOCK] > 0:
             consumed = max(0.0, record[STOCK] - record[RESERVE])
             elapsed = max(now - record[LAST_FETCH], 1e-3)
             want = math.ceil(consumed / elapsed * self.slice_interval)
+        # Enough for the requests already waiting on this slice: they would otherwise go round again.
+        want = max(want, self.waiting.get(key, 0) + cost)
         return int(min(self.max_slice, max(want, cost, 1)))
 
     def _deposit(
