@@ -36,7 +36,7 @@ from tollway.config.schema import GatewayConfig
 from tollway.config.tls import tls_warnings
 from tollway.config.types import parse_hostport, parse_listen
 from tollway.errors import ConfigError, TollwayError
-from tollway.observability.supervisor_side import CONTENT_TYPE, MetricsHub, resident_bytes
+from tollway.observability.supervisor_side import CONTENT_TYPE, MetricsHub
 from tollway.plugins.registry import PLUGIN_CHECK
 from tollway.protocol.tickets import KEY_BYTES as TICKET_KEY_BYTES
 from tollway.runtime import config_delta
@@ -45,7 +45,8 @@ from tollway.runtime.config_file import hold_for_reload, load_for_reload, read_s
 from tollway.runtime.config_hold import HeldConfig, release_freed_memory
 from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
 from tollway.runtime.handoff import Orphans
-from tollway.runtime.supervisor_status import start_status_server
+from tollway.runtime.processes import kill, listen_socket, reap
+from tollway.runtime.supervisor_status import start_status_server, status_document
 from tollway.runtime.worker import ENV_FDS, ENV_LISTEN_KINDS
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
 from tollway.state.shared import SharedTable, create_for_workers
@@ -236,7 +237,7 @@ class Supervisor:
         if self._stopping:
             log.warning("second stop signal: stopping now")
             for handle in self.workers.values():
-                _kill(handle.process)
+                kill(handle.process)
             if self._done is not None:
                 self._done.set()
             return
@@ -383,7 +384,7 @@ class Supervisor:
             host, port, flags = parse_listen(address)
             self.listen_kinds.append("mtls" if "mtls" in flags else "tls" if "tls" in flags else "")
             for slot in range(self.nworkers):
-                sock = _listen_socket(host, port, gateway.backlog)
+                sock = listen_socket(host, port, gateway.backlog)
                 port = sock.getsockname()[1]
                 self.sockets[slot].append(sock)
             bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
@@ -450,7 +451,7 @@ class Supervisor:
             # Connections the kernel hashes to its socket go to the live workers until the new one is up.
             self.orphans.watch(handle.slot, self.sockets[handle.slot])
         self.metrics.worker_gone(handle.process.pid)  # its counters carry on in the merged totals
-        code = await _reap(handle.process)
+        code = await reap(handle.process)
         if self.workers.get(handle.slot) is not handle:
             return
         handle.channel = None
@@ -490,8 +491,8 @@ class Supervisor:
                 await asyncio.sleep(0.05)
             if handle.process.poll() is None:
                 log.warning("worker %d did not stop in time; killing it", handle.slot)
-                _kill(handle.process)
-                await _reap(handle.process)
+                kill(handle.process)
+                await reap(handle.process)
 
     def ready(self) -> bool:
         return (
@@ -541,49 +542,8 @@ class Supervisor:
         return {"status": "draining" if self.draining else "starting", "config_version": self.version}
 
     def status(self) -> dict[str, Any]:
-        """The /status document, from the supervisor's state and the workers' last collected numbers
-        (so every request to /status sees the same view, whichever worker serves traffic)."""
-        workers = []
-        connections = 0
-        for h in sorted(self.workers.values(), key=lambda h: h.slot):
-            view = self.metrics.worker_view(h.process.pid) or {}
-            alive = h.channel is not None
-            conns = int(view.get("connections", 0)) if alive else 0
-            connections += conns
-            workers.append(
-                {
-                    "slot": h.slot,
-                    "pid": h.process.pid,
-                    "alive": alive,
-                    "config_version": h.ready_version,
-                    "uptime_seconds": round(time.monotonic() - h.started, 3),
-                    "restarts": h.restarts,
-                    "connections": conns,
-                    "requests": _requests_in(view),
-                    "resident_memory_bytes": resident_bytes(h.process.pid) if alive else 0,
-                }
-            )
-        doc: dict[str, Any] = {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_seconds": round(time.time() - self.started, 3),
-            "draining": self.draining,
-            "ready": self.ready(),
-            "config": {
-                "version": self.version,
-                "path": str(self.config_path) if self.config_path else None,
-                "last_reload": self.last_reload,
-            },
-            "connections": {"active": connections},
-            "workers": workers,
-            "upstreams": self.upstreams.summary(),
-        }
-        for name, section in self.status_sections.items():
-            try:
-                doc[name] = section()
-            except Exception as exc:  # one broken section must not take /status down
-                doc[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        return doc
+        """The /status document (tollway.runtime.supervisor_status)."""
+        return status_document(self)
 
     async def _status_page(self) -> tuple[int, dict[str, Any]]:
         await self.metrics.collect(self.config.gateway.metrics.collect_timeout)
@@ -627,43 +587,11 @@ class Supervisor:
                 await self.metrics.collect(self.config.gateway.metrics.collect_timeout)
 
 
-def _requests_in(view: dict[str, Any]) -> int:
-    """Requests a worker answered, from its collected numbers."""
-    return sum(sum(route[0].values()) for route in view.get("routes", {}).values())
-
-
 def _log_warnings(config: GatewayConfig) -> None:
     for warning in tls_warnings(config):  # expiring certificates, unverified backends (docs/tls.md)
         log.warning("%s", warning)
 
 
-def _listen_socket(host: str, port: int, backlog: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
-
-
 def _default_workers(config: GatewayConfig) -> int:
     workers = config.gateway.workers
     return os.cpu_count() or 1 if workers == "auto" else int(workers)
-
-
-async def _reap(process: subprocess.Popen[bytes]) -> int | None:
-    for _ in range(200):
-        code = process.poll()
-        if code is not None:
-            return code
-        await asyncio.sleep(0.01)
-    return process.poll()
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()

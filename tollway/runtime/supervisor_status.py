@@ -9,13 +9,20 @@ traffic before listeners close. Handlers are plain callables returning (status, 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 import orjson
 
+from tollway import __version__
+from tollway.observability.supervisor_side import resident_bytes
 from tollway.proxy.responses import reason
+
+if TYPE_CHECKING:
+    from tollway.runtime.supervisor import Supervisor
 
 # A handler returns (status, body) where body is JSON-able, or (status, bytes, content-type).
 Handler = Callable[[], "Awaitable[tuple[Any, ...]] | tuple[Any, ...]"]
@@ -103,3 +110,54 @@ async def _call(handler: Handler) -> tuple[int, bytes, bytes]:
 async def start_status_server(host: str, port: int, routes: dict[str, Handler]) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: StatusProtocol(routes), host, port, reuse_address=True)
+
+
+def status_document(sup: Supervisor) -> dict[str, Any]:
+    """The /status document, from the supervisor's state and the workers' last collected numbers
+    (so every request to /status sees the same view, whichever worker serves traffic)."""
+    workers = []
+    connections = 0
+    for h in sorted(sup.workers.values(), key=lambda h: h.slot):
+        view = sup.metrics.worker_view(h.process.pid) or {}
+        alive = h.channel is not None
+        conns = int(view.get("connections", 0)) if alive else 0
+        connections += conns
+        workers.append(
+            {
+                "slot": h.slot,
+                "pid": h.process.pid,
+                "alive": alive,
+                "config_version": h.ready_version,
+                "uptime_seconds": round(time.monotonic() - h.started, 3),
+                "restarts": h.restarts,
+                "connections": conns,
+                "requests": _requests_in(view),
+                "resident_memory_bytes": resident_bytes(h.process.pid) if alive else 0,
+            }
+        )
+    doc: dict[str, Any] = {
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime_seconds": round(time.time() - sup.started, 3),
+        "draining": sup.draining,
+        "ready": sup.ready(),
+        "config": {
+            "version": sup.version,
+            "path": str(sup.config_path) if sup.config_path else None,
+            "last_reload": sup.last_reload,
+        },
+        "connections": {"active": connections},
+        "workers": workers,
+        "upstreams": sup.upstreams.summary(),
+    }
+    for name, section in sup.status_sections.items():
+        try:
+            doc[name] = section()
+        except Exception as exc:  # one broken section must not take /status down
+            doc[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return doc
+
+
+def _requests_in(view: dict[str, Any]) -> int:
+    """Requests a worker answered, from its collected numbers."""
+    return sum(sum(route[0].values()) for route in view.get("routes", {}).values())
