@@ -35,6 +35,7 @@ from tollway.proxy.exchange import Exchange, RequestIds
 if TYPE_CHECKING:
     import asyncio
 
+    from tollway.proxy.pdk import RequestContext
     from tollway.runtime.worker import Worker
     from tollway.upstream.connection import UpstreamConnection
 
@@ -309,11 +310,11 @@ class ClientConnection:
         if self.transport is not None:
             self.transport.abort()
 
-    def pause_reading_for(self, ex: Exchange) -> None:
+    def pause_reading_for(self, ex: RequestContext) -> None:
         if ex is self.active or ex is self.current:
             self._pause(_PAUSE_BODY)
 
-    def resume_reading_for(self, ex: Exchange) -> None:
+    def resume_reading_for(self, ex: RequestContext) -> None:
         self._resume(_PAUSE_BODY)
 
     def exchange_finished(self, ex: Exchange) -> None:
