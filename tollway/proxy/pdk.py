@@ -19,11 +19,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from tollway.protocol.http1 import BODY_LENGTH
 from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, REQ_NONE, RequestHead
 from tollway.proxy.responses import Response, error_response, serialize
+
+_perf_counter: Final = time.perf_counter  # bound once: no module attribute lookup per request
 
 if TYPE_CHECKING:
     from tollway.protocol.http1 import ResponseHead
@@ -79,7 +81,7 @@ class RequestContext(RequestHead):
         super().__init__()
         self.client = client
         self.snapshot = snapshot
-        self.start_time = time.perf_counter()
+        self.start_time = _perf_counter()
         self.body_received = 0
         self.body_done = False
         self.path = ""
@@ -125,7 +127,7 @@ class RequestContext(RequestHead):
 
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start_time
+        return _perf_counter() - self.start_time
 
     def get_header(self, name: str) -> str | None:
         """The first value of a request header (case-insensitive), as sent by the client."""
