@@ -245,15 +245,19 @@ class ClientConnection:
         assert ex is not None
         parser = self.parser
         ex.method = method = parser.get_method()
-        version = parser.get_http_version()
-        if version == "1.1":
-            ex.version = 1
-        elif version == "1.0":
-            ex.version = 0
-        else:
-            major, _, minor = version.partition(".")
-            check_request_version(int(major), int(minor or "0"))
-        ex.keep_alive = self.keepalive_timeout > 0 and parser.should_keep_alive()
+        keep_alive = parser.should_keep_alive()
+        # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0, and keeps only 1.1 alive without a Connection
+        # header: then the version is known without get_http_version(), which formats a string.
+        if not keep_alive or ex.connection_header:
+            version = parser.get_http_version()
+            if version == "1.1":
+                ex.version = 1
+            elif version == "1.0":
+                ex.version = 0
+            else:
+                major, _, minor = version.partition(".")
+                check_request_version(int(major), int(minor or "0"))
+        ex.keep_alive = self.keepalive_timeout > 0 and keep_alive
         if not ex.keep_alive:
             self._last = True
         if method == b"CONNECT":
