@@ -51,6 +51,7 @@ HOT_MODULES = [
     "tollway/proxy/exchange.py",
     "tollway/proxy/pdk.py",
     "tollway/proxy/pipeline.py",
+    "tollway/proxy/request_body.py",
     "tollway/proxy/responses.py",
     "tollway/proxy/server.py",
     "tollway/proxy/snapshot.py",

@@ -40,9 +40,19 @@ RESPONSE = (
 
 
 def measure(
-    config_text: str | None, config_file: Path | None, requests: int, request: bytes, warmup: int = 2000
+    config_text: str | None,
+    config_file: Path | None,
+    requests: int,
+    request: bytes,
+    warmup: int = 2000,
+    use_uvloop: bool = False,
 ) -> float:
-    loop = asyncio.new_event_loop()
+    if use_uvloop:  # the workers' loop: loop.time() and timers are C calls there, Python on asyncio's
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     if config_file:
         config = load_file(config_file, PLUGIN_CHECK)
@@ -93,10 +103,14 @@ def main() -> None:
     parser.add_argument("--header", action="append", default=[])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2000)
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop, as the workers do")
     args = parser.parse_args()
     extra = "".join(f"{h}\r\n" for h in args.header).encode()
     request = b"GET " + args.path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n" + extra + b"\r\n"
-    runs = [measure(None, args.config, args.requests, request, args.warmup) for _ in range(args.repeat)]
+    runs = [
+        measure(None, args.config, args.requests, request, args.warmup, args.uvloop)
+        for _ in range(args.repeat)
+    ]
     print(
         f"hot path: {min(runs):.2f} µs/request (best of {args.repeat}; runs: "
         + ", ".join(f"{r:.2f}" for r in runs)

@@ -1,7 +1,8 @@
 """What a worker does when a request ends: count it, log it, and hand a sampled one to the tracer.
 
-`Recorder.finished` is called once per request (Worker.request_finished). It reads the clock once
-and derives every duration from it:
+`Recorder.finished` is called once per request: the client connection calls `Snapshot.request_finished`,
+which the worker sets to it, or to None when metrics, access log and tracing are all off (then a request
+runs none of their code). It reads the clock once and derives every duration from it:
 
 - total    — from the request head (the Exchange's creation) to now, the last response byte;
 - upstream — `Exchange.upstream_time`: from handing the request to a backend (connect included) to
@@ -57,6 +58,10 @@ class Recorder:
         self.access_log = access_log
         self.tracer = tracer
         self.trace_ids = tracer is not None or (access_log is not None and access_log.needs_trace_ids)
+
+    def records(self) -> bool:
+        """Whether a finished request has anything to do here (`finished` is not called otherwise)."""
+        return self.metrics_on or self.access_log is not None or self.tracer is not None
 
     def finished(self, ex: Exchange) -> None:
         now = _perf_counter()

@@ -88,7 +88,11 @@ class TraceSettings:
             return
         if not ex.trace_id:
             self.start(ex)
-        parts += (_PREFIX, ex.trace_id, b"-", ex.span_id, _SAMPLED_TAIL if ex.sampled else _UNSAMPLED_TAIL)
+        parts.append(_PREFIX)
+        parts.append(ex.trace_id)
+        parts.append(b"-")
+        parts.append(ex.span_id)
+        parts.append(_SAMPLED_TAIL if ex.sampled else _UNSAMPLED_TAIL)
         if ex.tracestate:
             parts += (b"tracestate: ", ex.tracestate, b"\r\n")
 

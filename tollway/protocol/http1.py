@@ -70,6 +70,7 @@ class ResponseHead:
     """
 
     __slots__ = (
+        "_bare",
         "_headers",
         "_strip",
         "body_kind",
@@ -93,6 +94,9 @@ class ResponseHead:
         self.lists_headers = False  # Connection names headers that must be stripped too
         self._strip: list[tuple[int, int]] = _NO_SPANS  # spans of hop-by-hop lines in `raw`
         self._headers: list[tuple[bytes, bytes]] | None = None
+        # `to_client` without its extra lines and final CRLF: built once per distinct head (memoised
+        # heads share it), since a backend repeats its heads
+        self._bare: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<ResponseHead {self.status} body_kind={self.body_kind} length={self.content_length}>"
@@ -106,6 +110,7 @@ class ResponseHead:
         other.connection = self.connection
         other.lists_headers = self.lists_headers
         other._strip = self._strip  # never mutated after parsing
+        other._bare = self._bare
         return other
 
     @property
@@ -144,15 +149,20 @@ class ResponseHead:
             return b"".join(parts)
         if self.lists_headers:
             return self._rebuild_without_listed(extra)
-        strip = self._strip
-        if not strip:
-            return b"HTTP/1.1" + raw[8:-2] + extra + b"\r\n"
+        bare = self._bare
+        if bare is None:
+            bare = self._bare = self._bare_head()
+        return bare + extra + b"\r\n" if extra else bare + b"\r\n"
+
+    def _bare_head(self) -> bytes:
+        """The raw head as HTTP/1.1, without its hop-by-hop lines and its final CRLF."""
+        raw = self.raw
         parts = [b"HTTP/1.1"]
         pos = 8
-        for start, end in strip:
+        for start, end in self._strip:
             parts.append(raw[pos:start])
             pos = end
-        parts += (raw[pos:-2], extra, b"\r\n")
+        parts.append(raw[pos:-2])
         return b"".join(parts)
 
     def _rebuild_without_listed(self, extra: bytes) -> bytes:
@@ -187,7 +197,10 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     resp = _parse(head, request_method)
     if len(_HEAD_MEMO) >= _HEAD_MEMO_SIZE:
         _HEAD_MEMO.clear()
-    _HEAD_MEMO[head] = resp.copy()
+    memo = resp.copy()
+    if not memo.lists_headers:
+        memo._bare = memo._bare_head()  # shared by every copy
+    _HEAD_MEMO[head] = memo
     return resp
 
 

@@ -5,7 +5,8 @@ it request parts as httptools parses them. The exchange routes the request, runs
 asks the service's cluster for a target, writes the request to a pooled upstream connection, and
 relays the response back — streaming both bodies with backpressure, never buffering a whole body.
 Plugins receive it as its documented base class, `RequestContext` (tollway.proxy.pdk); the try/retry/
-replay state machine is the other base class, `UpstreamTries` (tollway.proxy.tries).
+replay state machine is a base class, `UpstreamTries` (tollway.proxy.tries), and so is the request
+body's side, `RequestBody` (tollway.proxy.request_body): one object per request, in small parts.
 
 The hot path is plain method calls. A coroutine is only involved when a plugin awaits something or a
 new upstream connection must be opened.
@@ -13,15 +14,12 @@ new upstream connection must be opened.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from binascii import hexlify
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tollway.errors import (
-    BodyTooLarge,
     ClientError,
     NoHealthyTarget,
     TollwayError,
@@ -41,18 +39,18 @@ from tollway.protocol.http1 import (
 from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, REQ_NONE
 from tollway.proxy.forwarded import stripped_prefix
 from tollway.proxy.pdk import ADD, REMOVE
-from tollway.proxy.responses import Response, error_response, serialize
-from tollway.proxy.tries import REPLAY_LIMIT, UpstreamTries
+from tollway.proxy.request_body import RequestBody
+from tollway.proxy.responses import error_response
 from tollway.router import MethodNotAllowed, normalize_path
 from tollway.upstream.target import FAILED, OK
+
+_perf_counter: Final = time.perf_counter  # bound once: no module attribute lookup per request
 
 if TYPE_CHECKING:
     from tollway.proxy.server import ClientConnection
     from tollway.proxy.snapshot import CompiledService, Snapshot
     from tollway.upstream.connection import UpstreamConnection
     from tollway.upstream.target import Target
-
-_BUFFER_HIGH = 65536
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 _HOSTS: dict[bytes, str] = {}  # Host header -> routing host (lowercase, no port); bounded below
@@ -75,35 +73,43 @@ def _route_host(host: bytes) -> str:
     return name
 
 
+_HEX2 = [b"%02x" % i for i in range(256)]
+
+
 class RequestIds:
     """Request ids unique across workers and restarts: a random per-process prefix and a counter
     (32 hex digits, like nginx's $request_id), without the cost of a UUID per request."""
 
-    __slots__ = ("_counter", "_prefix")
+    __slots__ = ("_counter", "_high", "_high_of", "_prefix")
 
     def __init__(self, prefix: bytes) -> None:
         self._prefix = prefix
         self._counter = 0
+        self._high_of = -1  # the counter's bits above the last 8 that `_high` spells
+        self._high = b""  # the prefix and the counter's first 14 hex digits
 
     def next(self) -> bytes:
-        self._counter += 1
-        # == b"%s%016x" % (prefix, counter), at a tenth of the cost of bytes formatting
-        return self._prefix + hexlify(self._counter.to_bytes(8, "big"))
+        # == b"%s%016x" % (prefix, counter): the first 30 digits change once every 256 ids, so most
+        # ids cost one table lookup and one concatenation
+        counter = self._counter + 1
+        self._counter = counter
+        high = counter >> 8
+        if high != self._high_of:
+            self._high_of = high
+            self._high = self._prefix + hexlify(high.to_bytes(7, "big"))
+        return self._high + _HEX2[counter & 0xFF]
 
 
-class Exchange(UpstreamTries):
+class Exchange(RequestBody):
     """One request: its head (`RequestHead`), its plugin-facing context (`RequestContext`, the PDK), its
-    tries (`UpstreamTries`) and, here, the routing, the forwarding and the response relay."""
+    tries (`UpstreamTries`), its body (`RequestBody`) and, here, the routing, the forwarding and the
+    response relay."""
 
     __slots__ = (
-        "_awaiting_body",
-        "_awaiting_chunk",
-        "_body_waiter",
         "_dechunk",
         "_pending_head",
         "_resp_body",
         "_resp_extra",
-        "chunk_parsed",
         "forwarded_prefix",
         "parent_span_id",
         "sampled",
@@ -119,11 +125,7 @@ class Exchange(UpstreamTries):
         self.span_id = b""
         self.parent_span_id = b""
         self.sampled = False
-        self._awaiting_body = False  # proceed() waits for a whole body to transform
-        self._body_waiter: asyncio.Future[None] | None = None  # a plugin waits for it (whole_request_body)
         self.forwarded_prefix = b""  # what strip_path removed, when X-Forwarded-Prefix is on
-        self._awaiting_chunk = False  # proceed() holds the head until the first chunk has parsed
-        self.chunk_parsed = False  # a chunk of the (chunked) request body parsed completely
         self._resp_body: list[bytes] | None = None  # a response body buffered for a transform
         self._resp_extra = b""  # the fields plugins added, as header lines, once the backend's head is in
         self._pending_head: bytes | None = None
@@ -282,23 +284,31 @@ class Exchange(UpstreamTries):
         if forwarded is not None:  # X-Real-IP, X-Forwarded-Port, X-Forwarded-Prefix (off by default)
             headers = forwarded.apply(self, headers)
         for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         client = self.client
         if client.trusted:
             xff = self.x_forwarded_for + b", " + client.peer_ip if self.x_forwarded_for else client.peer_ip
             proto = self.x_forwarded_proto or client.scheme
+            parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
             fwd_host = self.x_forwarded_host or self.host
         else:
-            xff, proto, fwd_host = client.peer_ip, client.scheme, self.host
-        parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
+            parts.append(client.forwarded_lines)  # built once per connection
+            fwd_host = self.host
         if fwd_host:
-            parts += (b"X-Forwarded-Host: ", fwd_host, b"\r\n")
-        rfc7239 = self.forwarded if client.trusted else b""  # Forwarded, kept only from trusted proxies
+            parts.append(b"X-Forwarded-Host: ")
+            parts.append(fwd_host)
+            parts.append(b"\r\n")
+        element = self.forwarded if client.trusted else b""  # RFC 7239 (typed apart from `forwarded`)
         if self.snapshot.forwarded_header:
-            rfc7239 = forwarded_element(rfc7239, client.peer_ip, client.scheme, self.host)
-        if rfc7239:
-            parts += (b"Forwarded: ", rfc7239, b"\r\n")
-        parts += (b"X-Request-Id: ", self.request_id, b"\r\n")
+            element = forwarded_element(element, client.peer_ip, client.scheme, self.host)
+        if element:
+            parts += (b"Forwarded: ", element, b"\r\n")
+        parts.append(b"X-Request-Id: ")
+        parts.append(self.request_id)
+        parts.append(b"\r\n")
         self.snapshot.trace.add_header(self, parts)  # traceparent, tracestate
         if self.upgrade:
             parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")
@@ -311,69 +321,6 @@ class Exchange(UpstreamTries):
             parts.append(b"\r\n")
         return b"".join(parts)
 
-    def _hold_for_first_chunk(self) -> None:
-        """A chunked body whose first chunk has not parsed yet: the head waits for it, so a malformed
-        first chunk (bad size, data longer than its size) is refused with nothing sent to a backend."""
-        self._awaiting_chunk = True
-        if self.expect_continue and self.version == 1:
-            self.expect_continue = False
-            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.client.resume_reading_for(self)
-
-    def first_chunk_parsed(self) -> None:
-        """Called by the client connection when a request chunk (size, data, CRLF) has parsed."""
-        self.chunk_parsed = True
-        if self._awaiting_chunk and not self.done:
-            self._awaiting_chunk = False
-            self.proceed()
-
-    # -- request body (called by the client connection as httptools parses it) -----------------------
-    def request_body(self, data: bytes) -> None:
-        """Called from the parser: an error raised here reaches the client connection's `_reject`,
-        which answers it in this request's turn (a queued request must not answer before its turn)."""
-        if self.done:
-            return
-        self.body_received += len(data)
-        limit = self.max_body_size
-        if limit and self.body_received > limit:
-            raise BodyTooLarge(f"request body exceeds {limit} bytes")
-        framed = chunk(data) if self.body_kind == REQ_CHUNKED else data
-        replay = self._replay
-        if replay is not None:
-            service = self.service
-            limit = service.cluster.retry.replay_limit if service is not None else REPLAY_LIMIT
-            if self.body_received <= limit:
-                replay.append(framed)
-            else:
-                self._replay = None
-        conn = self.upstream
-        if conn is not None:
-            conn.write(framed)
-        else:
-            self._body_buf.append(framed)
-            self._body_buffered += len(framed)
-            if self._body_buffered > _BUFFER_HIGH and not self._awaiting_body:
-                if self._awaiting_chunk:  # a first chunk this large: its size line parsed, send on
-                    self.first_chunk_parsed()
-                else:
-                    self.client.pause_reading_for(self)
-
-    def request_done(self) -> None:
-        self.body_done = True
-        if self._awaiting_body or self._awaiting_chunk:
-            self._awaiting_body = self._awaiting_chunk = False
-            if self._body_waiter is not None:
-                self._wake_body_waiter()  # a plugin reads the body before it decides
-                return
-            self.proceed()  # the whole body is here: transform it and forward
-            return
-        conn = self.upstream
-        if conn is not None and not self.done:
-            if self.body_kind == REQ_CHUNKED:
-                conn.write(LAST_CHUNK)
-            if self.body_kind != REQ_NONE and conn.sink is self:
-                conn.deadline.arm(conn.read_timeout, "read")
-
     # -- response (the upstream connection's sink interface) ---------------------------------------
     def upstream_head(self, head: ResponseHead, raw: bytes) -> None:
         if head.status < 200:
@@ -381,7 +328,7 @@ class Exchange(UpstreamTries):
             if head.status != 100 and self.version == 1:
                 self.client.write(head.to_client(b""))
             return
-        self.upstream_time = time.perf_counter() - self.upstream_start
+        self.upstream_time = _perf_counter() - self.upstream_start
         service = self.service
         if service is not None:
             cluster = service.cluster
@@ -504,7 +451,7 @@ class Exchange(UpstreamTries):
             self.fail(UpstreamError("upstream switched protocols without being asked"))
             return
         self.status = 101
-        self.upstream_time = time.perf_counter() - self.upstream_start
+        self.upstream_time = _perf_counter() - self.upstream_start
         self.response_head = head
         self.response_started = True
         conn = self.upstream
@@ -521,30 +468,6 @@ class Exchange(UpstreamTries):
         self.client.resume_reading_for(self)
 
     # -- endings ------------------------------------------------------------------------------------
-    def respond(self, response: Response) -> None:
-        """Answer from the gateway itself (an error, a 404, a plugin's short-circuit)."""
-        if self.done:
-            return
-        if self.response_started:
-            self.client.abort()  # too late for a clean answer: the client sees a cut response
-            self._finish()
-            return
-        if not self.body_done and self.body_kind != REQ_NONE:
-            self.keep_alive = False  # we will not read the rest of this request's body
-        if self.client.draining:
-            self.keep_alive = False
-        if self._resp_headers is not None:
-            headers = list(response.headers)  # never edit the plugin's (maybe shared) Response
-            self._add_response_headers(headers)
-            response = Response(response.status, response.body, headers)
-        self.status = response.status
-        self.response_started = True
-        data = serialize(response, self.keep_alive, self.method == b"HEAD", self.client.server_header)
-        self.bytes_sent += len(data)
-        self.client.write(data)
-        self._release_upstream_on_error()
-        self._finish()
-
     def fail(self, error: BaseException) -> None:
         if self.done:
             return
@@ -605,29 +528,6 @@ class Exchange(UpstreamTries):
             self._release_target(self._outcome)
         self.client.exchange_finished(self)
 
-    def _whole_body(self) -> bytes | Awaitable[bytes | None]:
-        if self.body_done:
-            return b"".join(self._body_buf)
-        waiter = self._body_waiter
-        if waiter is None:  # (request_done wakes it; so does the end of the request)
-            waiter = self._body_waiter = asyncio.get_running_loop().create_future()
-            self._awaiting_body = True  # read on without pausing: the body is at most max_size
-            if self.expect_continue:
-                self.expect_continue = False
-                self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.client.resume_reading_for(self)
-        return self._body_arrival(waiter)
-
-    async def _body_arrival(self, waiter: asyncio.Future[None]) -> bytes | None:
-        await waiter
-        return b"".join(self._body_buf) if self.body_done and not self.done else None
-
-    def _wake_body_waiter(self) -> None:
-        waiter = self._body_waiter
-        self._body_waiter = None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     def _run_on_finish(self) -> None:
         callbacks = self._on_finish or ()
         self._on_finish = None
@@ -636,32 +536,6 @@ class Exchange(UpstreamTries):
                 callback(self)
             except Exception as exc:
                 self.client.worker.log_exception("on_finish callback failed", exc, self)
-
-    def _transform_request_body(self) -> bool:
-        """Before forwarding: True to go on; False while the body is still arriving or on failure."""
-        if not self.body_done:
-            self._awaiting_body = True
-            if self.expect_continue:
-                self.expect_continue = False
-                self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.client.resume_reading_for(self)
-            return False
-        transform = self.request_body_transform
-        self.request_body_transform = None
-        if transform is None:
-            return True
-        body = b"".join(self._body_buf)
-        try:
-            new = transform(body)
-        except Exception as exc:
-            self.fail(exc)
-            return False
-        if new is not None and new != body:
-            self._body_buf = [new]
-            self._body_buffered = len(new)
-            self._replay = [new]
-            self.content_length = len(new)
-        return True
 
     def _transform_response_body(self) -> bool:
         chunks = self._resp_body or []

@@ -19,11 +19,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from tollway.protocol.http1 import BODY_LENGTH
 from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, REQ_NONE, RequestHead
-from tollway.proxy.responses import Response, error_response
+from tollway.proxy.responses import Response, error_response, serialize
+
+_perf_counter: Final = time.perf_counter  # bound once: no module attribute lookup per request
 
 if TYPE_CHECKING:
     from tollway.protocol.http1 import ResponseHead
@@ -79,7 +81,7 @@ class RequestContext(RequestHead):
         super().__init__()
         self.client = client
         self.snapshot = snapshot
-        self.start_time = time.perf_counter()
+        self.start_time = _perf_counter()
         self.body_received = 0
         self.body_done = False
         self.path = ""
@@ -116,9 +118,16 @@ class RequestContext(RequestHead):
         """True once the request head went to a backend (the exchange knows)."""
         return False
 
+    def _release_upstream_on_error(self) -> None:
+        """Drop the backend connection a try holds, if any (tollway.proxy.tries overrides this)."""
+
+    def _finish(self) -> None:
+        """End the request: log phase, release what it holds, next request (the exchange does it)."""
+        raise NotImplementedError
+
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start_time
+        return _perf_counter() - self.start_time
 
     def get_header(self, name: str) -> str | None:
         """The first value of a request header (case-insensitive), as sent by the client."""
@@ -256,6 +265,33 @@ class RequestContext(RequestHead):
         else:
             self.response_body_transform = lambda body: transform(previous(body) or body)
         return True
+
+    def respond(self, response: Response) -> None:
+        """Answer from the gateway itself: an error, a 404, a plugin's short-circuit, or a response
+        hook's answer instead of the backend's (whose connection is then dropped). Fields plugins added
+        with `add_response_header` and the like are added to it. Too late once the response started:
+        the client connection is cut instead."""
+        if self.done:
+            return
+        if self.response_started:
+            self.client.abort()  # too late for a clean answer: the client sees a cut response
+            self._finish()
+            return
+        if not self.body_done and self.body_kind != REQ_NONE:
+            self.keep_alive = False  # we will not read the rest of this request's body
+        if self.client.draining:
+            self.keep_alive = False
+        if self._resp_headers is not None:
+            headers = list(response.headers)  # never edit the plugin's (maybe shared) Response
+            self._add_response_headers(headers)
+            response = Response(response.status, response.body, headers)
+        self.status = response.status
+        self.response_started = True
+        data = serialize(response, self.keep_alive, self.method == b"HEAD", self.client.server_header)
+        self.bytes_sent += len(data)
+        self.client.write(data)
+        self._release_upstream_on_error()
+        self._finish()
 
     def on_finish(self, callback: Callable[[RequestContext], None]) -> None:
         """Have `callback(ex)` run once when this request ends, however it ends (response sent, gateway

@@ -35,6 +35,7 @@ from tollway.proxy.exchange import Exchange, RequestIds
 if TYPE_CHECKING:
     import asyncio
 
+    from tollway.proxy.pdk import RequestContext
     from tollway.runtime.worker import Worker
     from tollway.upstream.connection import UpstreamConnection
 
@@ -54,6 +55,7 @@ class ClientConnection:
     __slots__ = (
         "_head_bytes",
         "_head_size",
+        "_head_started",
         "_last",
         "_paused",
         "_rejected",
@@ -65,6 +67,7 @@ class ClientConnection:
         "current",
         "deadline",
         "draining",
+        "forwarded_lines",
         "header_timeout",
         "ids",
         "keepalive_timeout",
@@ -107,11 +110,13 @@ class ClientConnection:
         self.scheme = b"http"
         self.sni = ""  # the TLS server name the client sent (tollway.protocol.tls)
         self.trusted = False
+        self.forwarded_lines = _forwarded_lines(self.peer_ip, self.scheme)
         self.draining: bool = worker.draining
         self._paused = 0
         self._writing_paused = False
         self._head_size = 0
         self._head_bytes = 0
+        self._head_started = False  # a head began in the current read (data_received arms its timeout)
         self._rejected: tuple[Exchange, TollwayError] | None = None  # answered after the requests before it
         # No request after the current ones is served: one asked to close the connection (Connection:
         # close, HTTP/1.0) or was answered with a close. Bytes after it are discarded, never forwarded.
@@ -133,6 +138,7 @@ class ClientConnection:
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = b"https"
             self.sni = sni_of(transport)
+        self.forwarded_lines = _forwarded_lines(self.peer_ip, self.scheme)
         transport.set_write_buffer_limits(65536)
         self.worker.connection_opened(self)
         self.deadline.arm(self.header_timeout, "header")
@@ -155,6 +161,10 @@ class ClientConnection:
             self._reject(exc)
         ex = self.current
         if ex is not None and not ex.method:  # the head is still incomplete
+            if self._head_started:  # it began in this read: its header timeout runs from now
+                self._head_started = False
+                if self.active is None:
+                    self.deadline.arm(self.header_timeout, "header")
             self._head_bytes += len(data)
             if self._head_bytes > self.max_request_line + self.max_header_size + _HEAD_SLACK:
                 self._reject(HeadersTooLarge())
@@ -203,8 +213,10 @@ class ClientConnection:
         self.current = Exchange(self, self.worker.snapshot)
         self._head_size = 0
         self._head_bytes = 0
-        if self.active is None:
-            self.deadline.arm(self.header_timeout, "header")
+        # The header timeout starts when the head began, but is armed only if the head is still
+        # incomplete at the end of this read (data_received): most heads arrive whole, and their
+        # request's own timeout replaces it at once.
+        self._head_started = True
 
     def on_url(self, url: bytes) -> None:
         ex = self.current
@@ -233,15 +245,19 @@ class ClientConnection:
         assert ex is not None
         parser = self.parser
         ex.method = method = parser.get_method()
-        version = parser.get_http_version()
-        if version == "1.1":
-            ex.version = 1
-        elif version == "1.0":
-            ex.version = 0
-        else:
-            major, _, minor = version.partition(".")
-            check_request_version(int(major), int(minor or "0"))
-        ex.keep_alive = self.keepalive_timeout > 0 and parser.should_keep_alive()
+        keep_alive = parser.should_keep_alive()
+        # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0, and keeps only 1.1 alive without a Connection
+        # header: then the version is known without get_http_version(), which formats a string.
+        if not keep_alive or ex.connection_header:
+            version = parser.get_http_version()
+            if version == "1.1":
+                ex.version = 1
+            elif version == "1.0":
+                ex.version = 0
+            else:
+                major, _, minor = version.partition(".")
+                check_request_version(int(major), int(minor or "0"))
+        ex.keep_alive = self.keepalive_timeout > 0 and keep_alive
         if not ex.keep_alive:
             self._last = True
         if method == b"CONNECT":
@@ -309,16 +325,18 @@ class ClientConnection:
         if self.transport is not None:
             self.transport.abort()
 
-    def pause_reading_for(self, ex: Exchange) -> None:
+    def pause_reading_for(self, ex: RequestContext) -> None:
         if ex is self.active or ex is self.current:
             self._pause(_PAUSE_BODY)
 
-    def resume_reading_for(self, ex: Exchange) -> None:
+    def resume_reading_for(self, ex: RequestContext) -> None:
         self._resume(_PAUSE_BODY)
 
     def exchange_finished(self, ex: Exchange) -> None:
         """An exchange wrote its last byte: log it, then answer the next request or close."""
-        self.worker.request_finished(ex)
+        finished = ex.snapshot.request_finished
+        if finished is not None:
+            finished(ex)
         if ex is not self.active:
             return  # an aborted queued request: the connection is going away
         self.active = None
@@ -379,7 +397,9 @@ class ClientConnection:
             conn.write(self._tunnel_pending)
             self._tunnel_pending = b""
         ex.done = True
-        self.worker.request_finished(ex)
+        finished = ex.snapshot.request_finished
+        if finished is not None:
+            finished(ex)
         self.active = None
         self._resume(_PAUSE_TUNNEL)
         self.deadline.disarm()
@@ -470,6 +490,12 @@ class ClientConnection:
             self.active.fail(RequestTimeout("timed out reading the request body"))
         else:
             transport.abort()
+
+
+def _forwarded_lines(peer_ip: bytes, scheme: bytes) -> bytes:
+    """X-Forwarded-For and X-Forwarded-Proto of a request from an untrusted client: the same for every
+    request of the connection, so built once per connection (Exchange._build_request_head)."""
+    return b"X-Forwarded-For: " + peer_ip + b"\r\nX-Forwarded-Proto: " + scheme + b"\r\n"
 
 
 class _AfterLastRequest(Exception):

@@ -24,6 +24,7 @@ from tollway.upstream.worker_registry import UpstreamRegistry
 if TYPE_CHECKING:  # built by the layers above (observability), handed in by the worker
     from tollway.counters.metrics import RouteMetrics
     from tollway.observability.tracecontext import TraceSettings
+    from tollway.proxy.exchange import Exchange
 
 # (host, port, tls context, tls server name[, pool settings, owner upstream]) -> the worker's pool
 PoolFactory = Callable[..., Pool]
@@ -88,6 +89,7 @@ class Snapshot:
         "config",
         "forwarded",
         "forwarded_header",
+        "request_finished",
         "router",
         "routes",
         "server_header",
@@ -122,6 +124,9 @@ class Snapshot:
         )
         self.trace = trace  # gateway.tracing, compiled: W3C trace context on every forwarded request
         self.forwarded: Forwarded | None = Forwarded.from_config(config.gateway.forwarded_headers)
+        # Called when a request ends (metrics, access log, span), set by the worker once it applied the
+        # observability settings; None when all three are off, so a request runs none of their code.
+        self.request_finished: Callable[[Exchange], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Snapshot v{self.version} routes={len(self.routes)} services={len(self.services)}>"

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tollway.errors import CircuitBreakerOpen, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from tollway.protocol.request import REQ_NONE
 from tollway.proxy.pdk import RequestContext
 from tollway.upstream.retry import ON_ERROR, ON_TIMEOUT
 from tollway.upstream.target import FAILED, NEUTRAL
+
+_perf_counter: Final = time.perf_counter  # bound once: no module attribute lookup per request
 
 if TYPE_CHECKING:
     from tollway.proxy.server import ClientConnection
@@ -87,7 +89,7 @@ class UpstreamTries(RequestContext):
     # -- tries -------------------------------------------------------------------------------------------
     def _connect(self, target: Target) -> None:
         """Start a try on `target`: a pooled connection if one is idle, else a new one."""
-        self.upstream_start = time.perf_counter()
+        self.upstream_start = _perf_counter()
         self._outcome = NEUTRAL
         conn = None if self.upgrade else target.pool.acquire()
         if conn is not None:

@@ -146,6 +146,8 @@ class Worker:
         self.snapshot, self.config = snapshot, config
         self.upstreams.activate(snapshot.clusters)
         self.observability.apply(config)
+        # metrics, access log, span: called straight from the client connection, and not at all when off
+        snapshot.request_finished = self.recorder.finished if self.recorder.records() else None
         self._close_unused_pools(snapshot)
         if first:  # not serving yet: the collection stalls no request
             freeze_config_objects()
@@ -261,9 +263,6 @@ class Worker:
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
-
-    def request_finished(self, ex: Exchange) -> None:
-        self.recorder.finished(ex)  # metrics, access log, span
 
     def upstream_error(self, ex: Exchange, error: UpstreamError) -> None:
         """Count a backend failure (metrics), and log it; during an outage each distinct failure is logged
