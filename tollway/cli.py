@@ -198,7 +198,7 @@ def check(
         f"[green]✓[/green] {config} is valid: {len(cfg.services)} services, {len(cfg.routes)} routes, "
         f"{len(cfg.upstreams)} upstreams, {len(cfg.consumers)} consumers, {len(cfg.plugins)} global plugins"
     )
-    if not cfg.routes:
+    if not cfg.routes and cfg.gateway.store.backend == "file":  # a store holds the routes otherwise
         from tollway.runtime.config_file import NO_ROUTES
 
         if cfg.gateway.allow_empty_routes:
