@@ -1,10 +1,11 @@
 """`tollway demo`: the gateway in front of two instances of the example user service, working.
 
-It starts two user-service processes (examples/user_service.py) on one SQLite file, writes a config
-with an upstream over both, starts `tollway run` with it, sends a few requests itself and shows which
-instance answered each — then leaves everything running for you to curl until Ctrl-C, SIGTERM or
-SIGHUP, each of which stops every process the demo started. Everything runs on 127.0.0.1 and needs no
-external service.
+It starts two user-service processes (examples/user_service.py) on one SQLite file, puts an upstream
+over both (with its service, route and plugins) in a SQLite config store, starts `tollway run` on that
+store with the admin API on, sends a few requests itself and shows which instance answered each, adds a
+route through the admin API (tollway.demo_admin) — then leaves everything running for you to curl until
+Ctrl-C, SIGTERM or SIGHUP, each of which stops every process the demo started. Everything runs on
+127.0.0.1 and needs no external service.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from rich.table import Table
 
 from tollway.demo_admin import STORE_FILE, add_route_live, print_admin_curls, seed_store, split_for_store
 from tollway.demo_tls import https_status, self_signed
+from tollway.errors import TollwayError
 
 _LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 _STATUS = re.compile(r"status http://([\d.]+):(\d+)")
@@ -80,7 +82,10 @@ def run_demo(port: int, scripted_requests: int, exit_after: bool, console: Conso
         config = demo_config(services, gateway_port, workdir / "access.log")
         cert_path = _add_https(config, workdir)
         config, entities = split_for_store(config, workdir)
-        seed_store(entities, workdir)
+        try:
+            seed_store(entities, workdir)
+        except TollwayError as exc:
+            raise DemoError(f"writing the config store failed: {exc}") from exc
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         gateway, status_port = _start_gateway(config_path, workdir)
         processes.append(gateway)
