@@ -1,10 +1,11 @@
 """`tollway demo`: the gateway in front of two instances of the example user service, working.
 
-It starts two user-service processes (examples/user_service.py) on one SQLite file, writes a config
-with an upstream over both, starts `tollway run` with it, sends a few requests itself and shows which
-instance answered each — then leaves everything running for you to curl until Ctrl-C, SIGTERM or
-SIGHUP, each of which stops every process the demo started. Everything runs on 127.0.0.1 and needs no
-external service.
+It starts two user-service processes (examples/user_service.py) on one SQLite file, puts an upstream
+over both (with its service, route and plugins) in a SQLite config store, starts `tollway run` on that
+store with the admin API on, sends a few requests itself and shows which instance answered each, adds a
+route through the admin API (tollway.demo_admin) — then leaves everything running for you to curl until
+Ctrl-C, SIGTERM or SIGHUP, each of which stops every process the demo started. Everything runs on
+127.0.0.1 and needs no external service.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from tollway.demo_admin import STORE_FILE, add_route_live, print_admin_curls, seed_store, split_for_store
 from tollway.demo_tls import https_status, self_signed
+from tollway.errors import TollwayError
 
 _LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 _STATUS = re.compile(r"status http://([\d.]+):(\d+)")
 _HTTPS = re.compile(r"https://([\d.]+):(\d+)")
+_ADMIN = re.compile(r"admin API on http://([\d.]+):(\d+)")
 INSTANCES = ("users-a", "users-b")
 CLIENT_LIMIT = 5  # requests a minute per client: the seed's example
 RATE_LIMIT = {
@@ -53,6 +57,7 @@ class Process:
     popen: subprocess.Popen[str]
     port: int
     tls_port: int = 0  # the gateway's HTTPS listener
+    admin_port: int = 0  # the gateway's admin API (tollway.demo_admin)
 
 
 class DemoStopped(Exception):
@@ -76,12 +81,19 @@ def run_demo(port: int, scripted_requests: int, exit_after: bool, console: Conso
         config_path = workdir / "demo.yaml"
         config = demo_config(services, gateway_port, workdir / "access.log")
         cert_path = _add_https(config, workdir)
+        config, entities = split_for_store(config, workdir)
+        try:
+            seed_store(entities, workdir)
+        except TollwayError as exc:
+            raise DemoError(f"writing the config store failed: {exc}") from exc
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         gateway, status_port = _start_gateway(config_path, workdir)
         processes.append(gateway)
         _print_setup(console, services, gateway, status_port, config_path, workdir)
         _scripted_traffic(console, gateway.port, scripted_requests)
+        _add_route_live(console, gateway)
         _print_try_it(console, gateway.port, status_port)
+        print_admin_curls(console, gateway.admin_port, gateway.port)
         _show_https(console, gateway.tls_port, cert_path)
         if not exit_after:
             _wait_for_interrupt(console, processes)
@@ -169,6 +181,10 @@ def _start_gateway(config_path: Path, workdir: Path) -> tuple[Process, int]:
     status = _STATUS.search(line.string)
     https = _HTTPS.search(line.string)
     gateway = Process("gateway", popen, int(line.group(2)), int(https.group(2)) if https else 0)
+    admin = _read_line(popen, _ADMIN, 10.0)  # printed right after the listening line
+    if admin is None:
+        raise DemoError(f"the gateway's admin API did not start; see {workdir / 'gateway.log'}")
+    gateway.admin_port = int(admin.group(2))
     return gateway, int(status.group(2)) if status else 0
 
 
@@ -329,6 +345,13 @@ def _connect(port: int, client: str) -> http.client.HTTPConnection:
     return conn
 
 
+def _add_route_live(console: Console, gateway: Process) -> None:
+    try:
+        add_route_live(console, gateway.admin_port, gateway.port)
+    except (OSError, ValueError) as exc:
+        raise DemoError(f"adding a route through the admin API failed: {exc}") from exc
+
+
 # -- HTTPS (tollway.demo_tls) ------------------------------------------------------------------------------
 def _add_https(config: dict[str, Any], workdir: Path) -> str:
     """An HTTPS listener beside the clear one, with a self-signed certificate made now."""
@@ -369,10 +392,15 @@ def _print_setup(
         "local policy: one exact count shared by both workers)"
     )
     console.print(f"  config: {config}   status: http://127.0.0.1:{status_port}/status")
+    console.print(
+        f"  its upstream, service, route and plugins ({workdir / 'entities.yaml'}) are in the SQLite "
+        f"config store {workdir / STORE_FILE}, changed live through the admin API "
+        f"http://127.0.0.1:{gateway.admin_port}"
+    )
     console.print(f"  access log (one JSON line per request): {workdir / 'access.log'}")
     console.print(
-        f"  gateway pid [bold]{gateway.popen.pid}[/bold]: edit the config, then "
-        f"kill -HUP {gateway.popen.pid} to reload it without dropping a connection\n"
+        f"  gateway pid [bold]{gateway.popen.pid}[/bold]: edit the config's gateway settings, "
+        f"then kill -HUP {gateway.popen.pid} to reload them without dropping a connection\n"
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import signal
@@ -9,8 +11,10 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.support import ROOT
 
@@ -43,6 +47,17 @@ def test_demo_balances_both_instances_and_limits_a_client_to_five_a_minute() -> 
     # HTTPS with the certificate made at start, verified by the demo's own request and shown for curl
     assert re.search(r"HTTPS on https://127\.0\.0\.1:\d+ .*over TLSv1\.[23]: 200", out), out
     assert re.search(r"curl --cacert \S+demo-cert\.pem https://localhost:\d+/users/1", out), out
+    # a route added live through the admin API: unknown before, served by an instance right after
+    assert re.search(
+        r"GET http://127\.0\.0\.1:\d+/hello before: 404 · POST /routes .*: 201 .* "
+        r"GET /hello after: 200 from users-[ab]",
+        out,
+    ), out
+    json_header = "-H 'Content-Type: application/json'"
+    assert re.search(r"curl -s http://127\.0\.0\.1:\d+/routes ", out), out
+    assert re.search(rf"curl -s -X POST http://127\.0\.0\.1:\d+/routes {json_header} -d '{{", out), out
+    assert re.search(r"curl -s -X DELETE http://127\.0\.0\.1:\d+/routes/hi ", out), out
+    assert "docs/admin-api.md" in out
 
 
 def _descendants(pid: int) -> set[int]:
@@ -89,20 +104,65 @@ def test_demo_stops_every_process_it_started_on_a_signal(signum: int) -> None:
         started = _descendants(demo.pid)
         # two user services, the supervisor and its two workers (more if a helper process runs)
         assert gateway_pid in started and len(started) >= 5, out
-        with open(os.path.join(os.path.dirname(access_log), "demo.yaml")) as config:
-            assert "- PUT" in config.read()  # the README's methods: [GET, PUT]
+        workdir = os.path.dirname(access_log)
+        with open(os.path.join(workdir, "demo.yaml")) as config:
+            node = yaml.safe_load(config)
+        assert node["gateway"]["store"]["backend"] == "sqlite" and node["gateway"]["admin"]["enabled"]
+        assert "routes" not in node  # the entities live in the store
+        with open(os.path.join(workdir, "entities.yaml")) as entities:
+            assert "- PUT" in entities.read()  # the README's methods: [GET, PUT]
+        _follow_the_admin_curl_lines(out)
         demo.send_signal(signum)
         assert demo.wait(60) == 0, out
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and any(_alive(pid) for pid in started):
             time.sleep(0.2)
         assert not [pid for pid in started if _alive(pid)], out
-        with open(access_log) as lines:
-            assert '"status"' in lines.readline()  # the demo's own requests were logged there
+        with open(access_log) as log:
+            lines = log.read().splitlines()
+        assert any('"status"' in line for line in lines), lines  # the demo's own requests were logged there
+        # and the admin API's writes, one audit line each (docs/admin-api.md): the demo's and the test's
+        audited = [line for line in lines if '"audit"' in line]
+        assert len(audited) == 3 and '"name":"hello"' in audited[0], audited
     finally:
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+
+def _follow_the_admin_curl_lines(out: str) -> None:
+    """What the printed curl lines do, against the running demo: list, add a route, it is served,
+    delete it, it is gone."""
+    admin = int(re.search(r"curl -s http://127\.0\.0\.1:(\d+)/routes ", out).group(1))
+    gateway = int(re.search(r"curl -i http://127\.0\.0\.1:(\d+)/hi ", out).group(1))
+    body = re.search(r"/routes -H 'Content-Type: application/json' -d '(\{.*\})'", out).group(1)
+    status, listed = _call(admin, "GET", "/routes")
+    assert status == 200 and {r["name"] for r in listed["data"]} == {"users", "hello"}, listed
+    json_header = {"Content-Type": "application/json"}
+    assert _call(admin, "POST", "/routes", body.encode(), json_header)[0] == 201
+    deadline = time.monotonic() + 10
+    while _call(gateway, "GET", "/hi")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _call(gateway, "GET", "/hi")[0] == 200
+    assert _call(admin, "DELETE", "/routes/hi")[0] in (200, 204)
+    deadline = time.monotonic() + 10
+    while _call(gateway, "GET", "/hi")[0] != 404 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _call(gateway, "GET", "/hi")[0] == 404
+
+
+def _call(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        raw = resp.read()
+    finally:
+        conn.close()
+    ctype = resp.getheader("Content-Type", "")
+    return resp.status, json.loads(raw) if raw and "json" in ctype else raw
 
 
 def _read_until(popen: subprocess.Popen[str], marker: str, timeout: float) -> str:

@@ -137,10 +137,11 @@ class StoreSource:
         return self.merged()
 
     def merged(self, file_config: GatewayConfig | None = None) -> GatewayConfig:
-        """The node's gateway settings (from its file) with the store's entities."""
+        """The node's gateway settings and certificates (from its file) with the store's entities."""
         assert self.entities is not None
-        gateway = (file_config or self.file_config).gateway
-        return self.entities.model_copy(update={"gateway": gateway})
+        node = file_config or self.file_config
+        # certificates are not store entities: a TLS listener's come from the node's file
+        return self.entities.model_copy(update={"gateway": node.gateway, "certificates": node.certificates})
 
     def with_entities(self, file_config: GatewayConfig) -> GatewayConfig:
         """The supervisor reloaded the file (SIGHUP): its gateway settings, the store's entities."""
