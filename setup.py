@@ -82,6 +82,10 @@ HOT_MODULES = [
     "tollway/state/batched.py",
     "tollway/state/limits.py",
     "tollway/state/headers.py",
+    # a response-cache hit (proxy-cache's fast path, its key, the node store it reads)
+    "tollway/cache/keys.py",
+    "tollway/cache/store.py",
+    "tollway/plugins/builtin/cache_hit.py",
 ]
 
 # Robust process-shared mutexes for tollway.state.shared (0.04 us per lock+unlock; tollway.state.locks

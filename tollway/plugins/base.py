@@ -164,6 +164,13 @@ class Plugin(Generic[ConfigT]):
     def log(self, ex: RequestContext) -> None:
         return None
 
+    def hook(self, phase: str) -> Callable[[RequestContext], Any]:
+        """The callable the pipeline runs for `phase` (one of `phases`): the method of that name. A
+        plugin may hand a faster callable with the same behaviour instead (proxy-cache: a compiled
+        hit path in front of its `access`)."""
+        hook: Callable[[RequestContext], Any] = getattr(self, phase)
+        return hook
+
     # -- load-time checks beyond the config schema --------------------------------------------------------
     @classmethod
     def check(cls, config: ConfigT, gateway: GatewayConfig) -> Iterable[tuple[Loc, str]]:

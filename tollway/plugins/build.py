@@ -159,7 +159,7 @@ def _assemble(active: Sequence[Configured], order: list[str]) -> Pipeline:
         assert plugin is not None
         for phase in plugin.phases:
             key = _order_key(phase, instance.name, plugin.priority, order)
-            hook = getattr(plugin, phase)
+            hook = plugin.hook(phase)
             if phase in ("rewrite", "access"):
                 request.append((key, hook, instance.name, _PHASE_INDEX[phase]))
             elif phase == "response":

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from tollway.proxy.snapshot import CompiledRoute, CompiledService, Snapshot
 
 _EMPTY_PARAMS: dict[str, str] = {}
+_KEEP_ALIVE: Final = b"Connection: keep-alive\r\n\r\n"
+_CLOSE: Final = b"Connection: close\r\n\r\n"
 # What a plugin does to a response header field (RequestContext._resp_headers).
 ADD, REPLACE, REMOVE = 0, 1, 2
 
@@ -277,17 +279,36 @@ class RequestContext(RequestHead):
             self.client.abort()  # too late for a clean answer: the client sees a cut response
             self._finish()
             return
-        if not self.body_done and self.body_kind != REQ_NONE:
-            self.keep_alive = False  # we will not read the rest of this request's body
-        if self.client.draining:
-            self.keep_alive = False
         if self._resp_headers is not None:
             headers = list(response.headers)  # never edit the plugin's (maybe shared) Response
             self._add_response_headers(headers)
             response = Response(response.status, response.body, headers)
-        self.status = response.status
-        self.response_started = True
+        self._start_own_answer(response.status)
         data = serialize(response, self.keep_alive, self.method == b"HEAD", self.client.server_header)
+        self._send_own_answer(data)
+
+    def respond_serialized(self, status: int, head: bytes, body: bytes) -> bool:
+        """Answer with a response serialized once and sent many times (a cache hit): `head` is its
+        status line and every field up to, not including, Connection (the gateway's Server field and
+        Content-Length included); `body` its body, left out for HEAD. Returns False, having sent
+        nothing, when this request cannot take it: fields other plugins added are pending (those need
+        `respond`) or the answer already started."""
+        if self.done or self.response_started or self._resp_headers is not None:
+            return False
+        self._start_own_answer(status)
+        connection = _KEEP_ALIVE if self.keep_alive else _CLOSE
+        self._send_own_answer(head + connection if self.method == b"HEAD" else head + connection + body)
+        return True
+
+    def _start_own_answer(self, status: int) -> None:
+        if not self.body_done and self.body_kind != REQ_NONE:
+            self.keep_alive = False  # we will not read the rest of this request's body
+        if self.client.draining:
+            self.keep_alive = False
+        self.status = status
+        self.response_started = True
+
+    def _send_own_answer(self, data: bytes) -> None:
         self.bytes_sent += len(data)
         self.client.write(data)
         self._release_upstream_on_error()

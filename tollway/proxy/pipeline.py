@@ -7,10 +7,11 @@ Phases, in order (Kong's and APISIX's vocabulary):
   log      — the response is sent; record, count, export (synchronous; queue slow work)
 
 A hook is a plain callable taking the exchange (the request context). In `rewrite` and `access` it
-returns None to go on, a `Response` to answer now, or an awaitable (when it must wait for I/O: a Redis
-counter, a JWKS fetch) whose result is either of those. Only then is a task created, so a chain of
-hooks that need no I/O costs no coroutine switch. A hook that raises gets its request a 500 with the
-request id, and the traceback in the log under the plugin's name; the worker lives on.
+returns None to go on (or after answering itself with `ex.respond...`), a `Response` to answer now, or
+an awaitable (when it must wait for I/O: a Redis counter, a JWKS fetch) whose result is either of
+those. Only then is a task created, so a chain of hooks that need no I/O costs no coroutine switch.
+A hook that raises gets its request a 500 with the request id, and the traceback in the log under the
+plugin's name; the worker lives on.
 
 Consumers: plugins may be configured for one consumer, who is known only once an authentication hook
 has run. A pipeline whose route has such plugins carries a `ConsumerPipelines`; after each request hook
@@ -104,6 +105,8 @@ class Pipeline:
                 self._hook_failed(ex, index, exc)
                 return
             if result is None:
+                if ex.done:  # the hook answered itself (RequestContext.respond_serialized)
+                    return
                 if self.consumers is not None and self._switch(ex, index):
                     return
                 continue

@@ -22,12 +22,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tollway.cache import keys, rfc, serve
-from tollway.cache.entry import NO_CACHE, NO_STALE, REQUEST_ID, Entry, Variants, build_entry, decode
+from tollway.cache.entry import NO_CACHE, NO_STALE, REQUEST_ID, Entry, Variants, build_entry
 from tollway.cache.stats import STATS
 from tollway.plugins.base import HookResult, Plugin, PluginContext
 from tollway.plugins.builtin.cache_capture import BodyCapture
 from tollway.plugins.builtin.cache_capture import tags as body_tags
 from tollway.plugins.builtin.cache_config import ProxyCacheConfig
+from tollway.plugins.builtin.cache_hit import DecodedCopies, HitPath
 from tollway.plugins.builtin.cache_refresh import refresh
 from tollway.plugins.builtin.cache_status import StatusFields
 from tollway.plugins.builtin.cache_stores import delete_async, open_store, put_async, release_lease, warn
@@ -41,7 +42,6 @@ log = logging.getLogger("tollway.plugins.proxy_cache")
 _VAR = "proxy-cache"
 _CONDITIONALS = (b"if-none-match", b"if-modified-since")
 _CONSUMER = b":consumer"
-_MEMO_LIMIT = 65536  # decoded copies kept per process only up to this size (256 of them at most)
 Filled = tuple[bytes, Entry, "Variants | None"]
 
 
@@ -95,7 +95,20 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         self._fields = StatusFields(config.cache_status_name, config.status_header)
         # key -> the request filling it; resolves to what it stored (written key, entry, variants) or None
         self._inflight: dict[bytes, asyncio.Future[Filled | None]] = {}
-        self._decoded: dict[bytes, Entry | Variants | None] = {}  # see _decode
+        self._decode = DecodedCopies()
+        # The pipeline runs `hits.access`: plain fresh hits answered by compiled code, the rest here.
+        self.hits = HitPath(
+            self.access,
+            self._decode,
+            b"GET" in self._methods,
+            self._ignore,
+            config.sort_query,
+            config.cache_status_name.encode(),
+            config.status_header.encode() if config.status_header else None,
+        )
+
+    def hook(self, phase: str) -> Callable[[RequestContext], Any]:
+        return self.hits.access if phase == "access" else super().hook(phase)
 
     @property
     def store(self) -> Any:
@@ -111,6 +124,8 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
                 return None
             try:
                 store = self._store = self._store_factory()
+                if not store.is_async:  # the hit path reads synchronously only
+                    self.hits.store = store
             except Exception as exc:
                 STATS.store_errors += 1
                 self._retry_open = time.monotonic() + 10.0
@@ -338,22 +353,6 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
             else:
                 values.append(rfc.normalise_field(rfc.field(ex.headers, name)))
         return keys.secondary_key(key, variants.nonce, values)
-
-    def _decode(self, data: bytes | None) -> Entry | Variants | None:
-        """decode(), memoised: the node and worker stores hand back the same bytes object while a
-        value is unchanged, so a hot copy is parsed once per process, not once per hit. Entries are
-        never mutated (answers copy their header lists)."""
-        if data is None:
-            return None
-        memo = self._decoded.get(data)
-        if memo is not None:
-            return memo
-        found = decode(data)
-        if len(data) <= _MEMO_LIMIT:  # large bodies: the copy would double their memory
-            if len(self._decoded) >= 256:
-                self._decoded.clear()
-            self._decoded[data] = found
-        return found
 
     def _found(self, ex: RequestContext, state: _State, data: bytes | None) -> Entry | Variants | None:
         found = self._decode(data)
