@@ -153,3 +153,36 @@ def test_lmdb_returns_the_same_object_while_a_value_is_unchanged(tmp_path: Path)
     store.put(b"k", b"second", 60)
     assert store.get(b"k") == b"second"
     store.close()
+
+
+def _child_change(path: str, action: str) -> None:
+    child = LmdbStore(path, 1 << 20)
+    if action == "put":
+        child.put(b"http://h/k", b"changed by another process", 60)
+    elif action == "delete":
+        child.delete(b"http://h/k")
+    elif action == "purge-prefix":
+        child.purge_prefix(b"http://h/")
+    else:
+        child.purge_tag("t")
+    child.close()
+
+
+@pytest.mark.parametrize("action", ["put", "delete", "purge-prefix", "purge-tag"])
+def test_a_value_reused_without_a_read_follows_changes_made_by_other_processes(
+    tmp_path: Path, action: str
+) -> None:
+    """A value this process read is reused without an LMDB read (Generation); a change another
+    process commits must still show on the very next get."""
+    path = str(tmp_path / "node")
+    store = LmdbStore(path, 1 << 20)
+    store.put(b"http://h/k", b"original", 60, ["t"])
+    first = store.get(b"http://h/k")
+    assert first == b"original" and store.get(b"http://h/k") is first  # reused
+    process = multiprocessing.get_context("spawn").Process(target=_child_change, args=(path, action))
+    process.start()
+    process.join(30)
+    assert process.exitcode == 0
+    expected = b"changed by another process" if action == "put" else None
+    assert store.get(b"http://h/k") == expected
+    store.close()
