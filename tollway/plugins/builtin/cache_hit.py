@@ -56,6 +56,9 @@ class Prepared:
         self.status_prefix = status_prefix
         self.tail = b""
         self.body = b""
+        self.last_age = -1  # the last head formatted, for this Age and ttl
+        self.last_ttl = -1
+        self.last_head = b""
         if entry is None or entry.status < 200 or entry.status in (204, 304) or entry.flags & NO_CACHE:
             return
         self.status = status = entry.status
@@ -78,6 +81,17 @@ class Prepared:
             tail.append(b"Server: %s\r\n" % server)
         tail.append(b"Content-Length: %d\r\n" % len(entry.body))
         self.tail = b"".join(tail)
+
+    def format(self, age: int, ttl: int, request_id_line: bytes) -> bytes:
+        return b"%sAge: %d\r\n%s%s%s%d\r\n%s" % (
+            self.head,
+            age,
+            self.middle,
+            request_id_line,
+            self.status_prefix,
+            ttl,
+            self.tail,
+        )
 
 
 class HitPath:
@@ -128,16 +142,16 @@ class HitPath:
         age = prepared.initial_age + max(0.0, _time() - prepared.response_time)
         if age >= prepared.lifetime:
             return self.slow(ex)  # stale, or not a copy this path answers
-        rid = b"X-Request-Id: %s\r\n" % ex.request_id if prepared.request_id else b""
-        head = b"%sAge: %d\r\n%s%s%s%d\r\n%s" % (
-            prepared.head,
-            min(int(age), _MAX_AGE),
-            prepared.middle,
-            rid,
-            prepared.status_prefix,
-            int(prepared.lifetime - age),
-            prepared.tail,
-        )
+        seconds = min(int(age), _MAX_AGE)
+        ttl = int(prepared.lifetime - age)
+        if prepared.request_id:
+            head = prepared.format(seconds, ttl, b"X-Request-Id: %s\r\n" % ex.request_id)
+        elif seconds == prepared.last_age and ttl == prepared.last_ttl:
+            head = prepared.last_head  # hits within the same second send the same head
+        else:
+            head = prepared.last_head = prepared.format(seconds, ttl, b"")
+            prepared.last_age = seconds
+            prepared.last_ttl = ttl
         if not ex.respond_serialized(prepared.status, head, prepared.body):
             return self.slow(ex)  # fields other plugins added: the general path merges them
         STATS.hits += 1
