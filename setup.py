@@ -48,6 +48,7 @@ HOT_MODULES = [
     "tollway/protocol/http1.py",
     "tollway/protocol/request.py",
     "tollway/plugins/consumers.py",
+    "tollway/plugins/builtin/limit_check.py",  # the limit plugins' per-request half
     "tollway/proxy/exchange.py",
     "tollway/proxy/pdk.py",
     "tollway/proxy/pipeline.py",

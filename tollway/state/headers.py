@@ -91,10 +91,13 @@ def ratelimit_policy(specs: Sequence[LimitSpec], partition_key: bytes | None = N
 
 def ratelimit_item(decision: Decision, partition_key: bytes | None = None) -> str:
     """One RateLimit item: ``"minute";r=42;t=17``."""
-    item = f"{_quoted(decision.spec.name)};r={max(0, decision.remaining)}"
-    if decision.spec.algorithm != "concurrency":
+    spec = decision.spec
+    remaining = decision.remaining if decision.remaining > 0 else 0
+    if spec.algorithm == "concurrency":
+        item = f"{_quoted(spec.name)};r={remaining}"
+    else:  # one f-string: built once, where appending to it would copy it again
         after = decision.reset_after if decision.allowed else decision.retry_after
-        item += f";t={_seconds(after)}"
+        item = f"{_quoted(spec.name)};r={remaining};t={_seconds(after)}"
     if partition_key is not None:
         item += f";pk={sf_binary(partition_key)}"
     return item

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any
+from typing import Any, Final
 
 from tollway.state.shared import _CACHE_MAX, SharedTable, node_table
 from tollway.state.spec import Decision, LimitSpec
 
-_F1 = struct.Struct("<d")
-_F3 = struct.Struct("<3d")
-_F4 = struct.Struct("<4d")
+_F3: Final = struct.Struct("<3d")
+_F4: Final = struct.Struct("<4d")
 
 
 class LocalLimit:
@@ -66,26 +65,30 @@ class LocalFixedWindow(LocalLimit):
     def check(self, key: str, now: float, cost: int = 1) -> Decision:
         fp = self._cache.get(key) or self.fingerprint(key)
         table = self.table
-        buf = self.buf
+        # Any, not memoryview: typeshed says its items are ints, and a compiled int check would refuse
+        # the doubles. Indexed reads and writes of single fields cost a fraction of a struct call.
+        doubles: Any = table.doubles
         window = self.window
         limit = self.limit
         stripe = table.lock(fp)
         try:
             offset, found = table.slot(fp, now)
+            i = offset >> 3
             wid = now // window
             count = 0.0
             if found:
-                _, rwid, rcount = _F3.unpack_from(buf, offset)
+                rwid: float = doubles[i + 1]
                 if rwid >= wid:  # this window (or a later one, if the clock stepped back)
                     wid = rwid
-                    count = rcount
+                    count = doubles[i + 2]
             end = (wid + 1.0) * window
             allowed = count + cost <= limit
             if allowed:
                 count += cost
-                _F3.pack_into(buf, offset, end, wid, count)
-            elif not found:
-                _F3.pack_into(buf, offset, end, wid, 0.0)
+            if allowed or not found:  # a new key that is denied at once still gets its window
+                doubles[i] = end
+                doubles[i + 1] = wid
+                doubles[i + 2] = count
         finally:
             table.unlock(stripe)
         reset_after = end - now

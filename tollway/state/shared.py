@@ -8,13 +8,13 @@ Layout (all little-endian, fixed at creation)::
 
     header   4 KiB   magic, layout, bucket count, stripe count, lock kind, key salt
     locks    stripes x 64 B    robust process-shared pthread mutexes (or fcntl byte ranges)
-    keys     buckets x 8 x 8 B  64-bit key fingerprints, one cache line per bucket (0 = free)
+    keys     buckets x 8 x 8 B  62-bit key fingerprints in 64-bit words, one cache line per bucket (0 = free)
     records  buckets x 8 x 64 B eight doubles per slot; their meaning depends on the algorithm
 
-Keys. A key is hashed with BLAKE2b keyed by a random per-table salt into a 64-bit fingerprint: the low
+Keys. A key is hashed with BLAKE2b keyed by a random per-table salt into a 62-bit fingerprint: the low
 bits pick a bucket of 8 slots (set-associative: a key lives in one of its bucket's 8 slots, so there are
 no probe chains and no tombstones), the whole fingerprint identifies the slot. Two different keys with
-the same fingerprint would share a counter; with 64 bits and a secret salt that takes ~2^32 live keys
+the same fingerprint would share a counter; with 62 bits and a secret salt that takes ~2^31 live keys
 by chance and cannot be forced by a client choosing its key. Each process caches key → fingerprint.
 
 Eviction and a full table. Every record carries an expiry (its window's end, a GCRA TAT, a lease's
@@ -48,7 +48,7 @@ import mmap
 import os
 import struct
 import threading
-from typing import Any
+from typing import Any, Final
 
 from tollway.state.locks import (
     HEADER_SIZE,
@@ -60,9 +60,12 @@ from tollway.state.locks import (
 )
 
 MAGIC = b"TWSTATE1"
-LAYOUT = 1
-WAYS = 8  # slots per bucket: one 64-byte cache line of fingerprints
-RECORD = 64  # bytes per slot record: eight doubles
+LAYOUT = 2  # 2: fingerprints are 62-bit
+WAYS: Final = 8  # slots per bucket: one 64-byte cache line of fingerprints
+RECORD: Final = 64  # bytes per slot record: eight doubles
+# Fingerprints keep 62 bits: a compiled (mypyc) int below 2**62 is a machine word, a larger one a
+# heap object whose every `&` and comparison is a library call (~800 instructions per check).
+FP_MASK: Final = (1 << 62) - 1
 DEFAULT_SLOTS = 1 << 17
 DEFAULT_STRIPES = 64
 LOCK_TIMEOUT = 1.0  # a lock held this long means a stuck (not dead) holder: fail the check, never hang
@@ -71,12 +74,12 @@ ENV_SLOTS = "TOLLWAY_STATE_SLOTS"
 EPSILON = 1e-9  # float slack when comparing times built from repeated additions
 
 _HEADER = struct.Struct("<8sIIIII12x16s")  # magic, layout, buckets, stripes, lock kind, ways, salt
-_FPS = struct.Struct("<8Q")
-_F1 = struct.Struct("<d")
+_FPS: Final = struct.Struct("<8Q")
+_F1: Final = struct.Struct("<d")
 _F2 = struct.Struct("<2d")
 _F3 = struct.Struct("<3d")
 _F4 = struct.Struct("<4d")
-_F8 = struct.Struct("<8d")
+_F8: Final = struct.Struct("<8d")
 _CACHE_MAX = 1 << 16  # per-process key → fingerprint cache entries before it is cleared
 
 
@@ -145,6 +148,10 @@ class SharedTable:
         self.lock_impl = type(self._locks).__name__
         self._acquire = self._locks.acquire
         self._release = self._locks.release
+        # The same memory as 64-bit words: one indexed read or write per field, where a struct
+        # unpack_from/pack_into is a method call that builds (or parses) a tuple.
+        self.words = memoryview(self.buf).cast("Q")
+        self.doubles = memoryview(self.buf).cast("d")
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     @classmethod
@@ -178,6 +185,8 @@ class SharedTable:
     def close(self) -> None:
         self._locks = None
         self._acquire = self._release = _closed
+        self.words.release()
+        self.doubles.release()
         with contextlib.suppress(BufferError):  # a C lock object still holds the buffer
             self.buf.close()
         with contextlib.suppress(OSError):
@@ -194,9 +203,9 @@ class SharedTable:
 
     # -- the critical-section primitives -------------------------------------------------------------------
     def fingerprint(self, data: bytes) -> int:
-        """64-bit keyed hash of a key; never 0 (0 marks a free slot)."""
+        """62-bit keyed hash of a key; never 0 (0 marks a free slot)."""
         fp = int.from_bytes(hashlib.blake2b(data, digest_size=8, key=self.salt).digest(), "little")
-        return fp or 1
+        return (fp & FP_MASK) or 1
 
     def lock(self, fp: int) -> int:
         """Lock the stripe that guards `fp`'s bucket; returns the stripe to pass to `unlock`."""
@@ -218,23 +227,28 @@ class SharedTable:
         Call with the stripe locked. A claimed slot's record is garbage: the caller writes all of it.
         """
         bucket = fp & self.bucket_mask
-        base = self.keys_offset + bucket * (WAYS * 8)
-        fps = _FPS.unpack_from(self.buf, base)
-        try:
-            way = fps.index(fp)
-        except ValueError:
-            return self._claim(bucket, base, fps, fp, now), False
+        way = self._way(bucket, fp)
+        if way < 0:
+            base = self.keys_offset + bucket * (WAYS * 8)
+            return self._claim(bucket, base, _FPS.unpack_from(self.buf, base), fp, now), False
         return self.records_offset + (bucket * WAYS + way) * RECORD, True
 
     def find(self, fp: int) -> int:
         """The record offset of `fp`, or -1 (stripe locked by the caller)."""
         bucket = fp & self.bucket_mask
-        fps = _FPS.unpack_from(self.buf, self.keys_offset + bucket * (WAYS * 8))
-        try:
-            way = fps.index(fp)
-        except ValueError:
+        way = self._way(bucket, fp)
+        if way < 0:
             return -1
         return self.records_offset + (bucket * WAYS + way) * RECORD
+
+    def _way(self, bucket: int, fp: int) -> int:
+        """The way of `bucket` holding `fp`, or -1."""
+        words = self.words
+        first = (self.keys_offset >> 3) + bucket * WAYS
+        for way in range(WAYS):
+            if words[first + way] == fp:
+                return way
+        return -1
 
     def _claim(self, bucket: int, base: int, fps: tuple[int, ...], fp: int, now: float) -> int:
         records = self.records_offset + bucket * WAYS * RECORD

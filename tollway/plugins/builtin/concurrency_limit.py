@@ -20,7 +20,7 @@ from pydantic import Field
 
 from tollway.config.types import Duration
 from tollway.plugins.base import Plugin, PluginContext
-from tollway.plugins.builtin.limiting import KeyBuilder, LimitAnswers, LimitPluginConfig
+from tollway.plugins.builtin.limiting import KeyBuilder, LimitPluginConfig, answers_for
 from tollway.state.limits import LocalPolicy
 from tollway.state.shared import node_table
 from tollway.state.spec import Decision, LimitSpec
@@ -81,7 +81,7 @@ class ConcurrencyLimit(Plugin[ConcurrencyLimitConfig]):
         self.spec = LimitSpec(config.name, config.limit, config.lease, "concurrency", scope=scope)
         self._held = _policy_for(self.spec)
         self._keys = KeyBuilder(list(config.key), config.header_name)
-        self._answers = LimitAnswers(self.name, [self.spec], config.headers, config.status, config.message)
+        self._answers = answers_for(self.name, [self.spec], config)
 
     def access(self, ex: RequestContext) -> Response | None:
         held = self._held
@@ -91,7 +91,7 @@ class ConcurrencyLimit(Plugin[ConcurrencyLimitConfig]):
         key = self._keys.key(ex)
         decision = policy.check(key, time.time())
         assert isinstance(decision, Decision)  # a local policy never waits
-        denied = self._answers.decided(ex, [decision])
+        denied = self._answers.decided_one(ex, decision)
         if denied is None:
             ex.on_finish(lambda _ex: policy.release(key, time.time()))
         return denied
