@@ -16,8 +16,8 @@ coroutine. `redis` awaits one script per request; `batched` awaits only when its
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -137,9 +137,11 @@ class RateLimiting(Plugin[RateLimitingConfig]):
         self.policies: list[Policy] = [self._policy(spec) for spec in self.specs]
         keys = KeyBuilder(list(config.key), config.header_name)
         self._check = RateCheck(self.policies, keys, config.cost, answers_for(self.name, self.specs, config))
-        # The pipeline takes `getattr(plugin, "access")`: the compiled check's own method, so a request
-        # runs no interpreted frame of this plugin (the class's `access` below says the same, slower).
-        self.access = self._check.access  # type: ignore[method-assign]
+
+    def hook(self, phase: str) -> Callable[[RequestContext], Any]:
+        # The pipeline calls the compiled check's own method, so a request runs no interpreted frame of
+        # this plugin (the class's `access` below says the same, slower).
+        return self._check.access if phase == "access" else super().hook(phase)
 
     def _policy(self, spec: LimitSpec) -> Policy:
         config = self.config
