@@ -49,6 +49,7 @@ HOT_MODULES = [
     "tollway/protocol/request.py",
     "tollway/plugins/consumers.py",
     "tollway/plugins/builtin/limit_check.py",  # the limit plugins' per-request half
+    "tollway/plugins/builtin/key_lookup.py",  # key-auth's header lookup
     "tollway/proxy/exchange.py",
     "tollway/proxy/pdk.py",
     "tollway/proxy/pipeline.py",

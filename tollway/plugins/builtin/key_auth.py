@@ -24,13 +24,12 @@ from pydantic import Field, model_validator
 from tollway.config.types import Size
 from tollway.plugins.base import HeaderName, PluginConfig, PluginContext
 from tollway.plugins.builtin.auth import AuthConfig, AuthPlugin, query_params
+from tollway.plugins.builtin.key_lookup import HeaderKeyLookup, Index, header_key
 from tollway.plugins.builtin.transform import is_form, is_json
-from tollway.plugins.consumers import Consumer, identify
+from tollway.plugins.consumers import identify
 
 if TYPE_CHECKING:
     from tollway.proxy.pdk import RequestContext, Response
-
-Index = dict[bytes, tuple[Consumer, Any]]
 
 
 class KeyAuthConfig(AuthConfig):
@@ -103,7 +102,7 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         # header name (lowercase, "_" as "-") -> its place in key_names (the first name sent wins)
         self._header_rank: dict[bytes, int] = {}
         for rank, name in enumerate(config.key_names):
-            self._header_rank.setdefault(_header_key(name.encode("latin-1")), rank)
+            self._header_rank.setdefault(header_key(name.encode("latin-1")), rank)
         self._names = tuple(config.key_names)
         self._name_set = frozenset(config.key_names)
         self._in_header = config.key_in_header
@@ -111,6 +110,21 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         self._in_body = config.key_in_body
         self._max_body = config.max_body_size
         self._hide = config.hide_credentials
+
+    def hook(self, phase: str) -> Callable[[RequestContext], Any]:
+        if phase != "access" or not self._in_header:
+            return super().hook(phase)
+        # Keys in headers: the compiled lookup answers the common case, the rest comes back to access().
+        lookup = HeaderKeyLookup(
+            self._header_rank,
+            len(self._names),
+            self._hide,
+            self._plain,
+            self._hashed,
+            self.anonymous is not None,
+            self.access,
+        )
+        return lookup.access
 
     def access(self, ex: RequestContext) -> Response | Awaitable[Response | None] | None:
         if self.anonymous is not None and ex.credential is not None:
@@ -154,7 +168,7 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         value: bytes | None = None
         twice = False
         for name, field in ex.headers:
-            rank = ranks.get(_header_key(name))
+            rank = ranks.get(header_key(name))
             if rank is None or rank > best:
                 continue
             if rank == best:
@@ -164,7 +178,7 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
         if value is None:
             return None
         if self._hide:
-            ex.headers = [h for h in ex.headers if ranks.get(_header_key(h[0])) != best]
+            ex.headers = [h for h in ex.headers if ranks.get(header_key(h[0])) != best]
         return AMBIGUOUS if twice else value
 
     def _first_named(self, pairs: list[tuple[str, str]]) -> Found:
@@ -228,13 +242,6 @@ class KeyAuth(AuthPlugin[KeyAuthConfig]):
 
 def _form_name(field: bytes) -> str:
     return unquote_plus(field.partition(b"=")[0].decode("latin-1"))
-
-
-def _header_key(name: bytes) -> bytes:
-    """Header names compare case-insensitively and with "_" as "-" (Kong's get_header does the same;
-    some proxies drop or rewrite underscores, so clients use either)."""
-    lname = name.lower()
-    return lname.replace(b"_", b"-") if b"_" in lname else lname
 
 
 def _index(context: PluginContext) -> tuple[Index, Index]:
