@@ -25,7 +25,9 @@ def header_key(name: bytes) -> bytes:
     """Header names compare case-insensitively and with "_" as "-" (Kong's get_header does the same;
     some proxies drop or rewrite underscores, so clients use either)."""
     lname = name.lower()
-    return lname.replace(b"_", b"-") if b"_" in lname else lname
+    # find, not `in`: bytes.__contains__ first tries its argument as an integer and builds (then
+    # drops) a TypeError for a bytes one: twice the cost, on every header field of every request.
+    return lname.replace(b"_", b"-") if lname.find(b"_") >= 0 else lname
 
 
 class HeaderKeyLookup:
