@@ -44,6 +44,7 @@ class HeaderKeyLookup:
         general: Callable[[RequestContext], Any],
     ) -> None:
         self.ranks = ranks  # header name (lowercase, "_" as "-") -> its place in key_names
+        self.lengths = frozenset(len(name) for name in ranks)
         self.names = names
         self.hide = hide
         self.plain = plain
@@ -55,10 +56,16 @@ class HeaderKeyLookup:
         if self.or_with_others and ex.credential is not None:
             return None  # an earlier authentication plugin of the OR succeeded
         ranks = self.ranks
+        lengths = self.lengths
         best = self.names
         value: bytes | None = None
         twice = False
+        at = -1
+        index = -1
         for name, field in ex.headers:
+            index += 1
+            if len(name) not in lengths:  # most fields: no lowercasing
+                continue
             rank = ranks.get(header_key(name), best + 1)
             if rank > best:
                 continue
@@ -68,6 +75,7 @@ class HeaderKeyLookup:
                 best = rank
                 value = field
                 twice = False
+                at = index
         if value is None or twice:
             return self.general(ex)  # missing here (maybe in the query or body), or ambiguous
         found = self.plain.get(value)
@@ -75,7 +83,8 @@ class HeaderKeyLookup:
             found = self.hashed.get(hashlib.sha256(value).digest())
         if found is None:
             return self.general(ex)  # the general path refuses it, counted and answered as always
-        if self.hide:
-            ex.headers = [h for h in ex.headers if ranks.get(header_key(h[0]), -1) != best]
+        if self.hide:  # the one field with the key (a second one would have been ambiguous)
+            headers = ex.headers
+            ex.headers = headers[:at] + headers[at + 1 :]
         identify(ex, found[0], found[1])
         return None
