@@ -35,9 +35,9 @@ def parse(*lines: str, status: str = "HTTP/1.1 200 OK", method: bytes = b"GET"):
 
 @pytest.fixture(autouse=True)
 def fresh_memo():
-    http1._HEAD_MEMO.clear()
+    http1.forget_heads()
     yield
-    http1._HEAD_MEMO.clear()
+    http1.forget_heads()
 
 
 # -- validation ------------------------------------------------------------------------------------------
