@@ -3,9 +3,11 @@ when the latest deadline passes. Driven by a fake loop with a manual clock (no s
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 
-from tollway.protocol.deadline import Deadline
+from tollway.protocol.deadline import Deadline, loop_clock
 
 
 class Handle:
@@ -145,3 +147,16 @@ def test_repr() -> None:
     assert repr(deadline) == "<Deadline disarmed>"
     deadline.arm(5, "header")
     assert repr(deadline) == "<Deadline header at 1005.000>"
+
+
+def test_the_clock_is_the_loops() -> None:
+    """asyncio's loops: time.monotonic itself (what their time() returns); any other loop: its time."""
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop_clock(loop) is time.monotonic
+    finally:
+        loop.close()
+    fake = FakeLoop()
+    clock = loop_clock(fake)  # type: ignore[arg-type]
+    fake.now = 1234.5
+    assert clock() == 1234.5

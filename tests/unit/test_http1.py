@@ -35,9 +35,9 @@ def parse(*lines: str, status: str = "HTTP/1.1 200 OK", method: bytes = b"GET"):
 
 @pytest.fixture(autouse=True)
 def fresh_memo():
-    http1._HEAD_MEMO.clear()
+    http1.forget_heads()
     yield
-    http1._HEAD_MEMO.clear()
+    http1.forget_heads()
 
 
 # -- validation ------------------------------------------------------------------------------------------
@@ -120,6 +120,24 @@ def test_find_head_end() -> None:
     assert find_head_end(data[:10]) == -1
     # Resuming after a partial read finds a CRLFCRLF that straddles the old end.
     assert find_head_end(data, 23) == len(data) - 4
+
+
+def test_find_head_end_after_the_same_head() -> None:
+    """A buffer that starts with the head parsed last ends its head there (the fast path); one that
+    only looks like it at the checked bytes is searched."""
+    raw = head("Server: x", "Content-Length: 4")
+    parse_response_head(raw, b"GET")
+    assert find_head_end(raw + b"body") == len(raw)
+    assert find_head_end(raw) == len(raw)
+    other = raw.replace(b"Server: x", b"Server: y")
+    assert find_head_end(other + b"body") == len(other)
+    shorter = head("Server: x", "Content-Length: 44")[: len(raw) - 1]
+    assert find_head_end(shorter) == -1
+    # Same length and CRLFCRLF at the same place, but an earlier one: the earlier one is the end.
+    moved = b"HTTP/1.1 204 No\r\n\r\n" + b"x" * (len(raw) - 23) + b"\r\n\r\n"
+    assert len(moved) == len(raw)
+    assert find_head_end(moved) == 19
+    assert find_head_end(b"", 0) == -1
 
 
 # -- framing, RFC 9112 6.3 in order ---------------------------------------------------------------------

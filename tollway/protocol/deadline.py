@@ -9,14 +9,27 @@ keep-alive connection costs one timer per timeout period, not one per request.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 
+def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """The loop's clock as a plain callable, read on every request (`arm`, idle pool connections).
+
+    asyncio's own loops return ``time.monotonic()`` from `time`, a Python method: calling the C function
+    directly gives the same value without a Python frame. Any other loop (uvloop, a test's fake clock)
+    is asked through its bound `time`, looked up once here instead of once per call."""
+    if getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time
+
+
 class Deadline:
-    __slots__ = ("_handle", "_handle_at", "_loop", "_on_expire", "at", "reason")
+    __slots__ = ("_clock", "_handle", "_handle_at", "_loop", "_on_expire", "at", "reason")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_expire: Callable[[str], None]) -> None:
         self._loop = loop
+        self._clock = loop_clock(loop)
         self._on_expire = on_expire
         self._handle: asyncio.TimerHandle | None = None
         self._handle_at = 0.0  # when the pending handle fires: kept here, `arm` runs on every request
@@ -24,7 +37,7 @@ class Deadline:
         self.reason = ""
 
     def arm(self, seconds: float, reason: str) -> None:
-        at = self._loop.time() + seconds
+        at = self._clock() + seconds
         self.at = at
         self.reason = reason
         if self._handle is None:
@@ -52,7 +65,7 @@ class Deadline:
         at = self.at
         if not at:
             return
-        if self._loop.time() < at:
+        if self._clock() < at:
             self._schedule(at)
             return
         self.at = 0.0

@@ -62,6 +62,23 @@ SPECIAL_FIELDS: Final = {
 }
 
 
+ORDINARY_FIELD: Final = -1  # `field_kind` of a field forwarded as it is
+# `field_kind` by the name as the client spelled it: clients repeat their spelling, and a lookup by the
+# exact name spares lowering it. Bounded: cleared when full.
+_KIND_BY_NAME: Final[dict[bytes, int]] = {}
+
+
+def field_kind(name: bytes) -> int:
+    """The `SPECIAL_FIELDS` kind of a header field name, or ORDINARY_FIELD."""
+    kind = _KIND_BY_NAME.get(name)
+    if kind is None:
+        kind = SPECIAL_FIELDS.get(name.lower(), ORDINARY_FIELD)
+        if len(_KIND_BY_NAME) >= 1024:
+            _KIND_BY_NAME.clear()
+        _KIND_BY_NAME[name] = kind
+    return kind
+
+
 class RequestHead:
     """The request line and header fields of one request. `headers` holds the fields forwarded as
     they are, in order; the fields in `SPECIAL_FIELDS` are attributes instead (or dropped)."""

@@ -52,8 +52,9 @@ if TYPE_CHECKING:
     from tollway.upstream.connection import UpstreamConnection
     from tollway.upstream.target import Target
 
-_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
-_HOSTS: dict[bytes, str] = {}  # Host header -> routing host (lowercase, no port); bounded below
+# Final names: compiled code reads them directly instead of looking them up in the module by name.
+_METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
+_HOSTS: Final[dict[bytes, str]] = {}  # Host header -> routing host (lowercase, no port); bounded below
 # RFC 9110 7.2: uri-host [ ":" port ], where uri-host is an IP literal or a reg-name (no userinfo).
 _HOST_VALUE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]{0,5})?")
 
@@ -73,7 +74,7 @@ def _route_host(host: bytes) -> str:
     return name
 
 
-_HEX2 = [b"%02x" % i for i in range(256)]
+_HEX2: Final = [b"%02x" % i for i in range(256)]
 
 
 class RequestIds:
@@ -158,8 +159,9 @@ class Exchange(RequestBody):
         url = self.url
         if url[:1] != b"/":
             url = self._absolute_form(url)
-        raw_path, _, query = url.partition(b"?")
-        raw = raw_path.decode("latin-1")
+        raw = url.decode("latin-1")
+        if "?" in raw:  # (a str search: `in` on bytes first tries its operand as an int, and fails)
+            raw, _, self.query = raw.partition("?")
         path = normalize_path(raw)
         if path is None:
             raise ClientError("invalid request path")
@@ -167,7 +169,6 @@ class Exchange(RequestBody):
             self.url = url  # absolute-form: forward the origin-form
         self.raw_path = path if path == raw else raw
         self.path = path
-        self.query = query.decode("latin-1")
 
     def _absolute_form(self, url: bytes) -> bytes:
         """``GET http://host/path`` (RFC 9112 3.2.2): the URI's authority replaces Host."""
@@ -191,14 +192,21 @@ class Exchange(RequestBody):
 
     def _route(self) -> bool:
         snapshot = self.snapshot
+        client = self.client
+        host = self.host
+        if host == client.route_host_of:
+            route_host = client.route_host
+        else:
+            route_host = client.route_host = _route_host(host)
+            client.route_host_of = host
         found = snapshot.router.match(
             _METHODS.get(self.method) or self.method.decode("latin-1"),
-            _route_host(self.host),
+            route_host,
             self.path,
             self.query,
             self.headers,
-            self.client.scheme,
-            self.client.sni,
+            client.scheme,
+            client.sni,
         )
         if found is None:
             self.respond(error_response(404, "no route matched", self.request_id.decode("latin-1")))
@@ -268,14 +276,14 @@ class Exchange(RequestBody):
             conn.deadline.disarm()
 
     def _build_request_head(self, service: CompiledService, target: Target) -> bytes:
+        # Few pieces: bytes.join pays for each one (and allocates its table beyond ten of them).
         host_mode = service.host_mode
         if host_mode == 0:
-            host = target.host_header
-        elif host_mode == 1:
-            host = self.host or target.host_header
+            line = target.host_line  # " HTTP/1.1\r\nHost: <target>\r\n", built once per target
         else:
-            host = service.host_value
-        parts = [self.method, b" ", self.upstream_path, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+            host = (self.host or target.host_header) if host_mode == 1 else service.host_value
+            line = b" HTTP/1.1\r\nHost: " + host + b"\r\n"
+        parts = [self.method, b" ", self.upstream_path, line]
         headers = self.headers
         if self.connection_header:
             listed = connection_listed_headers(self.connection_header)
@@ -294,13 +302,12 @@ class Exchange(RequestBody):
             proto = self.x_forwarded_proto or client.scheme
             parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
             fwd_host = self.x_forwarded_host or self.host
+            if fwd_host:
+                parts += (b"X-Forwarded-Host: ", fwd_host, b"\r\n")
+        elif self.host:
+            parts.append(client.forwarded_lines_with_host(self.host))  # built once per connection
         else:
-            parts.append(client.forwarded_lines)  # built once per connection
-            fwd_host = self.host
-        if fwd_host:
-            parts.append(b"X-Forwarded-Host: ")
-            parts.append(fwd_host)
-            parts.append(b"\r\n")
+            parts.append(client.forwarded_lines)
         element = self.forwarded if client.trusted else b""  # RFC 7239 (typed apart from `forwarded`)
         if self.snapshot.forwarded_header:
             element = forwarded_element(element, client.peer_ip, client.scheme, self.host)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tollway.errors import BodyTooLarge
 from tollway.protocol.http1 import LAST_CHUNK, chunk
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from tollway.proxy.snapshot import Snapshot
 
 # Request body buffered while no upstream connection takes it: reading pauses beyond this.
-_BUFFER_HIGH = 65536
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BUFFER_HIGH: Final = 65536
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class RequestBody(UpstreamTries):

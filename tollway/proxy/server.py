@@ -28,7 +28,7 @@ from tollway.errors import (
 )
 from tollway.protocol.deadline import Deadline
 from tollway.protocol.http1 import check_request_version
-from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, SPECIAL_FIELDS, special_field
+from tollway.protocol.request import ORDINARY_FIELD, REQ_CHUNKED, REQ_LENGTH, field_kind, special_field
 from tollway.protocol.tls import sni_of
 from tollway.proxy.exchange import Exchange, RequestIds
 
@@ -49,6 +49,7 @@ _PAUSE_QUEUE: Final = 1
 _PAUSE_BODY: Final = 2
 _PAUSE_TUNNEL: Final = 4
 _PAUSE_REJECTED: Final = 8  # bad input: nothing more is read from this connection
+_GET: Final = b"GET"
 
 
 class ClientConnection:
@@ -67,6 +68,8 @@ class ClientConnection:
         "current",
         "deadline",
         "draining",
+        "forwarded_host",
+        "forwarded_host_lines",
         "forwarded_lines",
         "header_timeout",
         "ids",
@@ -78,6 +81,8 @@ class ClientConnection:
         "parser",
         "peer_ip",
         "queue",
+        "route_host",
+        "route_host_of",
         "scheme",
         "send_timeout",
         "server_header",
@@ -111,6 +116,13 @@ class ClientConnection:
         self.sni = ""  # the TLS server name the client sent (tollway.protocol.tls)
         self.trusted = False
         self.forwarded_lines = _forwarded_lines(self.peer_ip, self.scheme)
+        # The forwarded lines with an X-Forwarded-Host line, for the last Host seen on this connection
+        # (a client repeats its Host): `forwarded_lines_with_host`.
+        self.forwarded_host = b""
+        self.forwarded_host_lines = b""
+        # The routing host of the last Host header (Exchange._route): a client repeats its Host.
+        self.route_host_of = b""
+        self.route_host = ""
         self.draining: bool = worker.draining
         self._paused = 0
         self._writing_paused = False
@@ -139,6 +151,7 @@ class ClientConnection:
             self.scheme = b"https"
             self.sni = sni_of(transport)
         self.forwarded_lines = _forwarded_lines(self.peer_ip, self.scheme)
+        self.forwarded_host = self.forwarded_host_lines = b""
         transport.set_write_buffer_limits(65536)
         self.worker.connection_opened(self)
         self.deadline.arm(self.header_timeout, "header")
@@ -234,8 +247,8 @@ class ClientConnection:
             raise HeadersTooLarge()
         if ex.method:
             return  # a trailer field after a chunked body: dropped (the body is forwarded re-chunked)
-        kind = SPECIAL_FIELDS.get(name.lower())
-        if kind is None:
+        kind = field_kind(name)
+        if kind == ORDINARY_FIELD:
             ex.headers.append((name, value))
         else:
             special_field(ex, kind, value)
@@ -244,7 +257,10 @@ class ClientConnection:
         ex = self.current
         assert ex is not None
         parser = self.parser
-        ex.method = method = parser.get_method()
+        method = parser.get_method()
+        if method == b"GET":
+            method = _GET  # one object whose hash is computed once, for the lookups by method
+        ex.method = method
         keep_alive = parser.should_keep_alive()
         # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0, and keeps only 1.1 alive without a Connection
         # header: then the version is known without get_http_version(), which formats a string.
@@ -324,6 +340,14 @@ class ClientConnection:
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def forwarded_lines_with_host(self, host: bytes) -> bytes:
+        """`forwarded_lines` and ``X-Forwarded-Host: host`` (a request from an untrusted client, with a
+        Host): built once per distinct Host in a row, so once per connection as a rule."""
+        if host != self.forwarded_host:
+            self.forwarded_host = host
+            self.forwarded_host_lines = self.forwarded_lines + b"X-Forwarded-Host: " + host + b"\r\n"
+        return self.forwarded_host_lines
 
     def pause_reading_for(self, ex: RequestContext) -> None:
         if ex is self.active or ex is self.current:

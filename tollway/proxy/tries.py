@@ -36,9 +36,9 @@ if TYPE_CHECKING:
     from tollway.upstream.target import Target
 
 # How much request body is kept for a replay when no upstream says (a request not yet routed).
-REPLAY_LIMIT = 65536
+REPLAY_LIMIT: Final = 65536
 # Methods retried after the request was sent (RFC 9110 9.2.2); others only if the route allows.
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class UpstreamTries(RequestContext):

@@ -26,7 +26,7 @@ nothing.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tollway.router.paths import PathPattern, param_name
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from tollway.router.table import RouteEntry
 
 Candidate = tuple[int, "RouteEntry", dict[str, str], int]
-EMPTY_PARAMS: dict[str, str] = {}  # shared by every match without parameters; never mutated
+EMPTY_PARAMS: Final[dict[str, str]] = {}  # shared by every match without parameters; never mutated
 
 
 class PrefixNode:

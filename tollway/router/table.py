@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from tollway.config.schema import Route
 from tollway.router.index import Candidate, PathIndex
@@ -35,7 +35,7 @@ from tollway.router.paths import PathPattern, compile_rewrite, parse_path_patter
 
 T = TypeVar("T")
 
-_NO_SEGMENTS: list[str] = []
+_NO_SEGMENTS: Final[list[str]] = []  # (Final: compiled code reads it directly, not by name)
 HOST_CACHE_SIZE = 1024  # distinct Host values remembered before the cache starts over
 
 
@@ -68,10 +68,12 @@ class MethodNotAllowed:
     allowed: tuple[str, ...]
 
 
-_UNCHANGED, _STRIP, _REWRITE = 0, 1, 2
+_UNCHANGED: Final = 0
+_STRIP: Final = 1
+_REWRITE: Final = 2
 
 
-_ANY_METHOD: frozenset[str] = frozenset()
+_ANY_METHOD: Final[frozenset[str]] = frozenset()
 
 
 class RouteEntry:

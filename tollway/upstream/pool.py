@@ -12,6 +12,7 @@ import ssl
 from dataclasses import dataclass
 
 from tollway.errors import UpstreamConnectError, UpstreamTimeout, UpstreamTlsError
+from tollway.protocol.deadline import loop_clock
 from tollway.upstream.connection import UpstreamConnection
 from tollway.upstream.tls import describe_failure
 
@@ -26,6 +27,7 @@ class PoolSettings:
 
 class Pool:
     __slots__ = (
+        "_clock",
         "_sweeper",
         "active",
         "host",
@@ -50,6 +52,7 @@ class Pool:
         server_hostname: str | None = None,
     ) -> None:
         self.loop = loop
+        self._clock = loop_clock(loop)  # idle stamps, on every release
         self.host = host
         self.port = port
         self.ssl = tls
@@ -114,7 +117,7 @@ class Pool:
             return
         if conn.reading_paused:  # paused for a slow client; idle, it must notice the backend closing
             conn.resume_reading()
-        self.idle.append((self.loop.time(), conn))
+        self.idle.append((self._clock(), conn))
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(settings.idle_timeout, self._sweep)
 
@@ -154,7 +157,7 @@ class Pool:
     def _sweep(self) -> None:
         """Close connections idle longer than idle_timeout (the oldest sit at the front)."""
         self._sweeper = None
-        cutoff = self.loop.time() - self.settings.idle_timeout
+        cutoff = self._clock() - self.settings.idle_timeout
         idle = self.idle
         expired = 0
         while expired < len(idle) and idle[expired][0] <= cutoff:
@@ -163,5 +166,5 @@ class Pool:
             conn.close()
         del idle[:expired]
         if idle:
-            delay = idle[0][0] + self.settings.idle_timeout - self.loop.time()
+            delay = idle[0][0] + self.settings.idle_timeout - self._clock()
             self._sweeper = self.loop.call_later(max(delay, 0.05), self._sweep)
