@@ -20,12 +20,15 @@ from pydantic import BaseModel
 
 def compact(*models: BaseModel) -> None:
     """Make equal empty containers and field sets in the models one shared object each."""
-    compactor = _Compactor()
+    compactor = Compactor()
     for model in models:
         compactor.model(model)
 
 
-class _Compactor:
+class Compactor:
+    """`compact` one model at a time, sharing with the models compacted before: compacting each model
+    as soon as it is built lets the next one reuse the memory its own copies took."""
+
     def __init__(self) -> None:
         self.empty_list: list[Any] = []
         self.empty_dict: dict[Any, Any] = {}

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from tollway.config.loader import Loc, PluginCheck, validation_issues
 from tollway.config.wording import did_you_mean
 from tollway.plugins.base import Plugin
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the loader (and YAML) only when a config is checked: a worker never does (~2.5 MB)
+    from tollway.config.loader import Loc, PluginCheck
     from tollway.config.schema import GatewayConfig
 
 ENTRY_POINT_GROUP = "tollway.plugins"
@@ -140,7 +140,7 @@ def _check_instance(
     try:
         conf = cls.config_model.model_validate(instance.config)
     except ValidationError as exc:
-        for issue_loc, message in validation_issues(exc, instance.config, cls.config_model):
+        for issue_loc, message in _validation_issues(exc, instance.config, cls.config_model):
             yield (*loc, "config", *issue_loc), message
         return
     if _scope_of(config, loc, instance)[2] is not None and not cls.consumer_scoped:
@@ -162,6 +162,12 @@ def _scope_of(config: GatewayConfig, loc: Loc, instance: Any) -> tuple[str | Non
     return None, None, config.consumers[index].username
 
 
+def _validation_issues(exc: ValidationError, data: Any, model: Any) -> Iterator[tuple[Loc, str]]:
+    from tollway.config.loader import validation_issues
+
+    return validation_issues(exc, data, model)
+
+
 def check_plugin_document(plugin: dict[str, Any]) -> Iterator[tuple[Loc, str]]:
     """A raw plugin instance (`{name, config}` from the document): its name resolves and its options
     fit its schema. For files whose other errors keep the whole config from validating."""
@@ -179,7 +185,7 @@ def check_plugin_document(plugin: dict[str, Any]) -> Iterator[tuple[Loc, str]]:
     try:
         cls.config_model.model_validate(options)
     except ValidationError as exc:
-        for issue_loc, message in validation_issues(exc, options, cls.config_model):
+        for issue_loc, message in _validation_issues(exc, options, cls.config_model):
             yield ("config", *issue_loc), message
 
 
@@ -217,7 +223,7 @@ def _check_credentials(config: GatewayConfig) -> Iterator[tuple[Loc, str]]:
                 try:
                     credential = model.model_validate(raw)
                 except ValidationError as exc:
-                    for issue_loc, message in validation_issues(exc, raw, model):
+                    for issue_loc, message in _validation_issues(exc, raw, model):
                         yield (*loc, j, *issue_loc), message
                     continue
                 identity = getattr(credential, "identity", None)

@@ -86,7 +86,6 @@ class CompiledRoute:
 class Snapshot:
     __slots__ = (
         "clusters",
-        "config",
         "forwarded",
         "forwarded_header",
         "request_finished",
@@ -110,7 +109,8 @@ class Snapshot:
         trace: TraceSettings,
     ) -> None:
         self.version = version
-        self.config = config
+        # The config itself is not kept: a worker holds its snapshot for as long as it serves, and the
+        # validated models of 10,000 routes and consumers (~16 MB) are not needed once compiled.
         self.clusters: list[Cluster] = []  # every upstream's and service URL's cluster
         self.settings: GatewaySettings = config.gateway
         self.services = services
@@ -173,11 +173,13 @@ def build_snapshot(
         CompiledRoute(r.name, services[r.service], None, r.retry_non_idempotent, _strips(r))
         for r in config.routes
     ]
+    # The router before the pipelines: what its build leaves (~6 MB of sort keys at 10,000 routes) is
+    # then reused by the consumers and credentials, instead of adding to the worker's peak (its RSS).
+    router = Router([(spec, compiled) for spec, compiled in zip(config.routes, routes, strict=True)])
     if _uses_plugins(config):
         if attach_pipelines is None:
             raise ValueError("the config uses plugins: build_snapshot needs attach_pipelines")
         attach_pipelines(config, routes)
-    router = Router([(spec, compiled) for spec, compiled in zip(config.routes, routes, strict=True)])
     snapshot = Snapshot(version, config, services, routes, router, trace)
     snapshot.clusters = list(clusters.values()) + [
         s.cluster for s in services.values() if s.cluster.name not in clusters

@@ -74,7 +74,9 @@ class Worker:
         self._ticket_keys: bytes | None = None
         self.channel: ChannelProtocol | None = None
         self.snapshot: Snapshot = None  # type: ignore[assignment]  # set by the first config
-        self.config: GatewayConfig | None = None  # the base of the next config delta
+        # The base of the next config delta: only a config sent whole ("config", a config store's
+        # supervisor) may be followed by deltas; one sent pickled ("config_wire") is not kept (~16 MB).
+        self.config: GatewayConfig | None = None
         self.draining = False
         self.connections: set[ClientConnection] = set()
         self.pools: dict[tuple[object, ...], Pool] = {}
@@ -122,7 +124,8 @@ class Worker:
             if handler is not None:
                 handler(*message[1:])
 
-    def apply_config(self, version: int, config: GatewayConfig) -> None:
+    def apply_config(self, version: int, config: GatewayConfig, delta_base: bool = True) -> None:
+        """`delta_base`: keep `config` as the base of the next delta (tollway.runtime.config_delta)."""
         self._apply_pool_limits(config)
         try:
             trace = TraceSettings.from_config(config.gateway.tracing)
@@ -143,7 +146,7 @@ class Worker:
         self.tls = update_server_tls(self.tls, config, any(self.listen_kinds))
         if first and self.tls is not None and self._ticket_keys is not None:
             self.tls.share_ticket_keys(self._ticket_keys)
-        self.snapshot, self.config = snapshot, config
+        self.snapshot, self.config = snapshot, config if delta_base else None
         self.upstreams.activate(snapshot.clusters)
         self.observability.apply(config)
         # metrics, access log, span: called straight from the client connection, and not at all when off
@@ -182,7 +185,7 @@ class Worker:
 
     def on_config_wire(self, version: int, data: bytes) -> None:
         """A whole config, pickled once by the supervisor (tollway.runtime.config_hold)."""
-        self.apply_config(version, unwire(data))
+        self.apply_config(version, unwire(data), delta_base=False)  # no delta follows a wire config
 
     def on_config_delta(self, version: int, delta: dict[str, Any]) -> None:
         """What changed since the version this worker holds (tollway.runtime.config_delta)."""
