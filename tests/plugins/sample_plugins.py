@@ -90,6 +90,16 @@ class Teapot(Plugin[EmptyConfig]):
         return Response(418, {"message": "short and stout"})
 
 
+class AnswersItself(Plugin[EmptyConfig]):
+    """Answers through `ex.respond` and returns None, as a compiled fast path does (proxy-cache)."""
+
+    name = "answers-itself"
+    priority = 1100
+
+    def access(self, ex: Exchange) -> None:
+        ex.respond(Response(418, {"message": "answered in the hook"}))
+
+
 class ResponseBoom(Plugin[EmptyConfig]):
     name = "response-boom"
     priority = 500

@@ -245,6 +245,15 @@ def test_a_returned_response_short_circuits(harness):
     assert result.upstream is None
 
 
+def test_a_hook_that_answered_itself_ends_the_phase(harness):
+    # Boom sorts after it: had its hook run on the answered request, it would have logged a failure.
+    gw = harness({"plugins": [{"name": S + "AnswersItself"}, {"name": S + "Boom"}]})
+    result = gw.request()
+    assert result.status == 418 and result.json()["message"] == "answered in the hook"
+    assert result.upstream is None
+    assert gw.logged == []
+
+
 def test_a_raising_response_hook_answers_500(harness):
     gw = harness({"plugins": [{"name": S + "ResponseBoom"}]})
     result = gw.request()
