@@ -152,3 +152,23 @@ def test_a_purged_copy_is_not_answered_from_what_the_hit_path_prepared(tmp_path:
         assert after.upstream is not None and after.response.body == b'{"id":2}'
     finally:
         gw.close()
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [{"key_headers": ["Accept-Language"]}, {"key_consumer": True}, {"methods": ["HEAD"]}],
+    ids=["key-headers", "key-consumer", "head-only"],
+)
+def test_caches_whose_hits_cannot_take_the_compiled_path_do_not_install_it(
+    tmp_path: Path, cache: dict[str, Any]
+) -> None:
+    gw = _gateway(tmp_path, **cache)
+    try:
+        route = gw.worker.snapshot.routes[0]
+        assert not any(isinstance(getattr(h, "__self__", None), HitPath) for h in route.pipeline.access)
+        if "methods" not in cache:  # the general path still answers hits
+            gw.request("GET", "/user/1", {"Accept-Language": "en"}, backend=CACHEABLE)
+            hit = gw.request("GET", "/user/1", {"Accept-Language": "en"})
+            assert hit.upstream is None and hit.header("x-cache-status") == "HIT"
+    finally:
+        gw.close()

@@ -345,7 +345,8 @@ class LmdbStore:
                     count += 1
                     total -= freed
             txn.put(_TOTAL, struct.pack("<q", max(0, total)), db=self._meta)
-        self._changes.advance()
+        if count:  # nothing deleted (an unsafe request to an uncached URI): nothing to re-read
+            self._changes.advance()
         return count
 
     def delete(self, key: bytes) -> int:

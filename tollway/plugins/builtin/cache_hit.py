@@ -35,6 +35,15 @@ _DIFFERENT: Final = frozenset(
 _DIFFERENT_LENGTHS: Final = frozenset(len(name) for name in _DIFFERENT)
 
 
+def request_key(ex: RequestContext, path: str, query: str, ignore: frozenset[str], sort: bool) -> bytes:
+    """The primary key of `path?query` as this request names it (scheme, Host): the one derivation
+    both the hit path and the general path use, so they can never disagree about a copy."""
+    host = ex.host.decode("latin-1").lower()
+    if query and (ignore or sort):
+        query = keys.normalise_query(query, ignore, sort)
+    return keys.primary_key(ex.client.scheme.decode(), host, path, query)
+
+
 class Prepared:
     """One stored copy, serialized for hits: everything but its Age, request id and ttl."""
 
@@ -95,13 +104,14 @@ class Prepared:
 
 
 class HitPath:
-    """The `access` hook of one proxy-cache plugin instance: fast hits, else `slow(ex)`."""
+    """The `access` hook of one proxy-cache plugin instance whose copies this path can answer (GET
+    served, a synchronous store, no key parts that make every copy a variant): fast hits, else
+    `slow(ex)`."""
 
     def __init__(
         self,
         slow: Callable[[RequestContext], Any],
         decode: DecodedCopies,
-        serves_get: bool,
         ignore_query: frozenset[str],
         sort_query: bool,
         status_name: bytes,
@@ -109,7 +119,6 @@ class HitPath:
     ) -> None:
         self.slow = slow
         self.decode = decode
-        self.serves_get = serves_get
         self.ignore_query = ignore_query
         self.sort_query = sort_query
         self.status_prefix = b"Cache-Status: %s; hit; ttl=" % status_name
@@ -119,16 +128,12 @@ class HitPath:
 
     def access(self, ex: RequestContext) -> Any:
         store = self.store
-        if store is None or ex.method != b"GET" or not self.serves_get:
+        if store is None or ex.method != b"GET":
             return self.slow(ex)
         for name, _ in ex.headers:
             if len(name) in _DIFFERENT_LENGTHS and name.lower() in _DIFFERENT:
                 return self.slow(ex)
-        query = ex.query
-        if query and (self.ignore_query or self.sort_query):
-            query = keys.normalise_query(query, self.ignore_query, self.sort_query)
-        host = ex.host.decode("latin-1").lower()
-        key = keys.primary_key(ex.client.scheme.decode(), host, ex.path, query)
+        key = request_key(ex, ex.path, ex.query, self.ignore_query, self.sort_query)
         try:
             data = store.get(key)
         except Exception:  # the general path meets the failure too, and answers BYPASS

@@ -28,7 +28,7 @@ from tollway.plugins.base import HookResult, Plugin, PluginContext
 from tollway.plugins.builtin.cache_capture import BodyCapture
 from tollway.plugins.builtin.cache_capture import tags as body_tags
 from tollway.plugins.builtin.cache_config import ProxyCacheConfig
-from tollway.plugins.builtin.cache_hit import DecodedCopies, HitPath
+from tollway.plugins.builtin.cache_hit import DecodedCopies, HitPath, request_key
 from tollway.plugins.builtin.cache_refresh import refresh
 from tollway.plugins.builtin.cache_status import StatusFields
 from tollway.plugins.builtin.cache_stores import delete_async, open_store, put_async, release_lease, warn
@@ -96,19 +96,24 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
         # key -> the request filling it; resolves to what it stored (written key, entry, variants) or None
         self._inflight: dict[bytes, asyncio.Future[Filled | None]] = {}
         self._decode = DecodedCopies()
-        # The pipeline runs `hits.access`: plain fresh hits answered by compiled code, the rest here.
-        self.hits = HitPath(
-            self.access,
-            self._decode,
-            b"GET" in self._methods,
-            self._ignore,
-            config.sort_query,
-            config.cache_status_name.encode(),
-            config.status_header.encode() if config.status_header else None,
-        )
+        # The pipeline runs `hits.access` (plain fresh hits answered by compiled code, the rest here)
+        # unless no hit can take that path: GET not cached, an asynchronous store (Redis), or key parts
+        # that make every copy a variant (the path would read the store twice for nothing).
+        self.hits: HitPath | None = None
+        if b"GET" in self._methods and config.store != "redis" and not self._extra_names:
+            self.hits = HitPath(
+                self.access,
+                self._decode,
+                self._ignore,
+                config.sort_query,
+                config.cache_status_name.encode(),
+                config.status_header.encode() if config.status_header else None,
+            )
 
     def hook(self, phase: str) -> Callable[[RequestContext], Any]:
-        return self.hits.access if phase == "access" else super().hook(phase)
+        if phase == "access" and self.hits is not None:
+            return self.hits.access
+        return super().hook(phase)
 
     @property
     def store(self) -> Any:
@@ -124,7 +129,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
                 return None
             try:
                 store = self._store = self._store_factory()
-                if not store.is_async:  # the hit path reads synchronously only
+                if self.hits is not None:
                     self.hits.store = store
             except Exception as exc:
                 STATS.store_errors += 1
@@ -340,9 +345,7 @@ class ProxyCache(Plugin[ProxyCacheConfig]):
 
     # -- lookups -------------------------------------------------------------------------------------------
     def _key(self, ex: RequestContext, path: str, query: str) -> bytes:
-        host = ex.host.decode("latin-1").lower()
-        query = keys.normalise_query(query, self._ignore, self.config.sort_query)
-        return keys.primary_key(ex.client.scheme.decode(), host, path, query)
+        return request_key(ex, path, query, self._ignore, self.config.sort_query)
 
     def _variant_key(self, ex: RequestContext, key: bytes, variants: Variants) -> bytes:
         values = []
