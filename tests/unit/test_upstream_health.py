@@ -274,6 +274,9 @@ class FakeTransport:
     def is_closing(self) -> bool:
         return self.closed
 
+    def write(self, data: bytes) -> None:
+        raise AssertionError("nothing is written on an idle connection")
+
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
 

@@ -364,14 +364,20 @@ class Exchange(RequestBody):
     def _response_fields(self, head: ResponseHead) -> bytes:
         """Header lines plugins added, for the head's `extra`: appending bytes keeps the head on its
         fast path (re-serialised only when a field replaces one the backend sent)."""
+        fields = self._resp_headers
+        if fields is None:
+            return b""
         parts: list[bytes] = []
-        for name, value, mode in self._resp_headers or ():
+        for name, value, mode in fields:
             if mode != ADD:
                 lname = name.lower()
                 headers = head.headers
                 headers[:] = [h for h in headers if h[0].lower() != lname]
-            if mode != REMOVE:
-                parts += (name, b": ", value, b"\r\n")
+            if mode != REMOVE:  # appends: `parts += (…)` would build a tuple per field
+                parts.append(name)
+                parts.append(b": ")
+                parts.append(value)
+                parts.append(b"\r\n")
         return b"".join(parts)
 
     def _build_response_head(self, head: ResponseHead, raw: bytes) -> bytes:

@@ -63,7 +63,7 @@ def sf_binary(data: bytes) -> str:
     return ":" + base64.b64encode(data).decode() + ":"
 
 
-def _seconds(value: float) -> int:
+def whole_seconds(value: float) -> int:
     """Non-negative whole seconds, rounded up (a client must not come back too early)."""
     if value <= 0 or math.isnan(value):
         return 0
@@ -97,7 +97,7 @@ def ratelimit_item(decision: Decision, partition_key: bytes | None = None) -> st
         item = f"{_quoted(spec.name)};r={remaining}"
     else:  # one f-string: built once, where appending to it would copy it again
         after = decision.reset_after if decision.allowed else decision.retry_after
-        item = f"{_quoted(spec.name)};r={remaining};t={_seconds(after)}"
+        item = f"{_quoted(spec.name)};r={remaining};t={whole_seconds(after)}"
     if partition_key is not None:
         item += f";pk={sf_binary(partition_key)}"
     return item
@@ -111,7 +111,7 @@ def ratelimit(decisions: Sequence[Decision], partition_key: bytes | None = None)
 def retry_after(decisions: Sequence[Decision]) -> str:
     """Retry-After for a denied request: the longest wait among the denying limits, at least 1 s."""
     waits = [d.retry_after for d in decisions if not d.allowed]
-    return str(max(1, _seconds(max(waits, default=1.0))))
+    return str(max(1, whole_seconds(max(waits, default=1.0))))
 
 
 def legacy_headers(decisions: Sequence[Decision], per_limit: bool = False) -> list[Header]:
@@ -124,7 +124,7 @@ def legacy_headers(decisions: Sequence[Decision], per_limit: bool = False) -> li
     headers = [
         (b"X-RateLimit-Limit", b"%d" % top.limit),
         (b"X-RateLimit-Remaining", b"%d" % max(0, top.remaining)),
-        (b"X-RateLimit-Reset", b"%d" % _seconds(after)),
+        (b"X-RateLimit-Reset", b"%d" % whole_seconds(after)),
     ]
     if per_limit:
         for d in decisions:

@@ -10,6 +10,7 @@ Compiled with mypyc (see setup.py): a plain class implementing the asyncio proto
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tollway.errors import (
@@ -43,6 +44,7 @@ class UpstreamConnection:
         "_buf",
         "_decoder",
         "_remaining",
+        "_transport_write",
         "body_kind",
         "deadline",
         "head",
@@ -63,6 +65,8 @@ class UpstreamConnection:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        # The transport's write, bound once: a call through it skips the lookup by name on each request.
+        self._transport_write: Callable[[bytes], object] | None = None
         self.sink: Exchange | None = None  # the exchange this connection currently serves
         self.tunnel_sink: TunnelSink | None = None
         self.tunnel = False
@@ -90,6 +94,7 @@ class UpstreamConnection:
     # -- asyncio protocol ---------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        self._transport_write = transport.write
         transport.set_write_buffer_limits(65536)
 
     def data_received(self, data: bytes) -> None:
@@ -192,9 +197,9 @@ class UpstreamConnection:
         self.deadline.arm(read_timeout, "read")
 
     def write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None:
-            transport.write(data)
+        write = self._transport_write
+        if write is not None:
+            write(data)
 
     def close(self) -> None:
         self.keep_alive = False
