@@ -3,7 +3,9 @@ sliding-window weights, concurrency leases, eviction and the full-table behaviou
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -62,6 +64,92 @@ def test_fixed_window_admits_exactly_the_limit_then_resets_at_the_boundary(table
     assert not limit.check("alice", T0 + 59.999).allowed
     fresh = limit.check("alice", T0 + 60.0)
     assert fresh.allowed and fresh.remaining == 4 and fresh.reset_after == pytest.approx(60.0)
+
+
+def test_fixed_window_one_call_check_decides_exactly_as_the_general_path() -> None:
+    """`_shmlock`'s fixed_window (one C call for a known key) against the memoryview path, step by step:
+    window boundaries, costs, denials, a clock stepping back, windows that are not binary fractions."""
+    if not _native_available():
+        pytest.skip("tollway.state._shmlock is not built (TOLLWAY_PURE_PYTHON install)")
+    rng = random.Random(17)
+    for window in (60.0, 0.1, 7.3):
+        fast_table, slow_table = SharedTable.create(1 << 10), SharedTable.create(1 << 10)
+        slow_table.fixed_window = None  # the general path only
+        assert fast_table.fixed_window is not None
+        fast, slow = (
+            LocalFixedWindow(spec(7, window), fast_table),
+            LocalFixedWindow(spec(7, window), slow_table),
+        )
+        now = T0
+        try:
+            for _ in range(600):
+                now += rng.choice([0.0, 0.0, 0.01, window / 3, window, -window / 2])
+                key, cost = rng.choice(["a", "b", "c"]), rng.choice([1, 1, 1, 2, 8])
+                a, b = fast.check(key, now, cost), slow.check(key, now, cost)
+                assert (a.allowed, a.remaining, a.reset_after, a.retry_after) == (
+                    b.allowed,
+                    b.remaining,
+                    b.reset_after,
+                    b.retry_after,
+                ), (window, now, key, cost)
+        finally:
+            fast_table.close()
+            slow_table.close()
+
+
+def test_fixed_window_one_call_statuses_and_argument_checks() -> None:
+    if not _native_available():
+        pytest.skip("tollway.state._shmlock is not built (TOLLWAY_PURE_PYTHON install)")
+    table = SharedTable.create(1 << 10)
+    limit = LocalFixedWindow(spec(2, 60), table)
+    fp = limit.fingerprint("k")
+    bucket = fp & table.bucket_mask
+    where = (
+        bucket & table.stripe_mask,
+        table.keys_offset + bucket * WAYS * 8,
+        table.records_offset + bucket * WAYS * 64,
+    )
+    try:
+        assert table.fixed_window(*where, fp, T0, 60.0, 2, 1) == (2, 0.0, 0.0)  # a new key: general path
+        assert limit.check("k", T0).allowed  # claims the slot
+        assert table.fixed_window(*where, fp, T0, 60.0, 2, 1) == (1, 2.0, T0 + 60.0)
+        assert table.fixed_window(*where, fp, T0, 60.0, 2, 1) == (0, 2.0, T0 + 60.0)  # denied: unchanged
+        assert table.fixed_window(*where, fp, T0 + 60.0, 60.0, 2, 1) == (1, 1.0, T0 + 120.0)
+        stripe = table.lock(fp)  # held (by this thread): the one-call check does not wait for it
+        try:
+            assert table.fixed_window(*where, fp, T0 + 60.0, 60.0, 2, 1) == (3, 0.0, 0.0)
+        finally:
+            table.unlock(stripe)
+        with pytest.raises(ValueError):
+            table.fixed_window(where[0], table.size, where[2], fp, T0, 60.0, 2, 1)
+        with pytest.raises(ValueError):
+            table.fixed_window(where[0], where[1], table.size - 8, fp, T0, 60.0, 2, 1)
+        with pytest.raises(TypeError):
+            table.fixed_window(*where, fp, T0)
+    finally:
+        table.close()
+
+
+def test_a_check_waits_for_a_stripe_another_thread_holds(table: SharedTable) -> None:
+    limit = LocalFixedWindow(spec(3, 60), table)
+    assert limit.check("busy", T0).allowed
+    locked, released = threading.Event(), threading.Event()
+
+    def hold_briefly() -> None:  # a robust mutex is unlocked by the thread that locked it
+        stripe = table.lock(limit.fingerprint("busy"))
+        locked.set()
+        time.sleep(0.1)
+        released.set()
+        table.unlock(stripe)
+
+    holder = threading.Thread(target=hold_briefly)
+    holder.start()
+    try:
+        assert locked.wait(5)
+        decision = limit.check("busy", T0)
+        assert released.is_set() and decision.allowed and decision.remaining == 1
+    finally:
+        holder.join()
 
 
 def test_fixed_window_keys_are_independent_and_cost_counts(table: SharedTable) -> None:

@@ -18,9 +18,15 @@ import asyncio
 import struct
 from typing import Any, Final
 
-from tollway.state.shared import _CACHE_MAX, SharedTable, node_table
+from tollway.state.shared import _CACHE_MAX, RECORD, WAYS, SharedTable, node_table
 from tollway.state.spec import Decision, LimitSpec
 
+# `SharedTable.fixed_window`'s status (tollway/state/_shmlock.c): decided (0, 1), or take the general path.
+_DENIED: Final = 0
+_ALLOWED: Final = 1
+_RECOVERED: Final = 4
+_KEYS_PER_BUCKET: Final = WAYS * 8  # bytes of fingerprints per bucket
+_RECORDS_PER_BUCKET: Final = WAYS * RECORD
 _F3: Final = struct.Struct("<3d")
 _F4: Final = struct.Struct("<4d")
 
@@ -65,6 +71,35 @@ class LocalFixedWindow(LocalLimit):
     def check(self, key: str, now: float, cost: int = 1) -> Decision:
         fp = self._cache.get(key) or self.fingerprint(key)
         table = self.table
+        fast = table.fixed_window
+        if fast is not None:  # a key already in the table, its stripe free: one C call
+            bucket = fp & table.bucket_mask
+            result: tuple[int, float, float] = fast(
+                bucket & table.stripe_mask,
+                table.keys_offset + bucket * _KEYS_PER_BUCKET,
+                table.records_offset + bucket * _RECORDS_PER_BUCKET,
+                fp,
+                now,
+                self.window,
+                self.limit,
+                cost,
+            )
+            status, counted, ends = result
+            if status <= _ALLOWED:  # decided: _DENIED or _ALLOWED
+                return self._decided(status == _ALLOWED, counted, ends, now)
+            if status == _RECOVERED:
+                table.stats.recovered += 1
+        return self._check(fp, now, cost)
+
+    def _decided(self, allowed: bool, count: float, end: float, now: float) -> Decision:
+        limit = self.limit
+        reset_after = end - now
+        remaining = int(limit - count) if count < limit else 0
+        return Decision(allowed, limit, remaining, reset_after, 0.0 if allowed else reset_after, self.spec)
+
+    def _check(self, fp: int, now: float, cost: int) -> Decision:
+        """The check through memoryview items: a new key, a busy stripe, or no C module."""
+        table = self.table
         # Any, not memoryview: typeshed says its items are ints, and a compiled int check would refuse
         # the doubles. Indexed reads and writes of single fields cost a fraction of a struct call.
         doubles: Any = table.doubles
@@ -91,9 +126,7 @@ class LocalFixedWindow(LocalLimit):
                 doubles[i + 2] = count
         finally:
             table.unlock(stripe)
-        reset_after = end - now
-        remaining = int(limit - count) if count < limit else 0
-        return Decision(allowed, limit, remaining, reset_after, 0.0 if allowed else reset_after, self.spec)
+        return self._decided(allowed, count, end, now)
 
     def refund(self, key: str, now: float, cost: int = 1) -> None:
         fp = self.fingerprint(key)

@@ -148,6 +148,9 @@ class SharedTable:
         self.lock_impl = type(self._locks).__name__
         self._acquire = self._locks.acquire
         self._release = self._locks.release
+        # The fixed-window check in one C call (`_shmlock.MutexArray.fixed_window`), or None where the
+        # locks are not the C module's (a pure-Python install): LocalFixedWindow then takes its general path.
+        self.fixed_window: Any = getattr(self._locks, "fixed_window", None)
         # The same memory as 64-bit words: one indexed read or write per field, where a struct
         # unpack_from/pack_into is a method call that builds (or parses) a tuple.
         self.words = memoryview(self.buf).cast("Q")
@@ -185,6 +188,7 @@ class SharedTable:
     def close(self) -> None:
         self._locks = None
         self._acquire = self._release = _closed
+        self.fixed_window = None
         self.words.release()
         self.doubles.release()
         with contextlib.suppress(BufferError):  # a C lock object still holds the buffer
