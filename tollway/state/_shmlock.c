@@ -16,6 +16,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 
 #define ABI 1
@@ -139,6 +140,38 @@ static PyObject *MutexArray_release(MutexArray *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* The way of the bucket whose fingerprints start at byte offset `keys` that holds `fp`, or -1. */
+static int find_way(MutexArray *self, Py_ssize_t keys, unsigned long long fp) {
+    const uint64_t *ways = (const uint64_t *)((char *)self->view.buf + keys);
+    for (int w = 0; w < 8; w++) {
+        if (ways[w] == fp)
+            return w;
+    }
+    return -1;
+}
+
+/* (status, values[0], ..., values[n - 1]) */
+static PyObject *status_tuple(int status, int n, const double *values) {
+    PyObject *result = PyTuple_New(n + 1);
+    if (result == NULL)
+        return NULL;
+    PyObject *item = PyLong_FromLong(status);
+    if (item == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, item);
+    for (int i = 0; i < n; i++) {
+        item = PyFloat_FromDouble(values[i]);
+        if (item == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(result, i + 1, item);
+    }
+    return result;
+}
+
 /* Python's float floor division (floatobject.c, float_floor_div), so that a window id computed here is
  * the very one `now // window` gives the Python path and the other processes. */
 static double floor_div(double vx, double wx) {
@@ -203,14 +236,7 @@ static PyObject *MutexArray_fixed_window(MutexArray *self, PyObject *const *args
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     } else {
-        const uint64_t *ways = (const uint64_t *)((char *)self->view.buf + keys);
-        int way = -1;
-        for (int w = 0; w < 8; w++) {
-            if (ways[w] == fp) {
-                way = w;
-                break;
-            }
-        }
+        int way = find_way(self, keys, fp);
         if (way < 0) {
             status = WINDOW_NOT_FOUND;
         } else {
@@ -231,21 +257,70 @@ static PyObject *MutexArray_fixed_window(MutexArray *self, PyObject *const *args
         }
         pthread_mutex_unlock(m);
     }
-    PyObject *result = PyTuple_New(3);
-    if (result == NULL)
+    return status_tuple(status, 2, (double[]){count, end});
+}
+
+enum { RESERVE_TAKEN, RESERVE_BLOCKED, RESERVE_EMPTY, RESERVE_NOT_FOUND, RESERVE_BUSY, RESERVE_RECOVERED };
+
+/* take_reserve(stripe, keys, record, fp, now, cost) -> (status, expires, reserve, retry_at, remaining)
+ *
+ * The batched Redis policy's local step (tollway.state.batched.BatchedRedisPolicy._local) for a key
+ * already in the table, in one call, for the same reason as fixed_window. The record's doubles: expires,
+ * wid, reserve, blocked_until, retry_at, remaining, stock, last_fetch. TAKEN: `cost` units came out of
+ * an unexpired reserve (only `reserve` is written; the reserve after it is returned); BLOCKED: Redis had
+ * nothing left and the block holds; EMPTY: a slice is needed (nothing changed). NOT_FOUND, BUSY and
+ * RECOVERED as for fixed_window: the caller takes the general path. `stock` is the 6th item. */
+static PyObject *MutexArray_take_reserve(MutexArray *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "take_reserve(stripe, keys, record, fp, now, cost)");
         return NULL;
-    PyObject *items[3] = {PyLong_FromLong(status), PyFloat_FromDouble(count), PyFloat_FromDouble(end)};
-    for (int i = 0; i < 3; i++) {
-        if (items[i] == NULL) {
-            for (int j = 0; j < 3; j++)
-                Py_XDECREF(items[j]);
-            Py_DECREF(result);
-            return NULL;
-        }
     }
-    for (int i = 0; i < 3; i++)
-        PyTuple_SET_ITEM(result, i, items[i]);
-    return result;
+    Py_ssize_t stripe = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t keys = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t record = PyLong_AsSsize_t(args[2]);
+    unsigned long long fp = PyLong_AsUnsignedLongLong(args[3]);
+    double now = PyFloat_AsDouble(args[4]);
+    double cost = PyFloat_AsDouble(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (stripe < 0 || stripe >= self->count || keys < 0 || keys % 8 || keys + 64 > self->view.len ||
+        record < 0 || record % 8 || record + 8 * 64 > self->view.len) {
+        PyErr_SetString(PyExc_ValueError, "take_reserve: offsets outside the table");
+        return NULL;
+    }
+    int status;
+    double f[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    pthread_mutex_t *m = mutex_at(self, stripe);
+    int err = pthread_mutex_trylock(m);
+    if (err == EBUSY) {
+        status = RESERVE_BUSY;
+    } else if (err == EOWNERDEAD) {
+        pthread_mutex_consistent(m);
+        self->recovered++;
+        pthread_mutex_unlock(m);
+        status = RESERVE_RECOVERED;
+    } else if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    } else {
+        int way = find_way(self, keys, fp);
+        if (way < 0) {
+            status = RESERVE_NOT_FOUND;
+        } else {
+            double *fields = (double *)((char *)self->view.buf + record + way * 64);
+            memcpy(f, fields, sizeof f);
+            if (f[2] >= cost && f[0] > now) {
+                f[2] -= cost;
+                fields[2] = f[2];
+                status = RESERVE_TAKEN;
+            } else {
+                status = f[3] > now ? RESERVE_BLOCKED : RESERVE_EMPTY;
+            }
+        }
+        pthread_mutex_unlock(m);
+    }
+    /* expires, reserve, retry_at, remaining, stock */
+    return status_tuple(status, 5, (double[]){f[0], f[2], f[4], f[5], f[6]});
 }
 
 static PyObject *MutexArray_get_recovered(MutexArray *self, void *closure) {
@@ -259,6 +334,9 @@ static PyMethodDef MutexArray_methods[] = {
     {"release", (PyCFunction)MutexArray_release, METH_O, "release(index)"},
     {"fixed_window", (PyCFunction)(void (*)(void))MutexArray_fixed_window, METH_FASTCALL,
      "fixed_window(stripe, keys, record, fp, now, window, limit, cost) -> (status, count, end)"},
+    {"take_reserve", (PyCFunction)(void (*)(void))MutexArray_take_reserve, METH_FASTCALL,
+     "take_reserve(stripe, keys, record, fp, now, cost) -> (status, expires, reserve, retry_at, "
+     "remaining, stock)"},
     {NULL, NULL, 0, NULL},
 };
 

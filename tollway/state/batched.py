@@ -16,10 +16,18 @@ from tollway.state.policy_stats import stuck
 from tollway.state.redis_backends import RedisBackend
 from tollway.state.redis_client import RedisError
 from tollway.state.redis_policy import Clock, RedisBacked, Result
-from tollway.state.shared import _CACHE_MAX, SharedTable, StateLockTimeout
+from tollway.state.shared import _CACHE_MAX, RECORD, WAYS, SharedTable, StateLockTimeout
 from tollway.state.spec import Decision, LimitSpec
 
-_B = struct.Struct("<8d")  # the record in the node table, per limit and key (fields below)
+_B: Final = struct.Struct("<8d")  # the record in the node table, per limit and key (fields below)
+# `SharedTable.take_reserve`'s status (tollway/state/_shmlock.c): answered locally (taken, blocked), a
+# slice is needed (empty), or take the general path (a new key, a busy stripe, a recovered lock).
+_TAKEN: Final = 0
+_BLOCKED: Final = 1
+_EMPTY: Final = 2
+_RECOVERED: Final = 5
+_KEYS_PER_BUCKET: Final = WAYS * 8  # bytes of fingerprints per bucket
+_RECORDS_PER_BUCKET: Final = WAYS * RECORD
 EXPIRES: Final = 0
 WID: Final = 1
 RESERVE: Final = 2
@@ -118,8 +126,29 @@ class BatchedRedisPolicy(RedisBacked):
     def _local(self, key: str, fp: int, now: float, cost: int) -> Decision | None:
         """Admit from the node's reserve, deny while blocked, or None: a slice is needed."""
         table = self.table
+        fast = table.take_reserve
+        if fast is not None:  # a key already in the table, its stripe free: one C call
+            bucket = fp & table.bucket_mask
+            result: tuple[int, float, float, float, float, float] = fast(
+                bucket & table.stripe_mask,
+                table.keys_offset + bucket * _KEYS_PER_BUCKET,
+                table.records_offset + bucket * _RECORDS_PER_BUCKET,
+                fp,
+                now,
+                cost,
+            )
+            status, expires, reserve, retry_at, remaining, stock = result
+            if status <= _EMPTY:
+                return self._answer(status, key, fp, now, cost, expires, reserve, retry_at, remaining, stock)
+            if status == _RECOVERED:
+                table.stats.recovered += 1
+        return self._local_general(key, fp, now, cost)
+
+    def _local_general(self, key: str, fp: int, now: float, cost: int) -> Decision | None:
+        """`_local` through struct reads and writes: a new key, a busy stripe, or no C module."""
+        table = self.table
         buf = table.buf
-        outcome = 0  # 0: a slice is needed, 1: admitted from the reserve, 2: denied (blocked)
+        status = _EMPTY
         expires = reserve = retry_at = remaining = stock = 0.0
         stripe = table.lock(fp)
         try:
@@ -133,17 +162,32 @@ class BatchedRedisPolicy(RedisBacked):
                     _B.pack_into(
                         buf, offset, expires, wid, reserve, blocked, retry_at, remaining, stock, last
                     )
-                    outcome = 1
+                    status = _TAKEN
                 elif blocked > now:
-                    outcome = 2
+                    status = _BLOCKED
         finally:
             table.unlock(stripe)
-        if outcome == 0:
+        return self._answer(status, key, fp, now, cost, expires, reserve, retry_at, remaining, stock)
+
+    def _answer(
+        self,
+        status: int,
+        key: str,
+        fp: int,
+        now: float,
+        cost: int,
+        expires: float,
+        reserve: float,
+        retry_at: float,
+        remaining: float,
+        stock: float,
+    ) -> Decision | None:
+        if status == _EMPTY:
             return None
         stats = self.stats
         stats.local += 1
         spec = self.spec
-        if outcome == 1:
+        if status == _TAKEN:
             # Top up before it runs out — unless slices are single units (a quiet key: a unit fetched
             # ahead would mostly be given back later, two commands instead of one).
             if reserve * 4.0 <= stock and stock >= 2.0 and key not in self.fetching and not self.health.down:

@@ -151,6 +151,7 @@ class SharedTable:
         # The fixed-window check in one C call (`_shmlock.MutexArray.fixed_window`), or None where the
         # locks are not the C module's (a pure-Python install): LocalFixedWindow then takes its general path.
         self.fixed_window: Any = getattr(self._locks, "fixed_window", None)
+        self.take_reserve: Any = getattr(self._locks, "take_reserve", None)  # the batched policy's, likewise
         # The same memory as 64-bit words: one indexed read or write per field, where a struct
         # unpack_from/pack_into is a method call that builds (or parses) a tuple.
         self.words = memoryview(self.buf).cast("Q")
@@ -188,7 +189,7 @@ class SharedTable:
     def close(self) -> None:
         self._locks = None
         self._acquire = self._release = _closed
-        self.fixed_window = None
+        self.fixed_window = self.take_reserve = None
         self.words.release()
         self.doubles.release()
         with contextlib.suppress(BufferError):  # a C lock object still holds the buffer
