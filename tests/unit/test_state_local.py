@@ -104,29 +104,23 @@ def test_fixed_window_one_call_statuses_and_argument_checks() -> None:
     table = SharedTable.create(1 << 10)
     limit = LocalFixedWindow(spec(2, 60), table)
     fp = limit.fingerprint("k")
-    bucket = fp & table.bucket_mask
-    where = (
-        bucket & table.stripe_mask,
-        table.keys_offset + bucket * WAYS * 8,
-        table.records_offset + bucket * WAYS * 64,
-    )
     try:
-        assert table.fixed_window(*where, fp, T0, 60.0, 2, 1) == (2, 0.0, 0.0)  # a new key: general path
+        assert table.fixed_window(fp, T0, 60.0, 2, 1) == (2, 0.0, 0.0)  # a new key: general path
         assert limit.check("k", T0).allowed  # claims the slot
-        assert table.fixed_window(*where, fp, T0, 60.0, 2, 1) == (1, 2.0, T0 + 60.0)
-        assert table.fixed_window(*where, fp, T0, 60.0, 2, 1) == (0, 2.0, T0 + 60.0)  # denied: unchanged
-        assert table.fixed_window(*where, fp, T0 + 60.0, 60.0, 2, 1) == (1, 1.0, T0 + 120.0)
+        assert table.fixed_window(fp, T0, 60.0, 2, 1) == (1, 2.0, T0 + 60.0)
+        assert table.fixed_window(fp, T0, 60.0, 2, 1) == (0, 2.0, T0 + 60.0)  # denied: unchanged
+        assert table.fixed_window(fp, T0 + 60.0, 60.0, 2, 1) == (1, 1.0, T0 + 120.0)
         stripe = table.lock(fp)  # held (by this thread): the one-call check does not wait for it
         try:
-            assert table.fixed_window(*where, fp, T0 + 60.0, 60.0, 2, 1) == (3, 0.0, 0.0)
+            assert table.fixed_window(fp, T0 + 60.0, 60.0, 2, 1) == (3, 0.0, 0.0)
         finally:
             table.unlock(stripe)
         with pytest.raises(ValueError):
-            table.fixed_window(where[0], table.size, where[2], fp, T0, 60.0, 2, 1)
-        with pytest.raises(ValueError):
-            table.fixed_window(where[0], where[1], table.size - 8, fp, T0, 60.0, 2, 1)
+            table.fixed_window(fp, T0, 0.0, 2, 1)  # no window
         with pytest.raises(TypeError):
-            table.fixed_window(*where, fp, T0)
+            table.fixed_window(fp, T0)
+        with pytest.raises(OverflowError):
+            table.fixed_window(-1, T0, 60.0, 2, 1)  # a fingerprint is unsigned
     finally:
         table.close()
 
@@ -137,34 +131,29 @@ def test_take_reserve_statuses() -> None:
         pytest.skip("tollway.state._shmlock is not built (TOLLWAY_PURE_PYTHON install)")
     table = SharedTable.create(1 << 10)
     fp = table.fingerprint(b"key")
-    bucket = fp & table.bucket_mask
-    where = (
-        bucket & table.stripe_mask,
-        table.keys_offset + bucket * WAYS * 8,
-        table.records_offset + bucket * WAYS * 64,
-    )
+    records = table.records_offset + (fp & table.bucket_mask) * WAYS * 64  # the bucket's records
     record = struct.Struct("<8d")  # expires, wid, reserve, blocked_until, retry_at, remaining, stock, last
     try:
-        assert table.take_reserve(*where, fp, T0, 1) == (3, 0.0, 0.0, 0.0, 0.0, 0.0)  # new: general path
+        assert table.take_reserve(fp, T0, 1) == (3, 0.0, 0.0, 0.0, 0.0, 0.0)  # new: general path
         stripe = table.lock(fp)
         offset, found = table.slot(fp, T0)
         record.pack_into(table.buf, offset, T0 + 60, 7.0, 3.0, 0.0, T0 + 5, 40.0, 10.0, T0)
         table.unlock(stripe)
-        assert not found and where[2] <= offset < where[2] + WAYS * 64  # a way of the bucket C reads
-        assert table.take_reserve(*where, fp, T0, 2) == (0, T0 + 60, 1.0, T0 + 5, 40.0, 10.0)  # taken
-        assert table.take_reserve(*where, fp, T0, 2) == (2, T0 + 60, 1.0, T0 + 5, 40.0, 10.0)  # empty
+        assert not found and records <= offset < records + WAYS * 64
+        assert table.take_reserve(fp, T0, 2) == (0, T0 + 60, 1.0, T0 + 5, 40.0, 10.0)  # taken
+        assert table.take_reserve(fp, T0, 2) == (2, T0 + 60, 1.0, T0 + 5, 40.0, 10.0)  # empty
         assert record.unpack_from(table.buf, offset) == (T0 + 60, 7.0, 1.0, 0.0, T0 + 5, 40.0, 10.0, T0)
-        assert table.take_reserve(*where, fp, T0 + 61, 1)[0] == 2  # expired reserve: a slice is needed
+        assert table.take_reserve(fp, T0 + 61, 1)[0] == 2  # expired reserve: a slice is needed
         record.pack_into(table.buf, offset, T0 + 60, 7.0, 0.0, T0 + 3, T0 + 5, 0.0, 10.0, T0)
-        assert table.take_reserve(*where, fp, T0, 1)[0] == 1  # blocked
-        assert table.take_reserve(*where, fp, T0 + 3, 1)[0] == 2  # the block is over
+        assert table.take_reserve(fp, T0, 1)[0] == 1  # blocked
+        assert table.take_reserve(fp, T0 + 3, 1)[0] == 2  # the block is over
         stripe = table.lock(fp)
         try:
-            assert table.take_reserve(*where, fp, T0, 1)[0] == 4  # busy: the general path waits
+            assert table.take_reserve(fp, T0, 1)[0] == 4  # busy: the general path waits
         finally:
             table.unlock(stripe)
-        with pytest.raises(ValueError):
-            table.take_reserve(where[0], where[1], table.size, fp, T0, 1)
+        with pytest.raises(TypeError):
+            table.take_reserve(fp, T0)
     finally:
         table.close()
 

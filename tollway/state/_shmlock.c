@@ -28,6 +28,10 @@ typedef struct {
     char *base;
     Py_ssize_t count;
     unsigned long long recovered;
+    /* the table's geometry (`layout`), for the one-call checks: byte offsets of the fingerprints and of
+     * the records, and the bucket mask; keys_offset 0 = not given yet */
+    Py_ssize_t keys_offset, records_offset;
+    unsigned long long bucket_mask;
 } MutexArray;
 
 static inline pthread_mutex_t *mutex_at(MutexArray *self, Py_ssize_t i) {
@@ -140,14 +144,89 @@ static PyObject *MutexArray_release(MutexArray *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* The way of the bucket whose fingerprints start at byte offset `keys` that holds `fp`, or -1. */
-static int find_way(MutexArray *self, Py_ssize_t keys, unsigned long long fp) {
-    const uint64_t *ways = (const uint64_t *)((char *)self->view.buf + keys);
-    for (int w = 0; w < 8; w++) {
-        if (ways[w] == fp)
-            return w;
+/* layout(keys_offset, records_offset, buckets): where the table's fingerprints (8 words per bucket) and
+ * records (8 x 64 bytes per bucket) are, so that a check passes only the fingerprint. */
+static PyObject *MutexArray_layout(MutexArray *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "layout(keys_offset, records_offset, buckets)");
+        return NULL;
     }
-    return -1;
+    Py_ssize_t keys = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t records = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t buckets = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    /* powers of two: a stripe is the bucket's low bits, as SharedTable.lock computes it */
+    if (buckets <= 0 || (buckets & (buckets - 1)) || (self->count & (self->count - 1)) ||
+        self->count > buckets || keys <= 0 || keys % 64 || records % 64 ||
+        keys + buckets * 64 > self->view.len || records < keys + buckets * 64 ||
+        records + buckets * 8 * 64 > self->view.len) {
+        PyErr_SetString(PyExc_ValueError, "layout outside the table");
+        return NULL;
+    }
+    self->keys_offset = keys;
+    self->records_offset = records;
+    self->bucket_mask = (unsigned long long)buckets - 1;
+    Py_RETURN_NONE;
+}
+
+/* A number argument as a double: floats and small ints without a detour through a new object. */
+static inline double as_double(PyObject *obj) {
+    if (PyFloat_CheckExact(obj))
+        return PyFloat_AS_DOUBLE(obj);
+    if (PyLong_CheckExact(obj)) {
+        int overflow;
+        long long value = PyLong_AsLongLongAndOverflow(obj, &overflow);
+        if (!overflow)
+            return (double)value;
+    }
+    return PyFloat_AsDouble(obj);
+}
+
+/* Lock `fp`'s stripe if it is free at once and find the way of its bucket that holds it. Returns the
+ * way (the stripe is then locked: *mutex to unlock), or a status: NOT_FOUND (unlocked again), BUSY,
+ * RECOVERED (a dead owner's lock made consistent and released) or -1 with an exception set. */
+enum { FOUND_NOT, FOUND_BUSY, FOUND_RECOVERED };
+static int lock_and_find(MutexArray *self, unsigned long long fp, pthread_mutex_t **mutex, double **record,
+                         int *status) {
+    unsigned long long bucket = fp & self->bucket_mask;
+    pthread_mutex_t *m = mutex_at(self, (Py_ssize_t)(bucket & (unsigned long long)(self->count - 1)));
+    int err = pthread_mutex_trylock(m);
+    if (err == EBUSY) {
+        *status = FOUND_BUSY;
+        return 0;
+    }
+    if (err == EOWNERDEAD) {
+        pthread_mutex_consistent(m);
+        self->recovered++;
+        pthread_mutex_unlock(m);
+        *status = FOUND_RECOVERED;
+        return 0;
+    }
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    const uint64_t *ways = (const uint64_t *)((char *)self->view.buf + self->keys_offset + bucket * 64);
+    for (int w = 0; w < 8; w++) {
+        if (ways[w] == fp) {
+            *mutex = m;
+            *record = (double *)((char *)self->view.buf + self->records_offset + (bucket * 8 + w) * 64);
+            return 1;
+        }
+    }
+    pthread_mutex_unlock(m);
+    *status = FOUND_NOT;
+    return 0;
+}
+
+static int check_layout(MutexArray *self) {
+    if (self->keys_offset == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "layout() not called");
+        return -1;
+    }
+    return 0;
 }
 
 /* (status, values[0], ..., values[n - 1]) */
@@ -190,134 +269,100 @@ static double floor_div(double vx, double wx) {
 
 enum { WINDOW_DENIED, WINDOW_ALLOWED, WINDOW_NOT_FOUND, WINDOW_BUSY, WINDOW_RECOVERED };
 
-/* fixed_window(stripe, keys, record, fp, now, window, limit, cost) -> (status, count, end)
+/* fixed_window(fp, now, window, limit, cost) -> (status, count, end)
  *
  * The fixed-window check of tollway.state.local.LocalFixedWindow for a key already in the table, in one
- * call: lock the stripe if it is free at once, find `fp` among the 8 ways of its bucket (64-bit words at
- * byte offset `keys`), read and update the way's record (end, window id, count: doubles at byte offset
- * `record` + way * 64), unlock. Why C: the same steps through memoryview items cost ~4,000 instructions
- * per request compiled (boxed ints and floats, generic item access); here a few hundred.
- * Status WINDOW_ALLOWED / WINDOW_DENIED: decided, with the window's count after it and its end. Otherwise
- * nothing was changed and the caller takes the general path: the key is new (NOT_FOUND), another
- * process holds the stripe (BUSY: the general path waits with a timeout), or the stripe's previous
- * owner died holding it (RECOVERED: made consistent and released here; the caller counts it). */
+ * call: lock the stripe if it is free at once, find `fp` among the 8 ways of its bucket, read and update
+ * the way's record (end, window id, count), unlock. Why C: the same steps through memoryview items cost
+ * ~4,000 instructions per request compiled (boxed ints and floats, generic item access); here a few
+ * hundred. Status WINDOW_ALLOWED / WINDOW_DENIED: decided, with the window's count after it and its end.
+ * Otherwise nothing was changed and the caller takes the general path: the key is new (NOT_FOUND),
+ * another process holds the stripe (BUSY: the general path waits with a timeout), or the stripe's
+ * previous owner died holding it (RECOVERED: made consistent and released here; the caller counts it). */
 static PyObject *MutexArray_fixed_window(MutexArray *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "fixed_window(stripe, keys, record, fp, now, window, limit, cost)");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "fixed_window(fp, now, window, limit, cost)");
         return NULL;
     }
-    Py_ssize_t stripe = PyLong_AsSsize_t(args[0]);
-    Py_ssize_t keys = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t record = PyLong_AsSsize_t(args[2]);
-    unsigned long long fp = PyLong_AsUnsignedLongLong(args[3]);
-    double now = PyFloat_AsDouble(args[4]);
-    double window = PyFloat_AsDouble(args[5]);
-    double limit = PyFloat_AsDouble(args[6]);
-    double cost = PyFloat_AsDouble(args[7]);
+    if (check_layout(self) < 0)
+        return NULL;
+    unsigned long long fp = PyLong_AsUnsignedLongLong(args[0]);
+    double now = as_double(args[1]), window = as_double(args[2]);
+    double limit = as_double(args[3]), cost = as_double(args[4]);
     if (PyErr_Occurred())
         return NULL;
-    if (stripe < 0 || stripe >= self->count || keys < 0 || keys % 8 || keys + 64 > self->view.len ||
-        record < 0 || record % 8 || record + 8 * 64 > self->view.len || window <= 0) {
-        PyErr_SetString(PyExc_ValueError, "fixed_window: offsets outside the table");
+    if (!(window > 0)) {
+        PyErr_SetString(PyExc_ValueError, "fixed_window: the window must be positive");
         return NULL;
     }
+    pthread_mutex_t *m;
+    double *fields;
     int status;
     double count = 0.0, end = 0.0;
-    pthread_mutex_t *m = mutex_at(self, stripe);
-    int err = pthread_mutex_trylock(m);
-    if (err == EBUSY) {
-        status = WINDOW_BUSY;
-    } else if (err == EOWNERDEAD) {
-        pthread_mutex_consistent(m);
-        self->recovered++;
-        pthread_mutex_unlock(m);
-        status = WINDOW_RECOVERED;
-    } else if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    } else {
-        int way = find_way(self, keys, fp);
-        if (way < 0) {
-            status = WINDOW_NOT_FOUND;
-        } else {
-            double *fields = (double *)((char *)self->view.buf + record + way * 64);
-            double wid = floor_div(now, window);
-            if (fields[1] >= wid) { /* this window (or a later one, if the clock stepped back) */
-                wid = fields[1];
-                count = fields[2];
-            }
-            end = (wid + 1.0) * window;
-            status = count + cost <= limit ? WINDOW_ALLOWED : WINDOW_DENIED;
-            if (status == WINDOW_ALLOWED) {
-                count += cost;
-                fields[0] = end;
-                fields[1] = wid;
-                fields[2] = count;
-            }
+    int found = lock_and_find(self, fp, &m, &fields, &status);
+    if (found < 0)
+        return NULL;
+    if (found) {
+        double wid = floor_div(now, window);
+        if (fields[1] >= wid) { /* this window (or a later one, if the clock stepped back) */
+            wid = fields[1];
+            count = fields[2];
+        }
+        end = (wid + 1.0) * window;
+        status = count + cost <= limit ? WINDOW_ALLOWED : WINDOW_DENIED;
+        if (status == WINDOW_ALLOWED) {
+            count += cost;
+            fields[0] = end;
+            fields[1] = wid;
+            fields[2] = count;
         }
         pthread_mutex_unlock(m);
+    } else {
+        status = WINDOW_NOT_FOUND + status; /* FOUND_NOT, FOUND_BUSY, FOUND_RECOVERED in that order */
     }
     return status_tuple(status, 2, (double[]){count, end});
 }
 
 enum { RESERVE_TAKEN, RESERVE_BLOCKED, RESERVE_EMPTY, RESERVE_NOT_FOUND, RESERVE_BUSY, RESERVE_RECOVERED };
 
-/* take_reserve(stripe, keys, record, fp, now, cost) -> (status, expires, reserve, retry_at, remaining)
+/* take_reserve(fp, now, cost) -> (status, expires, reserve, retry_at, remaining, stock)
  *
  * The batched Redis policy's local step (tollway.state.batched.BatchedRedisPolicy._local) for a key
  * already in the table, in one call, for the same reason as fixed_window. The record's doubles: expires,
  * wid, reserve, blocked_until, retry_at, remaining, stock, last_fetch. TAKEN: `cost` units came out of
  * an unexpired reserve (only `reserve` is written; the reserve after it is returned); BLOCKED: Redis had
  * nothing left and the block holds; EMPTY: a slice is needed (nothing changed). NOT_FOUND, BUSY and
- * RECOVERED as for fixed_window: the caller takes the general path. `stock` is the 6th item. */
+ * RECOVERED as for fixed_window: the caller takes the general path. */
 static PyObject *MutexArray_take_reserve(MutexArray *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "take_reserve(stripe, keys, record, fp, now, cost)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "take_reserve(fp, now, cost)");
         return NULL;
     }
-    Py_ssize_t stripe = PyLong_AsSsize_t(args[0]);
-    Py_ssize_t keys = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t record = PyLong_AsSsize_t(args[2]);
-    unsigned long long fp = PyLong_AsUnsignedLongLong(args[3]);
-    double now = PyFloat_AsDouble(args[4]);
-    double cost = PyFloat_AsDouble(args[5]);
+    if (check_layout(self) < 0)
+        return NULL;
+    unsigned long long fp = PyLong_AsUnsignedLongLong(args[0]);
+    double now = as_double(args[1]), cost = as_double(args[2]);
     if (PyErr_Occurred())
         return NULL;
-    if (stripe < 0 || stripe >= self->count || keys < 0 || keys % 8 || keys + 64 > self->view.len ||
-        record < 0 || record % 8 || record + 8 * 64 > self->view.len) {
-        PyErr_SetString(PyExc_ValueError, "take_reserve: offsets outside the table");
-        return NULL;
-    }
+    pthread_mutex_t *m;
+    double *fields;
     int status;
     double f[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-    pthread_mutex_t *m = mutex_at(self, stripe);
-    int err = pthread_mutex_trylock(m);
-    if (err == EBUSY) {
-        status = RESERVE_BUSY;
-    } else if (err == EOWNERDEAD) {
-        pthread_mutex_consistent(m);
-        self->recovered++;
-        pthread_mutex_unlock(m);
-        status = RESERVE_RECOVERED;
-    } else if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    } else {
-        int way = find_way(self, keys, fp);
-        if (way < 0) {
-            status = RESERVE_NOT_FOUND;
+    int found = lock_and_find(self, fp, &m, &fields, &status);
+    if (found < 0)
+        return NULL;
+    if (found) {
+        memcpy(f, fields, sizeof f);
+        if (f[2] >= cost && f[0] > now) {
+            f[2] -= cost;
+            fields[2] = f[2];
+            status = RESERVE_TAKEN;
         } else {
-            double *fields = (double *)((char *)self->view.buf + record + way * 64);
-            memcpy(f, fields, sizeof f);
-            if (f[2] >= cost && f[0] > now) {
-                f[2] -= cost;
-                fields[2] = f[2];
-                status = RESERVE_TAKEN;
-            } else {
-                status = f[3] > now ? RESERVE_BLOCKED : RESERVE_EMPTY;
-            }
+            status = f[3] > now ? RESERVE_BLOCKED : RESERVE_EMPTY;
         }
         pthread_mutex_unlock(m);
+    } else {
+        status = RESERVE_NOT_FOUND + status;
     }
     /* expires, reserve, retry_at, remaining, stock */
     return status_tuple(status, 5, (double[]){f[0], f[2], f[4], f[5], f[6]});
@@ -332,11 +377,12 @@ static PyMethodDef MutexArray_methods[] = {
     {"acquire", (PyCFunction)(void (*)(void))MutexArray_acquire, METH_FASTCALL,
      "acquire(index, timeout) -> True if the previous owner died holding it"},
     {"release", (PyCFunction)MutexArray_release, METH_O, "release(index)"},
+    {"layout", (PyCFunction)(void (*)(void))MutexArray_layout, METH_FASTCALL,
+     "layout(keys_offset, records_offset, buckets): the table's geometry, for the one-call checks"},
     {"fixed_window", (PyCFunction)(void (*)(void))MutexArray_fixed_window, METH_FASTCALL,
-     "fixed_window(stripe, keys, record, fp, now, window, limit, cost) -> (status, count, end)"},
+     "fixed_window(fp, now, window, limit, cost) -> (status, count, end)"},
     {"take_reserve", (PyCFunction)(void (*)(void))MutexArray_take_reserve, METH_FASTCALL,
-     "take_reserve(stripe, keys, record, fp, now, cost) -> (status, expires, reserve, retry_at, "
-     "remaining, stock)"},
+     "take_reserve(fp, now, cost) -> (status, expires, reserve, retry_at, remaining, stock)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,7 +16,7 @@ from tollway.state.policy_stats import stuck
 from tollway.state.redis_backends import RedisBackend
 from tollway.state.redis_client import RedisError
 from tollway.state.redis_policy import Clock, RedisBacked, Result
-from tollway.state.shared import _CACHE_MAX, RECORD, WAYS, SharedTable, StateLockTimeout
+from tollway.state.shared import _CACHE_MAX, SharedTable, StateLockTimeout
 from tollway.state.spec import Decision, LimitSpec
 
 _B: Final = struct.Struct("<8d")  # the record in the node table, per limit and key (fields below)
@@ -26,8 +26,7 @@ _TAKEN: Final = 0
 _BLOCKED: Final = 1
 _EMPTY: Final = 2
 _RECOVERED: Final = 5
-_KEYS_PER_BUCKET: Final = WAYS * 8  # bytes of fingerprints per bucket
-_RECORDS_PER_BUCKET: Final = WAYS * RECORD
+
 EXPIRES: Final = 0
 WID: Final = 1
 RESERVE: Final = 2
@@ -128,15 +127,7 @@ class BatchedRedisPolicy(RedisBacked):
         table = self.table
         fast = table.take_reserve
         if fast is not None:  # a key already in the table, its stripe free: one C call
-            bucket = fp & table.bucket_mask
-            result: tuple[int, float, float, float, float, float] = fast(
-                bucket & table.stripe_mask,
-                table.keys_offset + bucket * _KEYS_PER_BUCKET,
-                table.records_offset + bucket * _RECORDS_PER_BUCKET,
-                fp,
-                now,
-                cost,
-            )
+            result: tuple[int, float, float, float, float, float] = fast(fp, now, cost)
             status, expires, reserve, retry_at, remaining, stock = result
             if status <= _EMPTY:
                 return self._answer(status, key, fp, now, cost, expires, reserve, retry_at, remaining, stock)

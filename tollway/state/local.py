@@ -18,15 +18,13 @@ import asyncio
 import struct
 from typing import Any, Final
 
-from tollway.state.shared import _CACHE_MAX, RECORD, WAYS, SharedTable, node_table
+from tollway.state.shared import _CACHE_MAX, SharedTable, node_table
 from tollway.state.spec import Decision, LimitSpec
 
 # `SharedTable.fixed_window`'s status (tollway/state/_shmlock.c): decided (0, 1), or take the general path.
 _DENIED: Final = 0
 _ALLOWED: Final = 1
 _RECOVERED: Final = 4
-_KEYS_PER_BUCKET: Final = WAYS * 8  # bytes of fingerprints per bucket
-_RECORDS_PER_BUCKET: Final = WAYS * RECORD
 _F3: Final = struct.Struct("<3d")
 _F4: Final = struct.Struct("<4d")
 
@@ -73,17 +71,7 @@ class LocalFixedWindow(LocalLimit):
         table = self.table
         fast = table.fixed_window
         if fast is not None:  # a key already in the table, its stripe free: one C call
-            bucket = fp & table.bucket_mask
-            result: tuple[int, float, float] = fast(
-                bucket & table.stripe_mask,
-                table.keys_offset + bucket * _KEYS_PER_BUCKET,
-                table.records_offset + bucket * _RECORDS_PER_BUCKET,
-                fp,
-                now,
-                self.window,
-                self.limit,
-                cost,
-            )
+            result: tuple[int, float, float] = fast(fp, now, self.window, self.limit, cost)
             status, counted, ends = result
             if status <= _ALLOWED:  # decided: _DENIED or _ALLOWED
                 return self._decided(status == _ALLOWED, counted, ends, now)

@@ -148,10 +148,16 @@ class SharedTable:
         self.lock_impl = type(self._locks).__name__
         self._acquire = self._locks.acquire
         self._release = self._locks.release
-        # The fixed-window check in one C call (`_shmlock.MutexArray.fixed_window`), or None where the
-        # locks are not the C module's (a pure-Python install): LocalFixedWindow then takes its general path.
-        self.fixed_window: Any = getattr(self._locks, "fixed_window", None)
-        self.take_reserve: Any = getattr(self._locks, "take_reserve", None)  # the batched policy's, likewise
+        # The fixed-window check and the batched policy's local step in one C call each
+        # (`_shmlock.MutexArray`), or None where the locks are not the C module's (a pure-Python install,
+        # fcntl locks): LocalFixedWindow and BatchedRedisPolicy then take their general path.
+        self.fixed_window: Any = None
+        self.take_reserve: Any = None
+        layout = getattr(self._locks, "layout", None)
+        if layout is not None:
+            layout(self.keys_offset, self.records_offset, buckets)
+            self.fixed_window = self._locks.fixed_window
+            self.take_reserve = self._locks.take_reserve
         # The same memory as 64-bit words: one indexed read or write per field, where a struct
         # unpack_from/pack_into is a method call that builds (or parses) a tuple.
         self.words = memoryview(self.buf).cast("Q")
