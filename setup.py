@@ -54,6 +54,7 @@ HOT_MODULES = [
     "tollway/proxy/pdk.py",
     "tollway/proxy/pipeline.py",
     "tollway/proxy/request_body.py",
+    "tollway/proxy/request_ids.py",
     "tollway/proxy/responses.py",
     "tollway/proxy/server.py",
     "tollway/proxy/snapshot.py",

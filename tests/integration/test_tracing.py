@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.support import gateway_config, request, wait_until
+from tests.support import RawClient, gateway_config, request, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -234,3 +234,37 @@ def test_propagation_can_be_turned_off(gateway, backend):
     assert be.seen[-1].header("traceparent") is None
     request(gw.port, "GET", "/a", headers={"traceparent": "whatever"})
     assert be.seen[-1].header("traceparent") == "whatever"
+
+
+def test_upstream_head_bytes(gateway, backend):
+    """The head a backend receives, byte for byte: the X-Request-Id line and the traceparent line are
+    each one piece of the head, and the ids in the access log are the ones in that line."""
+    be = backend()
+    gw = gateway(gateway_config(be.url, access_log={"fields": ["request_id", "trace_id", "span_id"]}))
+    before = len(be.raw)
+    client = RawClient(gw.port)
+    try:
+        client.send(b"GET /h?q=1 HTTP/1.1\r\nHost: gateway.test\r\nAccept: */*\r\n\r\n")
+        assert client.read_response().status == 200
+        client.send(b"GET /h HTTP/1.1\r\nHost: gateway.test\r\nX-Request-Id: mine\r\n\r\n")
+        assert client.read_response().status == 200
+    finally:
+        client.close()
+    first, second = bytes(be.raw[before:]).split(b"\r\n\r\n")[:2]
+    forwarded = b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: gateway.test\r\n"
+    m = re.fullmatch(
+        rb"GET /h\?q=1 HTTP/1\.1\r\nHost: 127\.0\.0\.1:%d\r\nAccept: \*/\*\r\n%s"
+        rb"X-Request-Id: ([0-9a-f]{32})\r\ntraceparent: 00-([0-9a-f]{32})-([0-9a-f]{16})-01"
+        % (be.port, forwarded),
+        first,
+    )
+    assert m is not None, first
+    assert re.fullmatch(
+        rb"GET /h HTTP/1\.1\r\nHost: 127\.0\.0\.1:%d\r\n%sX-Request-Id: mine\r\n"
+        rb"traceparent: 00-[0-9a-f]{32}-[0-9a-f]{16}-01" % (be.port, forwarded),
+        second,
+    ), second
+    rid = m.group(1).decode()
+    assert wait_until(lambda: any(e["request_id"] == rid for e in gw.access_log()), timeout=10)
+    line = next(e for e in gw.access_log() if e["request_id"] == rid)
+    assert line["trace_id"] == m.group(2).decode() and line["span_id"] == m.group(3).decode()

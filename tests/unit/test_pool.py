@@ -103,7 +103,7 @@ def test_connections_that_cannot_carry_another_request_are_closed() -> None:
     over, t5 = connected(pool)
     pool.release(over)  # max_idle reached
     assert [t.closing for t in (t1, t2, t3, t4, t5)] == [True, True, True, False, True]
-    assert pool.idle == [(pool.loop.time(), kept)]
+    assert pool.idle == [kept] and kept.idle_since == pool.loop.time()
     assert pool.active == 0
 
 
@@ -139,7 +139,7 @@ def test_idle_connections_are_swept_after_the_idle_timeout() -> None:
     pool.release(new)
     loop.advance(4.5)
     assert t_old.closing and not t_new.closing
-    assert [c for _, c in pool.idle] == [new]
+    assert pool.idle == [new]
     loop.advance(6)
     assert t_new.closing and pool.idle == []
 
@@ -241,7 +241,7 @@ def test_a_pooled_connection_carries_requests_of_several_clients(loop: Any) -> N
         assert repr(conn) == f"<UpstreamConnection 127.0.0.1:9001 active requests={i + 1}>"
         conn.data_received(OK)
         assert downstream.take() == OK
-        assert h.pool.idle[-1][1] is conn
+        assert h.pool.idle[-1] is conn
     assert h.pool.active == 0
 
 
@@ -263,7 +263,7 @@ def test_response_split_at_every_byte(loop: Any, response: bytes) -> None:
         conn.data_received(response[:cut])
         assert h.pool.idle == []  # not complete yet
         conn.data_received(response[cut:])
-        assert h.pool.idle and h.pool.idle[-1][1] is conn, cut
+        assert h.pool.idle and h.pool.idle[-1] is conn, cut
         assert client.active is None
         out = downstream.take()
         assert out.startswith(b"HTTP/1.1 ")
@@ -301,7 +301,7 @@ def test_response_ending_while_the_client_is_paused_leaves_the_connection_readin
     body = b"x" * 100
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + body)
     assert downstream.data.endswith(body)
-    assert h.pool.idle[-1][1] is conn
+    assert h.pool.idle[-1] is conn
     assert not conn.reading_paused and upstream.reading
     assert client.deadline.reason == "send"  # not "keepalive": the client has not read the response
     downstream.on_write = None
@@ -360,7 +360,7 @@ async def test_client_gone_while_connecting_keeps_the_fresh_connection(monkeypat
         await asyncio.sleep(0)
     ((conn, upstream),) = proxy.opened
     assert upstream.data == b"" and not upstream.closing  # nothing sent, and not thrown away
-    assert [c for _, c in h.pool.idle] == [conn]
+    assert h.pool.idle == [conn]
     assert h.pool.active == 0
     # The next request uses it.
     other, out = h.client()

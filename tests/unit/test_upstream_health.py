@@ -293,7 +293,7 @@ def test_breaker_limits_and_makes_room_by_closing_idle_connections(loop):
     idle = UpstreamConnection(b)
     transport = FakeTransport()
     idle.connection_made(transport)  # type: ignore[arg-type]
-    b.idle.append((0.0, idle))
+    b.idle.append(idle)
     assert breaker.admit([a, b], a) == ""  # at the limit, but an idle connection to b makes room
     assert transport.closed and not b.idle
     a.active = 2

@@ -1,11 +1,13 @@
 """W3C Trace Context (traceparent / tracestate), by hand, on every request.
 
-Always on, so it is built to cost about a tenth of a microsecond: the client's ``traceparent`` is
-captured as raw bytes while headers are parsed (tollway.proxy.server), and `TraceSettings.add_header`
-— called once while the upstream request head is built — validates it, picks this hop's ids and
-sampled flag, and appends the header pieces to the head's parts (no concatenation). Ids are slices of
-a pool of hex digits refilled from os.urandom a few kilobytes at a time, so an id costs one slice
-instead of a random number and its formatting. No OpenTelemetry object is involved; the SDK is only
+Always on, so it is built to cost next to nothing: the client's ``traceparent`` is captured as raw
+bytes while headers are parsed (tollway.proxy.server), and `TraceSettings.add_header` — called once
+while the upstream request head is built — validates it, picks this hop's ids and sampled flag, and
+appends the whole ``traceparent: …\\r\\n`` line to the head's parts as one piece. A trace the gateway
+starts takes its ids from `IdPool`, as one slice ``<trace id>-<span id>`` of a buffer of random hex
+digits that os.urandom and one hexlify refill every 128 traces. The exchange keeps the line
+(`Exchange.trace_line`) and reads ``trace_id`` and ``span_id`` back from it only when something asks
+(the access log's fields, the span export). No OpenTelemetry object is involved; the SDK is only
 imported by tollway.observability.tracing, and only sampled requests reach it.
 
 Rules (https://www.w3.org/TR/trace-context/):
@@ -25,9 +27,11 @@ from __future__ import annotations
 import binascii
 import os
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from tollway.protocol.request import INVALID_TRACEPARENT as INVALID  # a repeated traceparent
+from tollway.protocol.request import TRACE_LINE_PREFIX as _PREFIX
 
 if TYPE_CHECKING:
     from tollway.config.schema import Tracing
@@ -36,27 +40,54 @@ if TYPE_CHECKING:
 _HEX: Final = b"0123456789abcdef"
 _ZERO_TRACE: Final = b"0" * 32
 _ZERO_SPAN: Final = b"0" * 16
-_POOL_BYTES: Final = 3072  # random bytes per refill: 128 requests' trace and span ids
-_PREFIX: Final = b"traceparent: 00-"
 _SAMPLED_TAIL: Final = b"-01\r\n"
 _UNSAMPLED_TAIL: Final = b"-00\r\n"
+# A refill hexlifies 24 × 129 random bytes with a "-" after every 24: each 48-digit group holds the
+# span id of one pair (its first 16 digits) and the trace id of the next (its last 32), so pair k is
+# the 49 bytes at 16 + 49k, dash included, and no digit is wasted but the last group's 32.
+_PAIRS: Final = 128
+_PAIR: Final = 49  # <32 hex>-<16 hex>
+_FIRST: Final = 16
+_END: Final = _FIRST + _PAIRS * _PAIR
+_ZERO_RUN: Final = b"0" * 16  # no id may be all zeros: no 16 zero digits anywhere in a refill
 
 
 class IdPool:
-    """Random lowercase hex digits, handed out in slices (one pool per process)."""
+    """Random ``<32 hex digits: trace id>-<16 hex digits: span id>`` pairs, handed out one slice each
+    (one pool per process)."""
 
-    __slots__ = ("buf", "pos")
+    __slots__ = ("buf", "pos", "random_bytes")
 
-    def __init__(self) -> None:
+    def __init__(self, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self.random_bytes = random_bytes
         self.buf = b""
-        self.pos = 0
+        self.pos = _END
+
+    def _refill(self) -> bytes:
+        size = (_PAIRS + 1) * 24
+        digits = binascii.hexlify(self.random_bytes(size), b"-", 24)
+        while digits.find(_ZERO_RUN) != -1:  # one refill in ~2**51: draw the whole batch again
+            digits = binascii.hexlify(self.random_bytes(size), b"-", 24)
+        return digits
+
+    def _next(self) -> int:
+        """The offset of an unused pair (refilling when none is left)."""
+        pos = self.pos
+        if pos == _END:
+            self.buf = self._refill()
+            pos = _FIRST
+        self.pos = pos + _PAIR
+        return pos
+
+    def pair(self) -> bytes:
+        """A new trace's ``<trace id>-<span id>``: one slice."""
+        pos = self._next()
+        return self.buf[pos : pos + _PAIR]
 
     def take(self, digits: int) -> bytes:
-        pos = self.pos
-        if pos + digits > len(self.buf):
-            self.buf = binascii.hexlify(os.urandom(_POOL_BYTES))
-            pos = 0
-        self.pos = pos + digits
+        """`digits` (at most 32) random lowercase hex digits, not all zero: a pair's trace id, or its
+        start (a continued trace's new span id takes 16)."""
+        pos = self._next()
         return self.buf[pos : pos + digits]
 
 
@@ -86,41 +117,32 @@ class TraceSettings:
         if not self.propagate:
             _passthrough(ex, parts)
             return
-        if not ex.trace_id:
-            self.start(ex)
-        parts.append(_PREFIX)
-        parts.append(ex.trace_id)
-        parts.append(b"-")
-        parts.append(ex.span_id)
-        parts.append(_SAMPLED_TAIL if ex.sampled else _UNSAMPLED_TAIL)
+        line = ex.trace_line
+        if not line:  # (a retry's head reuses the first one's)
+            line = self.start(ex)
+        parts.append(line)
         if ex.tracestate:
             parts += (b"tracestate: ", ex.tracestate, b"\r\n")
 
-    def start(self, ex: Exchange) -> None:
-        """Choose the trace id, this hop's span id and the sampled flag (once per request)."""
+    def start(self, ex: Exchange) -> bytes:
+        """Choose the trace id, this hop's span id and the sampled flag (once per request): sets and
+        returns `ex.trace_line`, from which `ex.trace_id` and `ex.span_id` are read."""
         parent = ex.traceparent
         if parent and _valid(parent):
-            ex.trace_id = parent[3:35]
-            ex.sampled = (_hexval(parent[54]) & 1) == 1
+            sampled = (_hexval(parent[54]) & 1) == 1
+            tail = _SAMPLED_TAIL if sampled else _UNSAMPLED_TAIL
             if self.enabled:
                 ex.parent_span_id = parent[36:52]
-                ex.span_id = self._span_id()
-            else:
-                ex.span_id = parent[36:52]  # not a hop: the backend's parent stays the client's span
-            return
-        ex.tracestate = b""  # a tracestate without a valid traceparent is discarded
-        trace_id = self.ids.take(32)
-        while trace_id == _ZERO_TRACE:  # all-zero ids are invalid (one chance in 2**128)
-            trace_id = self.ids.take(32)
-        ex.trace_id = trace_id
-        ex.span_id = self._span_id()
-        ex.sampled = not self.enabled or random.random() < self.ratio
-
-    def _span_id(self) -> bytes:
-        span_id = self.ids.take(16)
-        while span_id == _ZERO_SPAN:
-            span_id = self.ids.take(16)
-        return span_id
+                line = _PREFIX + parent[3:36] + self.ids.take(16) + tail
+            else:  # not a hop: the backend's parent stays the client's span
+                line = _PREFIX + parent[3:52] + tail
+        else:
+            ex.tracestate = b""  # a tracestate without a valid traceparent is discarded
+            sampled = not self.enabled or random.random() < self.ratio
+            line = _PREFIX + self.ids.pair() + (_SAMPLED_TAIL if sampled else _UNSAMPLED_TAIL)
+        ex.sampled = sampled
+        ex.trace_line = line
+        return line
 
 
 def _passthrough(ex: Exchange, parts: list[bytes]) -> None:

@@ -23,6 +23,12 @@ REQ_CHUNKED: Final = 2
 # What a repeated traceparent header is turned into (a request may carry one; tollway.observability.
 # tracecontext ignores this value and starts a new trace).
 INVALID_TRACEPARENT: Final = b"invalid"
+# The traceparent line of the upstream request head, as tollway.observability.tracecontext builds it
+# (one piece of the head); the exchange reads the ids back from it only when something asks for them:
+#   b"traceparent: 00-" <32 hex digits: trace id> "-" <16 hex digits: span id> "-" <2 hex: flags> "\r\n"
+TRACE_LINE_PREFIX: Final = b"traceparent: 00-"
+TRACE_ID_AT: Final = 16  # where the trace id starts in the line
+SPAN_ID_AT: Final = 49
 
 # Request headers handled by the gateway instead of being forwarded as they are.
 _HOST: Final = 0

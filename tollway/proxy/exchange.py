@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import time
-from binascii import hexlify
 from typing import TYPE_CHECKING, Final
 
 from tollway.errors import (
@@ -36,10 +35,11 @@ from tollway.protocol.http1 import (
     chunk,
     connection_listed_headers,
 )
-from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, REQ_NONE
+from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, REQ_NONE, SPAN_ID_AT, TRACE_ID_AT
 from tollway.proxy.forwarded import stripped_prefix
 from tollway.proxy.pdk import ADD, REMOVE
 from tollway.proxy.request_body import RequestBody
+from tollway.proxy.request_ids import RID_AT, RID_NAME, RequestIds
 from tollway.proxy.responses import error_response
 from tollway.router import MethodNotAllowed, normalize_path
 from tollway.upstream.target import FAILED, OK
@@ -74,33 +74,6 @@ def _route_host(host: bytes) -> str:
     return name
 
 
-_HEX2: Final = [b"%02x" % i for i in range(256)]
-
-
-class RequestIds:
-    """Request ids unique across workers and restarts: a random per-process prefix and a counter
-    (32 hex digits, like nginx's $request_id), without the cost of a UUID per request."""
-
-    __slots__ = ("_counter", "_high", "_high_of", "_prefix")
-
-    def __init__(self, prefix: bytes) -> None:
-        self._prefix = prefix
-        self._counter = 0
-        self._high_of = -1  # the counter's bits above the last 8 that `_high` spells
-        self._high = b""  # the prefix and the counter's first 14 hex digits
-
-    def next(self) -> bytes:
-        # == b"%s%016x" % (prefix, counter): the first 30 digits change once every 256 ids, so most
-        # ids cost one table lookup and one concatenation
-        counter = self._counter + 1
-        self._counter = counter
-        high = counter >> 8
-        if high != self._high_of:
-            self._high_of = high
-            self._high = self._prefix + hexlify(high.to_bytes(7, "big"))
-        return self._high + _HEX2[counter & 0xFF]
-
-
 class Exchange(RequestBody):
     """One request: its head (`RequestHead`), its plugin-facing context (`RequestContext`, the PDK), its
     tries (`UpstreamTries`), its body (`RequestBody`) and, here, the routing, the forwarding and the
@@ -111,21 +84,28 @@ class Exchange(RequestBody):
         "_pending_head",
         "_resp_body",
         "_resp_extra",
+        "_rid",
+        "_rid_line",
+        "_span_id",
+        "_trace_id",
         "forwarded_prefix",
         "parent_span_id",
         "sampled",
-        "span_id",
-        "trace_id",
+        "trace_line",
     )
 
     def __init__(self, client: ClientConnection, snapshot: Snapshot) -> None:
         super().__init__(client, snapshot)
-        # W3C trace context (tollway.observability.tracecontext): this hop's ids, chosen when the
-        # upstream head is built (or when the request ends).
-        self.trace_id = b""
-        self.span_id = b""
+        # W3C trace context (tollway.observability.tracecontext): this hop's traceparent line, chosen
+        # when the upstream head is built (or when the request ends); `trace_id` and `span_id` are read
+        # from it when asked for.
+        self.trace_line = b""
+        self._trace_id = b""
+        self._span_id = b""
         self.parent_span_id = b""
         self.sampled = False
+        self._rid: bytes | None = None  # the request id we made, the id part of `_rid_line`
+        self._rid_line = b""  # "X-Request-Id: <_rid>\r\n"
         self.forwarded_prefix = b""  # what strip_path removed, when X-Forwarded-Prefix is on
         self._resp_body: list[bytes] | None = None  # a response body buffered for a transform
         self._resp_extra = b""  # the fields plugins added, as header lines, once the backend's head is in
@@ -135,13 +115,36 @@ class Exchange(RequestBody):
     def __repr__(self) -> str:
         return f"<Exchange {self.method.decode()} {self.url.decode('latin-1')} status={self.status}>"
 
+    # -- W3C trace id and this hop's span id (hex digits; b"" until chosen), read from the traceparent
+    # line only when something asks (the access log, the span export)
+    @property
+    def trace_id(self) -> bytes:
+        if not self._trace_id and self.trace_line:
+            self._trace_id = self.trace_line[TRACE_ID_AT : TRACE_ID_AT + 32]
+        return self._trace_id
+
+    @trace_id.setter
+    def trace_id(self, value: bytes) -> None:
+        self._trace_id = value
+
+    @property
+    def span_id(self) -> bytes:
+        if not self._span_id and self.trace_line:
+            self._span_id = self.trace_line[SPAN_ID_AT : SPAN_ID_AT + 16]
+        return self._span_id
+
+    @span_id.setter
+    def span_id(self, value: bytes) -> None:
+        self._span_id = value
+
     # -- request head ------------------------------------------------------------------------------------
     def begin(self) -> None:
         """The request head is complete and it is this request's turn: route it and run the phases."""
         try:
             self._parse_target()
             if self.request_id == b"":
-                self.request_id = self.client.ids.next()
+                line = self._rid_line = self.client.ids.next_line()
+                self.request_id = self._rid = line[RID_AT:-2]
             if not self._route():
                 return
         except TollwayError as exc:
@@ -276,7 +279,9 @@ class Exchange(RequestBody):
             conn.deadline.disarm()
 
     def _build_request_head(self, service: CompiledService, target: Target) -> bytes:
-        # Few pieces: bytes.join pays for each one (and allocates its table beyond ten of them).
+        # Few pieces: bytes.join pays for each one (~135 instructions) and allocates its table beyond
+        # ten of them. A request without ordinary headers has 8: method, " ", path, the Host line,
+        # the X-Forwarded-* lines, the X-Request-Id line, the traceparent line, the last CRLF.
         host_mode = service.host_mode
         if host_mode == 0:
             line = target.host_line  # " HTTP/1.1\r\nHost: <target>\r\n", built once per target
@@ -313,9 +318,11 @@ class Exchange(RequestBody):
             element = forwarded_element(element, client.peer_ip, client.scheme, self.host)
         if element:
             parts += (b"Forwarded: ", element, b"\r\n")
-        parts.append(b"X-Request-Id: ")
-        parts.append(self.request_id)
-        parts.append(b"\r\n")
+        rid = self.request_id
+        if rid is self._rid:  # ours, unchanged since: its line is one piece
+            parts.append(self._rid_line)
+        else:
+            parts += (RID_NAME, rid, b"\r\n")
         self.snapshot.trace.add_header(self, parts)  # traceparent, tracestate
         if self.upgrade:
             parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")

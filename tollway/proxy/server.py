@@ -31,7 +31,8 @@ from tollway.protocol.deadline import Deadline
 from tollway.protocol.http1 import check_request_version
 from tollway.protocol.request import ORDINARY_FIELD, REQ_CHUNKED, REQ_LENGTH, field_kind, special_field
 from tollway.protocol.tls import sni_of
-from tollway.proxy.exchange import Exchange, RequestIds
+from tollway.proxy.exchange import Exchange
+from tollway.proxy.request_ids import RequestIds
 
 if TYPE_CHECKING:
     import asyncio

@@ -25,7 +25,7 @@ from tollway.config.schema import GatewayConfig
 from tollway.observability.tracecontext import TraceSettings
 from tollway.observability.worker_side import WorkerObservability
 from tollway.protocol.tls import ServerTls, server_tls_options, update_server_tls
-from tollway.proxy.exchange import RequestIds
+from tollway.proxy.request_ids import RequestIds
 from tollway.proxy.server import ClientConnection
 from tollway.proxy.snapshot import Snapshot, build_snapshot
 from tollway.runtime import config_delta

@@ -48,6 +48,7 @@ class UpstreamConnection:
         "body_kind",
         "deadline",
         "head",
+        "idle_since",
         "keep_alive",
         "method",
         "pool",
@@ -75,6 +76,7 @@ class UpstreamConnection:
         self.body_kind = BODY_NONE
         self.keep_alive = True
         self.requests = 0
+        self.idle_since = 0.0  # the pool's clock when it was last released (kept idle)
         self.received = 0  # response bytes received for the current request
         self.read_timeout = 60.0
         self.write_timeout = 60.0

@@ -60,7 +60,9 @@ class Pool:
         self.settings = settings
         self.max_head_size = settings.max_head_size
         self.label = f"{host}:{port}"
-        self.idle: list[tuple[float, UpstreamConnection]] = []  # LIFO: the warmest connection first
+        # LIFO: the warmest connection last; each knows since when it is idle (`idle_since`), so a
+        # release allocates no (time, connection) pair
+        self.idle: list[UpstreamConnection] = []
         self.active = 0
         self.opened = 0
         self._sweeper: asyncio.TimerHandle | None = None
@@ -72,7 +74,7 @@ class Pool:
         """An idle connection ready for a request, or None (then `open` one)."""
         idle = self.idle
         while idle:
-            _, conn = idle.pop()
+            conn = idle.pop()
             transport = conn.transport
             if transport is not None and not transport.is_closing():
                 self.active += 1
@@ -117,7 +119,8 @@ class Pool:
             return
         if conn.reading_paused:  # paused for a slow client; idle, it must notice the backend closing
             conn.resume_reading()
-        self.idle.append((self._clock(), conn))
+        conn.idle_since = self._clock()
+        self.idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(settings.idle_timeout, self._sweep)
 
@@ -133,21 +136,22 @@ class Pool:
 
     def forget(self, conn: UpstreamConnection) -> None:
         """Called when a connection closes: drop it from the idle list if it is there."""
-        for i, (_, idle) in enumerate(self.idle):
-            if idle is conn:
-                del self.idle[i]
+        idle = self.idle
+        for i in range(len(idle)):
+            if idle[i] is conn:
+                del idle[i]
                 return
 
     def evict_one(self) -> bool:
         """Close the longest-idle connection (to make room under a connection limit); False if none."""
         if not self.idle:
             return False
-        _, conn = self.idle.pop(0)
+        conn = self.idle.pop(0)
         conn.close()
         return True
 
     def close(self) -> None:
-        for _, conn in self.idle:
+        for conn in self.idle:
             conn.close()
         self.idle.clear()
         if self._sweeper is not None:
@@ -160,11 +164,11 @@ class Pool:
         cutoff = self._clock() - self.settings.idle_timeout
         idle = self.idle
         expired = 0
-        while expired < len(idle) and idle[expired][0] <= cutoff:
+        while expired < len(idle) and idle[expired].idle_since <= cutoff:
             expired += 1
-        for _, conn in idle[:expired]:
+        for conn in idle[:expired]:
             conn.close()
         del idle[:expired]
         if idle:
-            delay = idle[0][0] + self.settings.idle_timeout - self._clock()
+            delay = idle[0].idle_since + self.settings.idle_timeout - self._clock()
             self._sweeper = self.loop.call_later(max(delay, 0.05), self._sweep)
