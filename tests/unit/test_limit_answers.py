@@ -3,28 +3,13 @@ single-limit plugin joins from bytes per request are exactly what the header mod
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
-
 import pytest
 
-from tollway.config.loader import load_text
 from tollway.plugins.builtin.limit_check import LimitAnswers
 from tollway.proxy.exchange import Exchange
 from tollway.proxy.server import ClientConnection
-from tollway.runtime.worker import Worker
 from tollway.state.headers import ratelimit, ratelimit_policy
 from tollway.state.spec import Decision, LimitSpec
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[ClientConnection]:
-    """Exchanges are compiled classes: they need a real client connection (no socket)."""
-    loop = asyncio.new_event_loop()
-    worker = Worker(loop, 0, None, [])  # type: ignore[arg-type]
-    worker.apply_config(1, load_text("gateway: {access_log: {enabled: false}}"))
-    yield ClientConnection(worker)
-    loop.close()
 
 
 def fields_for(

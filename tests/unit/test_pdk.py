@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,21 +19,10 @@ from tollway.proxy.pdk import RequestContext
 from tollway.proxy.server import ClientConnection
 from tollway.proxy.snapshot import build_snapshot
 from tollway.proxy.tries import UpstreamTries
-from tollway.runtime.worker import Worker
 from tollway.upstream.pool import Pool, PoolSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "plugins" / "writing-plugins.md"
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[ClientConnection]:
-    """Exchanges are compiled classes: they need a real client connection (no socket)."""
-    loop = asyncio.new_event_loop()
-    worker = Worker(loop, 0, None, [])  # type: ignore[arg-type]
-    worker.apply_config(1, load_text("gateway: {access_log: {enabled: false}}"))
-    yield ClientConnection(worker)
-    loop.close()
 
 
 def documented_names() -> set[str]:

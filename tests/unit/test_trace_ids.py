@@ -3,17 +3,14 @@ line; the request id handed out as its whole header line."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from tollway.config.loader import load_text
 from tollway.observability.tracecontext import IdPool, TraceSettings
 from tollway.proxy.exchange import Exchange, RequestIds
 from tollway.proxy.server import ClientConnection
-from tollway.runtime.worker import Worker
 
 PAIR = re.compile(rb"([0-9a-f]{32})-([0-9a-f]{16})")
 LINE = re.compile(rb"traceparent: 00-([0-9a-f]{32})-([0-9a-f]{16})-(0[01])\r\n")
@@ -21,14 +18,10 @@ _CLIENT: list[ClientConnection] = []
 
 
 @pytest.fixture(autouse=True, scope="module")
-def client() -> Iterator[None]:
-    loop = asyncio.new_event_loop()
-    worker = Worker(loop, 0, None, [])  # type: ignore[arg-type]
-    worker.apply_config(1, load_text("gateway: {access_log: {enabled: false}}"))
-    _CLIENT.append(ClientConnection(worker))
+def _offline_client(client: ClientConnection) -> Iterator[None]:
+    _CLIENT.append(client)  # (module level: the helpers below build exchanges on it)
     yield
     _CLIENT.clear()
-    loop.close()
 
 
 def exchange(traceparent: bytes = b"") -> Exchange:

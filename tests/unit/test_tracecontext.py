@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Iterator
 
 import pytest
 
-from tollway.config.loader import load_text
 from tollway.observability.tracecontext import INVALID, IdPool, TraceSettings, parse_traceparent
 from tollway.proxy.exchange import Exchange
 from tollway.proxy.server import ClientConnection
-from tollway.runtime.worker import Worker
 
 TRACE = b"4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = b"00f067aa0ba902b7"
@@ -25,15 +22,10 @@ _CLIENT: list[ClientConnection] = []
 
 
 @pytest.fixture(autouse=True, scope="module")
-def client() -> Iterator[None]:
-    """Exchanges are compiled classes: they need a real client connection (no socket)."""
-    loop = asyncio.new_event_loop()
-    worker = Worker(loop, 0, None, [])  # type: ignore[arg-type]
-    worker.apply_config(1, load_text("gateway: {access_log: {enabled: false}}"))
-    _CLIENT.append(ClientConnection(worker))
+def _offline_client(client: ClientConnection) -> Iterator[None]:
+    _CLIENT.append(client)  # (module level: the helpers below build exchanges on it)
     yield
     _CLIENT.clear()
-    loop.close()
 
 
 def exchange(traceparent: bytes = b"", tracestate: bytes = b"") -> Exchange:
