@@ -51,6 +51,7 @@ HOT_MODULES = [
     "tollway/plugins/builtin/limit_check.py",  # the limit plugins' per-request half
     "tollway/plugins/builtin/key_lookup.py",  # key-auth's header lookup
     "tollway/proxy/exchange.py",
+    "tollway/proxy/match_memo.py",
     "tollway/proxy/pdk.py",
     "tollway/proxy/pipeline.py",
     "tollway/proxy/request_body.py",

@@ -77,6 +77,36 @@ def test_routes_match_scheme_and_sni(gateway: Any, backend: Any, pki: dict[str, 
     assert [line["route"] for line in gw.access_log()] == ["admin-tls", "secure", "plain", "plain"]
 
 
+def test_scheme_and_sni_routes_are_chosen_on_every_request(
+    gateway: Any, backend: Any, pki: dict[str, Any]
+) -> None:
+    """The same method, Host and URL over clear text and over TLS, alternately: a scheme or SNI route
+    is never memoised (docs/routing.md, "Match cache"), so each request routes by its own connection."""
+    seen = backend()
+    routes = [
+        {"name": "admin-tls", "service": "backend", "paths": ["/a"], "snis": ["admin.test"]},
+        {"name": "secure", "service": "backend", "paths": ["/s"], "protocols": ["https"]},
+        {"name": "plain", "service": "backend", "paths": ["/"]},
+    ]
+    config = config_with_tls(seen.url, pki, routes)
+    config["gateway"]["access_log"] = {"fields": ["route", "status"]}
+    gw = gateway(config)
+    port, clear_port = tls_port(gw), gw.listeners[0][1]
+    expected = []
+    for _ in range(2):
+        for path, route in (("/a", "admin-tls"), ("/s", "secure")):
+            assert https_get(port, pki["ca_file"], "admin.test", path)[0] == 200
+            conn = http.client.HTTPConnection("127.0.0.1", clear_port, timeout=10)
+            conn.request("GET", path, headers={"Host": "admin.test"})  # the same Host and URL
+            assert conn.getresponse().status == 200
+            conn.close()
+            expected += [route, "plain"]
+    deadline = time.monotonic() + 10
+    while len(gw.access_log()) < len(expected) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [line["route"] for line in gw.access_log()] == expected
+
+
 def test_https_redirect_and_hsts(gateway: Any, backend: Any, pki: dict[str, Any]) -> None:
     seen = backend()
     routes = [

@@ -127,6 +127,23 @@ class LogRecorder(Plugin[EmptyConfig]):
         LOGGED.append((ex.status, ex.consumer.username if ex.consumer is not None else None))
 
 
+class RouteFields(Plugin[EmptyConfig]):
+    """Reports what routing set on the request (X-Route-Fields), then changes `ex.params`: the next
+    request with the same URL must see neither that change nor anything else differently."""
+
+    name = "route-fields"
+    priority = 1000
+
+    def access(self, ex: Exchange) -> None:
+        params = ",".join(f"{k}={v}" for k, v in sorted(ex.params.items()))
+        route = ex.route.name if ex.route is not None else None
+        service = ex.service.name if ex.service is not None else None
+        fields = [ex.path, ex.raw_path, ex.query, params, route, service, ex.upstream_path.decode()]
+        ex.add_header("X-Route-Fields", " | ".join(map(str, fields)))
+        if ex.params:
+            ex.params["id"] = "tampered"
+
+
 class NotAPlugin:
     name = "not-a-plugin"
 

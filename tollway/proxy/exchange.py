@@ -37,6 +37,7 @@ from tollway.protocol.http1 import (
 )
 from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, REQ_NONE, SPAN_ID_AT, TRACE_ID_AT
 from tollway.proxy.forwarded import stripped_prefix
+from tollway.proxy.match_memo import remember
 from tollway.proxy.pdk import ADD, REMOVE
 from tollway.proxy.request_body import RequestBody
 from tollway.proxy.request_ids import RID_AT, RID_NAME, RequestIds
@@ -140,15 +141,14 @@ class Exchange(RequestBody):
     # -- request head ------------------------------------------------------------------------------------
     def begin(self) -> None:
         """The request head is complete and it is this request's turn: route it and run the phases."""
-        try:
-            self._parse_target()
-            if self.request_id == b"":
-                line = self._rid_line = self.client.ids.next_line()
-                self.request_id = self._rid = line[RID_AT:-2]
-            if not self._route():
-                return
-        except TollwayError as exc:
-            self.fail(exc)
+        if self.request_id == b"":  # (a client's own X-Request-Id is kept)
+            line = self._rid_line = self.client.ids.next_line()
+            self.request_id = self._rid = line[RID_AT:-2]
+        key = (self.method, self.host, self.url)
+        known = self.snapshot.matches.get(key)
+        if known is not None:
+            known.apply(self)  # seen before: no target parsing, no route matching
+        elif not self._parse_and_route(key):
             return
         route = self.route
         assert route is not None
@@ -157,6 +157,14 @@ class Exchange(RequestBody):
             pipeline.run_request(self)  # continues with proceed(), maybe after an await
         else:
             self.proceed()
+
+    def _parse_and_route(self, key: tuple[bytes, bytes, bytes]) -> bool:
+        try:
+            self._parse_target()
+            return self._route(key)
+        except TollwayError as exc:
+            self.fail(exc)
+            return False
 
     def _parse_target(self) -> None:
         url = self.url
@@ -193,7 +201,7 @@ class Exchange(RequestBody):
             return b"/"
         raise ClientError("invalid request target")
 
-    def _route(self) -> bool:
+    def _route(self, key: tuple[bytes, bytes, bytes]) -> bool:
         snapshot = self.snapshot
         client = self.client
         host = self.host
@@ -231,6 +239,8 @@ class Exchange(RequestBody):
             self.upstream_path = path + b"?" + self.query.encode("latin-1") if self.query else path
             if route.strips_prefix and self.snapshot.forwarded is not None:
                 self.forwarded_prefix = stripped_prefix(self.path, found.path)
+        if found.fixed:
+            remember(self, key, route_host)  # the match memo, at the second sighting
         return True
 
     # -- forwarding ------------------------------------------------------------------------------------

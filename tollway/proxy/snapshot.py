@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # built by the layers above (observability), handed in by the
     from tollway.counters.metrics import RouteMetrics
     from tollway.observability.tracecontext import TraceSettings
     from tollway.proxy.exchange import Exchange
+    from tollway.proxy.match_memo import KnownMatch
 
 # (host, port, tls context, tls server name[, pool settings, owner upstream]) -> the worker's pool
 PoolFactory = Callable[..., Pool]
@@ -88,9 +89,11 @@ class Snapshot:
         "clusters",
         "forwarded",
         "forwarded_header",
+        "matches",
         "request_finished",
         "router",
         "routes",
+        "seen_once",
         "server_header",
         "services",
         "settings",
@@ -127,6 +130,10 @@ class Snapshot:
         # Called when a request ends (metrics, access log, span), set by the worker once it applied the
         # observability settings; None when all three are off, so a request runs none of their code.
         self.request_finished: Callable[[Exchange], None] | None = None
+        # The match memo (tollway.proxy.match_memo): routing results of requests seen before, valid for
+        # this config version only; bounded (match_memo.MEMO_SIZE).
+        self.matches: dict[tuple[bytes, bytes, bytes], KnownMatch] = {}
+        self.seen_once: set[bytes] = set()  # URLs routed once: the memo's admission (match_memo.MEMO_SIZE)
 
     def __repr__(self) -> str:
         return f"<Snapshot v{self.version} routes={len(self.routes)} services={len(self.services)}>"

@@ -40,15 +40,19 @@ HOST_CACHE_SIZE = 1024  # distinct Host values remembered before the cache start
 
 
 class RouteMatch(Generic[T]):
-    """A request matched `route`: forward it to `path`, with the captured `params`."""
+    """A request matched `route`: forward it to `path`, with the captured `params`. `fixed`: the
+    result depends on nothing but the method, the host and the path (the best candidate checks no
+    headers, query, scheme or SNI, and allows any method or this one), so the caller may memoise it
+    for that method, Host and URL (tollway.proxy.exchange's match memo)."""
 
     # A plain slotted class: a slotted generic dataclass measured 1.7x slower to build, per request.
-    __slots__ = ("params", "path", "route")
+    __slots__ = ("fixed", "params", "path", "route")
 
-    def __init__(self, route: T, path: str, params: dict[str, str]) -> None:
+    def __init__(self, route: T, path: str, params: dict[str, str], fixed: bool = False) -> None:
         self.route = route
         self.path = path  # the path to forward, after strip_path / rewrite; always starts with "/"
         self.params = params  # shared empty dict when there are none: do not mutate
+        self.fixed = fixed
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RouteMatch):
@@ -108,17 +112,18 @@ class RouteEntry:
         self.plain = not self.methods and self.headers is None and self.query is None and not tls
         self.methods_only = bool(self.methods) and self.headers is None and self.query is None and not tls
 
-    def forward(self, path: str, params: dict[str, str], cut: int) -> RouteMatch[Any]:
-        """The match result; `cut` is where the path left after strip_path starts."""
+    def forward(self, path: str, params: dict[str, str], cut: int, fixed: bool) -> RouteMatch[Any]:
+        """The match result; `cut` is where the path left after strip_path starts; `fixed`: see
+        `RouteMatch`."""
         mode = self.mode
         if mode == _UNCHANGED:
-            return RouteMatch(self.payload, path, params)
+            return RouteMatch(self.payload, path, params, fixed)
         if mode == _STRIP:
             rest = path[cut:]
             if not rest or rest[0] != "/":
                 rest = "/" + rest
-            return RouteMatch(self.payload, rest, params)
-        return RouteMatch(self.payload, self.rewrite.format_map(params), params)
+            return RouteMatch(self.payload, rest, params, fixed)
+        return RouteMatch(self.payload, self.rewrite.format_map(params), params, fixed)
 
 
 class Router(Generic[T]):
@@ -193,9 +198,10 @@ class Router(Generic[T]):
         if len(candidates) > 1:
             candidates.sort()  # ranks are unique, so only the first tuple item is ever compared
         _, entry, params, cut = candidates[0]
-        # The common cases: the best candidate checks nothing more, or only the method.
+        # The common cases: the best candidate checks nothing more, or only the method. The result
+        # then depends on nothing but method, host and path: `fixed`, the caller may memoise it.
         if entry.plain or (entry.methods_only and method in entry.methods):
-            return entry.forward(path, params, cut)
+            return entry.forward(path, params, cut, True)
         return _choose(candidates, method, path, query, headers, scheme, sni)
 
     # -- build ------------------------------------------------------------------------------------
@@ -270,7 +276,7 @@ def _choose(
         if entry.methods and method not in entry.methods:
             allowed |= entry.methods
             continue
-        return entry.forward(path, params, cut)
+        return entry.forward(path, params, cut, False)
     return MethodNotAllowed(tuple(sorted(allowed))) if allowed else None
 
 
