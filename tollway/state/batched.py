@@ -124,15 +124,9 @@ class BatchedRedisPolicy(RedisBacked):
 
     def _local(self, key: str, fp: int, now: float, cost: int) -> Decision | None:
         """Admit from the node's reserve, deny while blocked, or None: a slice is needed."""
-        table = self.table
-        fast = table.take_reserve
-        if fast is not None:  # a key already in the table, its stripe free: one C call
-            result: tuple[int, float, float, float, float, float] = fast(fp, now, cost)
-            status, expires, reserve, retry_at, remaining, stock = result
-            if status <= _EMPTY:
-                return self._answer(status, key, fp, now, cost, expires, reserve, retry_at, remaining, stock)
-            if status == _RECOVERED:
-                table.stats.recovered += 1
+        # `SharedTable.take_reserve` (one C call) is not used here yet: with it, the 3-node x 2-process
+        # accuracy test (tests/integration/state/test_shared_processes.py) admitted 952 and 977 of 1,000
+        # in 2 of 4 runs (its bar: at least 980), a timing effect still to be understood.
         return self._local_general(key, fp, now, cost)
 
     def _local_general(self, key: str, fp: int, now: float, cost: int) -> Decision | None:
