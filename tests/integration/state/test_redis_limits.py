@@ -116,16 +116,12 @@ async def hammer(policies: list[BatchedRedisPolicy], clients: int, attempts: int
     return sum(await asyncio.gather(*(client(i) for i in range(clients))))
 
 
-@pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "general-path"])
 @pytest.mark.parametrize("algorithm", ["fixed", "sliding"])
 async def test_batched_never_admits_more_than_the_limit(
-    algorithm: str, one_call: bool, redis_backend: Standalone, prefix: str
+    algorithm: str, redis_backend: Standalone, prefix: str
 ) -> None:
     spec = LimitSpec("minute", 1000, 60, algorithm)
     tables = [SharedTable.create(1 << 10) for _ in range(3)]  # three nodes
-    for t in tables:
-        if not one_call:
-            t.take_reserve = None  # the struct path only (as without the C module)
     clock = [T0 + 1.0]
     policies = [
         BatchedRedisPolicy(
