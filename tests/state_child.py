@@ -86,6 +86,7 @@ def redis_policy(
 ) -> None:
     import uvloop
 
+    from tollway.state.batched import settle_slices
     from tollway.state.limits import build_policy
     from tollway.state.redis_backends import Standalone
     from tollway.state.redis_client import RedisClient
@@ -116,6 +117,10 @@ def redis_policy(
 
         counts = await asyncio.gather(*(client() for _ in range(int(clients))))
         if kind == "batched":
+            # As a draining worker does: a slice Redis counted but whose reply had not landed when the
+            # process ended would be lost to the other process of this node (measured: 952 and 979 of
+            # 1,000 admitted in 2 of 10 runs without this wait).
+            await settle_slices(5.0)
             policy.close()  # type: ignore[union-attr]
         await backend.close()
         return {

@@ -38,6 +38,7 @@ from tollway.runtime.config_hold import (
 )
 from tollway.runtime.handoff import ENV_FD as HANDOFF_ENV_FD
 from tollway.runtime.handoff import adopt
+from tollway.state.batched import settle_slices
 from tollway.state.shared import ENV_FD as STATE_ENV_FD
 from tollway.state.shared import SharedTable, set_node_table
 from tollway.upstream.pool import Pool, PoolSettings
@@ -213,6 +214,9 @@ class Worker:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.abort()
+        # Slices of batched limits still in flight: Redis has counted them; landed in the node table,
+        # the node's other workers spend them instead of the units being lost for the window.
+        await settle_slices(max(0.1, min(1.0, deadline - self.loop.time())))
         for pool in self.pools.values():
             pool.close()
         self.upstreams.close()

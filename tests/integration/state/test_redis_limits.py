@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tollway.state.batched import _B, RESERVE, settle_slices
 from tollway.state.limits import BatchedRedisPolicy, RedisPolicy, check_all
 from tollway.state.local import local_limit
 from tollway.state.redis_backends import Standalone
@@ -116,12 +117,16 @@ async def hammer(policies: list[BatchedRedisPolicy], clients: int, attempts: int
     return sum(await asyncio.gather(*(client(i) for i in range(clients))))
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "general-path"])
 @pytest.mark.parametrize("algorithm", ["fixed", "sliding"])
 async def test_batched_never_admits_more_than_the_limit(
-    algorithm: str, redis_backend: Standalone, prefix: str
+    algorithm: str, one_call: bool, redis_backend: Standalone, prefix: str
 ) -> None:
     spec = LimitSpec("minute", 1000, 60, algorithm)
     tables = [SharedTable.create(1 << 10) for _ in range(3)]  # three nodes
+    for t in tables:
+        if not one_call:
+            t.take_reserve = None  # the struct path only (as without the C module)
     clock = [T0 + 1.0]
     policies = [
         BatchedRedisPolicy(
@@ -269,3 +274,31 @@ async def test_stats_snapshot_and_shared_backends(redis_address: tuple[str, int]
     assert snapshot["redis"][backend.name]["down"] is False
     assert snapshot["redis"][backend.name]["commands"] >= 2
     assert "evicted_live" in snapshot["table"]
+
+
+async def test_settle_slices_lands_a_slice_in_flight_in_the_node_table(
+    redis_backend: Standalone, prefix: str
+) -> None:
+    """What a draining worker waits for: Redis counts a slice when it runs the script, so one whose
+    reply has not landed when the process ends is lost to the node's other workers."""
+    spec = LimitSpec("minute", 1000, 60)
+    table = SharedTable.create(1 << 10)
+    policy = BatchedRedisPolicy(
+        spec, redis_backend, table=table, prefix=prefix, server_time=False, clock=lambda: T0 + 1.0
+    )
+    try:
+        assert await settle_slices(1.0) == 0  # nothing in flight: returns at once
+        check = policy.check("k", T0 + 1.0)  # a new key: the check waits for a slice
+        assert not isinstance(check, Decision)
+        pending = asyncio.ensure_future(check)
+        await asyncio.sleep(0)
+        offset = table.find(policy._fp("k"))  # the key's record, claimed by the check
+        assert policy.fetching  # the request is in flight: no reserve in the node table yet
+        assert _B.unpack_from(table.buf, offset)[RESERVE] == 0
+        assert await settle_slices(5.0) == 1
+        assert not policy.fetching
+        assert _B.unpack_from(table.buf, offset)[RESERVE] > 0  # landed: the node's workers spend it
+        assert (await pending).allowed
+    finally:
+        policy.close()
+        table.close()
