@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -123,6 +124,22 @@ def test_headers_reach_chunked_and_length_delimited_responses_alike(harness: Any
     assert (chunked.header("ratelimit") or "").startswith('"hour";r=4;t=')
     plain = gw.request("GET", "/users", backend=(200, [], b"ok"))
     assert (plain.header("ratelimit") or "").startswith('"hour";r=3;t=')
+
+
+def test_headers_reach_the_gateways_own_answers(harness: Any, tmp_path: Path) -> None:
+    """A later plugin answering itself (a proxy-cache hit) still carries the limit's fields: the lines
+    rate-limiting adds whole (`add_response_lines`) become fields of a gateway-made response."""
+    cache = {"name": "proxy-cache", "config": {"store": "node", "path": str(tmp_path / "c")}}
+    gw = harness(config([{"name": "rate-limiting", "config": {"hour": 5, "key": "ip"}}, cache]))
+    cacheable = (200, [("Content-Type", "application/json"), ("Cache-Control", "max-age=600")], b"{}")
+    first = gw.request("GET", "/users", backend=cacheable)
+    assert first.upstream is not None
+    hit = gw.request("GET", "/users")
+    assert hit.status == 200 and hit.upstream is None  # answered by the gateway, from its cache
+    assert hit.header("ratelimit-policy") == '"hour";q=5;w=3600'
+    assert (hit.header("ratelimit") or "").startswith('"hour";r=3;t=')
+    assert hit.header("content-type") == "application/json"  # the stored fields are all still there
+    assert hit.json() == {}
 
 
 def test_each_client_ip_has_its_own_count(harness: Any) -> None:

@@ -17,7 +17,7 @@ def fields_for(
 ) -> list[tuple[bytes, bytes]]:
     ex = Exchange(client, client.worker.snapshot)
     assert answers.decided_one(ex, decision) is None
-    return [(name, value) for name, value, _ in ex._resp_headers or ()]
+    return ex.added_response_fields()
 
 
 @pytest.mark.parametrize("remaining", [0, 1, 42, 999, 1000, 1001, 123_456, 10**12, -3])

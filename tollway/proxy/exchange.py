@@ -38,7 +38,7 @@ from tollway.protocol.http1 import (
 from tollway.protocol.request import REQ_CHUNKED, REQ_LENGTH, REQ_NONE, SPAN_ID_AT, TRACE_ID_AT
 from tollway.proxy.forwarded import stripped_prefix
 from tollway.proxy.match_memo import remember
-from tollway.proxy.pdk import ADD, REMOVE
+from tollway.proxy.pdk import ADD, LINES, REMOVE
 from tollway.proxy.request_body import RequestBody
 from tollway.proxy.request_ids import RID_AT, RID_NAME, RequestIds
 from tollway.proxy.responses import error_response
@@ -386,6 +386,9 @@ class Exchange(RequestBody):
             return b""
         parts: list[bytes] = []
         for name, value, mode in fields:
+            if mode == LINES:  # already whole lines
+                parts.append(name)
+                continue
             if mode != ADD:
                 lname = name.lower()
                 headers = head.headers

@@ -41,6 +41,7 @@ _CLOSE: Final = b"Connection: close\r\n\r\n"
 ADD: Final = 0
 REPLACE: Final = 1
 REMOVE: Final = 2
+LINES: Final = 3  # the name is whole header lines, each ending in CRLF; the value is b""
 
 
 class RequestContext(RequestHead):
@@ -109,7 +110,7 @@ class RequestContext(RequestHead):
         # Set by a request hook: may answer a failure (backend down, timeout, no healthy target)
         # before the gateway's error response does; a cache serves a stale copy with it.
         self.fallback: Callable[[RequestContext, BaseException], Response | None] | None = None
-        # Fields added to the response: (name, value, ADD / REPLACE / REMOVE)
+        # Fields added to the response: (name, value, ADD / REPLACE / REMOVE), or (lines, b"", LINES)
         self._resp_headers: list[tuple[bytes, bytes, int]] | None = None
         self._on_finish: list[Callable[[RequestContext], None]] | None = None  # see on_finish()
         self.response_head: ResponseHead | None = None
@@ -216,6 +217,21 @@ class RequestContext(RequestHead):
             extra = self._resp_headers = []
         extra.append((name, value, ADD))
 
+    def add_response_lines(self, lines: bytes) -> None:
+        """Add whole header lines the caller built itself, each `Name: value` and ending in CRLF, already
+        valid: the cheapest way to add fields (one entry, copied as is into the response head), for a
+        plugin that renders its fields from a prefix made once per config and a few numbers."""
+        extra = self._resp_headers
+        if extra is None:
+            extra = self._resp_headers = []
+        extra.append((lines, b"", LINES))
+
+    def added_response_fields(self) -> list[tuple[bytes, bytes]]:
+        """The fields plugins added so far, as (name, value) pairs, in order (removals left out)."""
+        fields: list[tuple[bytes, bytes]] = []
+        self._add_response_headers(fields)
+        return fields
+
     def remove_response_header(self, name: str) -> None:
         """Remove a header from the backend's response (a gateway answer has only the fields plugins
         add): what a backend must not tell the client, like a CORS grant the gateway refused."""
@@ -230,6 +246,11 @@ class RequestContext(RequestHead):
 
     def _add_response_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
         for name, value, mode in self._resp_headers or ():
+            if mode == LINES:
+                for line in name.split(b"\r\n")[:-1]:
+                    field, _, text = line.partition(b": ")
+                    headers.append((field, text))
+                continue
             if mode != ADD:
                 lname = name.lower()
                 headers[:] = [h for h in headers if h[0].lower() != lname]

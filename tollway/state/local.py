@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from tollway.state.shared import _CACHE_MAX, SharedTable, node_table
 from tollway.state.spec import Decision, LimitSpec
@@ -64,20 +64,31 @@ class LocalLimit:
 
 
 class LocalFixedWindow(LocalLimit):
-    __slots__ = ()
+    __slots__ = ("_limit_arg", "_window_arg")
+
+    def __init__(self, spec: LimitSpec, table: SharedTable | None = None) -> None:
+        super().__init__(spec, table)
+        # The C check's arguments as Python objects, made once: typed `object`, compiled code passes
+        # them as they are instead of boxing a new float and int on every call.
+        self._window_arg: object = float(spec.window)
+        self._limit_arg: object = spec.limit
 
     def check(self, key: str, now: float, cost: int = 1) -> Decision:
-        fp = self._cache.get(key) or self.fingerprint(key)
+        # `object`, not int: the cached fingerprint is passed on as the int object it is (unboxed and
+        # boxed again, a 62-bit int is a new object per request).
+        fp: object = self._cache.get(key)
+        if fp is None:
+            fp = self.fingerprint(key)
         table = self.table
         fast = table.fixed_window
         if fast is not None:  # a key already in the table, its stripe free: one C call
-            result: tuple[int, float, float] = fast(fp, now, self.window, self.limit, cost)
+            result: tuple[int, float, float] = fast(fp, now, self._window_arg, self._limit_arg, cost)
             status, counted, ends = result
             if status <= _ALLOWED:  # decided: _DENIED or _ALLOWED
                 return self._decided(status == _ALLOWED, counted, ends, now)
             if status == _RECOVERED:
                 table.stats.recovered += 1
-        return self._check(fp, now, cost)
+        return self._check(cast(int, fp), now, cost)
 
     def _decided(self, allowed: bool, count: float, end: float, now: float) -> Decision:
         limit = self.limit

@@ -140,6 +140,8 @@ class LimitAnswers:
         one = specs[0] if len(specs) == 1 and specs[0].algorithm != "concurrency" else None
         self._one_spec = one
         self._item_start = (rl_headers.sf_string(one.name) + ";r=").encode("latin-1") if one else b""
+        # ... and both of its fields up to that item's number, as header lines (`add_response_lines`)
+        self._lines_start = b"RateLimit-Policy: " + self._policy_value + b"\r\nRateLimit: " + self._item_start
         self._handles: dict[str, dict[str, Counter]] = {}  # decision -> route -> handle
         self._allowed: dict[str, Counter] = {}  # route -> the "allowed" handle (the common case)
 
@@ -167,11 +169,11 @@ class LimitAnswers:
             if decision.spec is self._one_spec:
                 remaining = decision.remaining if decision.remaining > 0 else 0
                 seconds = rl_headers.whole_seconds(decision.reset_after)
-                value = b"".join([self._item_start, _decimal(remaining), b";t=", _decimal(seconds)])
+                lines = [self._lines_start, _decimal(remaining), b";t=", _decimal(seconds), b"\r\n"]
+                ex.add_response_lines(b"".join(lines))
             else:
-                value = rl_headers.ratelimit_item(decision).encode("latin-1")
-            ex.add_response_field(b"RateLimit-Policy", self._policy_value)
-            ex.add_response_field(b"RateLimit", value)
+                ex.add_response_field(b"RateLimit-Policy", self._policy_value)
+                ex.add_response_field(b"RateLimit", rl_headers.ratelimit_item(decision).encode("latin-1"))
         self.count_allowed(ex)
         return None
 
