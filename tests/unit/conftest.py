@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from tollway.config.loader import load_text
+from tollway.proxy.exchange import Exchange
 from tollway.proxy.server import ClientConnection
 from tollway.runtime.worker import Worker
 
@@ -21,3 +22,17 @@ def client() -> Iterator[ClientConnection]:
     worker.apply_config(1, load_text("gateway: {access_log: {enabled: false}}"))
     yield ClientConnection(worker)
     loop.close()
+
+
+@pytest.fixture
+def exchange(client: ClientConnection) -> Callable[..., Exchange]:
+    """exchange(traceparent=b"", tracestate=b"") -> an exchange on the offline client, with the trace
+    headers a client sent (empty: none)."""
+
+    def make(traceparent: bytes = b"", tracestate: bytes = b"") -> Exchange:
+        ex = Exchange(client, client.worker.snapshot)
+        ex.traceparent = traceparent
+        ex.tracestate = tracestate
+        return ex
+
+    return make

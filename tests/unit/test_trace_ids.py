@@ -4,31 +4,15 @@ line; the request id handed out as its whole header line."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from tollway.observability.tracecontext import IdPool, TraceSettings
 from tollway.proxy.exchange import Exchange, RequestIds
-from tollway.proxy.server import ClientConnection
 
 PAIR = re.compile(rb"([0-9a-f]{32})-([0-9a-f]{16})")
 LINE = re.compile(rb"traceparent: 00-([0-9a-f]{32})-([0-9a-f]{16})-(0[01])\r\n")
-_CLIENT: list[ClientConnection] = []
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _offline_client(client: ClientConnection) -> Iterator[None]:
-    _CLIENT.append(client)  # (module level: the helpers below build exchanges on it)
-    yield
-    _CLIENT.clear()
-
-
-def exchange(traceparent: bytes = b"") -> Exchange:
-    client = _CLIENT[0]
-    ex = Exchange(client, client.worker.snapshot)
-    ex.traceparent = traceparent
-    return ex
 
 
 def zeros_first() -> Callable[[int], bytes]:
@@ -70,7 +54,7 @@ def test_consecutive_pairs_share_no_digits() -> None:
     ("enabled", "ratio", "flag"), [(False, 0.0, b"01"), (True, 1.0, b"01"), (True, 0.0, b"00")]
 )
 def test_a_new_trace_is_one_line_and_its_ids_are_read_from_it(
-    enabled: bool, ratio: float, flag: bytes
+    exchange: Callable[..., Exchange], enabled: bool, ratio: float, flag: bytes
 ) -> None:
     settings = TraceSettings(enabled=enabled, propagate=True, sample_ratio=ratio)
     ex = exchange()
@@ -85,7 +69,7 @@ def test_a_new_trace_is_one_line_and_its_ids_are_read_from_it(
     assert again == parts
 
 
-def test_a_continued_trace_gets_a_new_span_id_from_the_pool() -> None:
+def test_a_continued_trace_gets_a_new_span_id_from_the_pool(exchange: Callable[..., Exchange]) -> None:
     settings = TraceSettings(enabled=True, propagate=True, sample_ratio=0.0)
     ex = exchange(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
     line = settings.start(ex)
@@ -94,7 +78,7 @@ def test_a_continued_trace_gets_a_new_span_id_from_the_pool() -> None:
     assert ex.span_id == m.group(2) != b"00f067aa0ba902b7" and ex.parent_span_id == b"00f067aa0ba902b7"
 
 
-def test_ids_set_directly_win_and_are_empty_before_a_line_exists() -> None:
+def test_ids_set_directly_win_and_are_empty_before_a_line_exists(exchange: Callable[..., Exchange]) -> None:
     ex = exchange()
     assert ex.trace_id == b"" and ex.span_id == b""
     ex.trace_id, ex.span_id = b"a" * 32, b"b" * 16

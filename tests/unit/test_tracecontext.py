@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 
 from tollway.observability.tracecontext import INVALID, IdPool, TraceSettings, parse_traceparent
 from tollway.proxy.exchange import Exchange
-from tollway.proxy.server import ClientConnection
 
 TRACE = b"4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = b"00f067aa0ba902b7"
 SAMPLED = b"00-" + TRACE + b"-" + SPAN + b"-01"
 UNSAMPLED = b"00-" + TRACE + b"-" + SPAN + b"-00"
 HEADER = re.compile(rb"^traceparent: 00-([0-9a-f]{32})-([0-9a-f]{16})-(0[01])\r\n$")
-
-
-_CLIENT: list[ClientConnection] = []
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _offline_client(client: ClientConnection) -> Iterator[None]:
-    _CLIENT.append(client)  # (module level: the helpers below build exchanges on it)
-    yield
-    _CLIENT.clear()
-
-
-def exchange(traceparent: bytes = b"", tracestate: bytes = b"") -> Exchange:
-    client = _CLIENT[0]
-    ex = Exchange(client, client.worker.snapshot)
-    ex.traceparent = traceparent
-    ex.tracestate = tracestate
-    return ex
 
 
 def header(settings: TraceSettings, ex: Exchange) -> bytes:
@@ -77,7 +57,7 @@ def test_invalid_traceparents_are_rejected(value):
     assert parse_traceparent(value) is None
 
 
-def test_client_trace_is_continued_with_a_new_span_for_the_gateway_hop():
+def test_client_trace_is_continued_with_a_new_span_for_the_gateway_hop(exchange):
     settings = TraceSettings(enabled=True, propagate=True, sample_ratio=0.0)
     ex = exchange(SAMPLED, b"vendor=abc,other=1")
     line = header(settings, ex)
@@ -92,7 +72,7 @@ def test_client_trace_is_continued_with_a_new_span_for_the_gateway_hop():
     assert second == b"tracestate: vendor=abc,other=1\r\n"
 
 
-def test_client_unsampled_flag_is_followed_even_at_ratio_one():
+def test_client_unsampled_flag_is_followed_even_at_ratio_one(exchange):
     settings = TraceSettings(enabled=True, propagate=True, sample_ratio=1.0)
     ex = exchange(UNSAMPLED)
     m = HEADER.match(header(settings, ex))
@@ -101,7 +81,7 @@ def test_client_unsampled_flag_is_followed_even_at_ratio_one():
 
 
 @pytest.mark.parametrize(("ratio", "flag"), [(1.0, b"01"), (0.0, b"00")])
-def test_new_trace_is_started_and_sampled_by_ratio(ratio, flag):
+def test_new_trace_is_started_and_sampled_by_ratio(exchange, ratio, flag):
     settings = TraceSettings(enabled=True, propagate=True, sample_ratio=ratio)
     ex = exchange()
     m = HEADER.match(header(settings, ex))
@@ -110,7 +90,7 @@ def test_new_trace_is_started_and_sampled_by_ratio(ratio, flag):
     assert ex.parent_span_id == b""
 
 
-def test_sampling_ratio_is_roughly_honoured():
+def test_sampling_ratio_is_roughly_honoured(exchange):
     settings = TraceSettings(enabled=True, propagate=True, sample_ratio=0.25)
     sampled = 0
     for _ in range(4000):
@@ -120,7 +100,7 @@ def test_sampling_ratio_is_roughly_honoured():
     assert 700 < sampled < 1300
 
 
-def test_invalid_client_header_starts_a_new_trace_and_drops_tracestate():
+def test_invalid_client_header_starts_a_new_trace_and_drops_tracestate(exchange):
     settings = TraceSettings(enabled=True, propagate=True, sample_ratio=1.0)
     ex = exchange(b"00-garbage", b"vendor=abc")
     line = header(settings, ex)
@@ -128,14 +108,14 @@ def test_invalid_client_header_starts_a_new_trace_and_drops_tracestate():
     assert ex.trace_id != TRACE and b"tracestate" not in line
 
 
-def test_tracing_disabled_passes_the_client_trace_on_unchanged():
+def test_tracing_disabled_passes_the_client_trace_on_unchanged(exchange):
     settings = TraceSettings(enabled=False, propagate=True, sample_ratio=0.0)
     ex = exchange(UNSAMPLED, b"k=v")
     assert header(settings, ex) == b"traceparent: " + UNSAMPLED + b"\r\ntracestate: k=v\r\n"
     assert ex.trace_id == TRACE and ex.span_id == SPAN
 
 
-def test_tracing_disabled_still_starts_a_trace_marked_sampled():
+def test_tracing_disabled_still_starts_a_trace_marked_sampled(exchange):
     # Unsampled would switch tracing off in backends whose sampler follows the parent.
     settings = TraceSettings(enabled=False, propagate=True, sample_ratio=0.0)
     ex = exchange()
@@ -143,7 +123,7 @@ def test_tracing_disabled_still_starts_a_trace_marked_sampled():
     assert m is not None and m.group(3) == b"01"
 
 
-def test_propagate_off_forwards_what_the_client_sent():
+def test_propagate_off_forwards_what_the_client_sent(exchange):
     settings = TraceSettings(enabled=False, propagate=False, sample_ratio=1.0)
     assert header(settings, exchange(SAMPLED)) == b"traceparent: " + SAMPLED + b"\r\n"
     assert header(settings, exchange()) == b""
