@@ -210,13 +210,6 @@ class RequestContext(RequestHead):
         for name, value in fields:
             extra.append((name, value, ADD))
 
-    def add_response_field(self, name: bytes, value: bytes) -> None:
-        """One field of `add_response_fields`, without a list to carry it."""
-        extra = self._resp_headers
-        if extra is None:
-            extra = self._resp_headers = []
-        extra.append((name, value, ADD))
-
     def add_response_lines(self, lines: bytes) -> None:
         """Add whole header lines the caller built itself, each `Name: value` and ending in CRLF, already
         valid: the cheapest way to add fields (one entry, copied as is into the response head), for a

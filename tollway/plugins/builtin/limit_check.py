@@ -134,14 +134,13 @@ class LimitAnswers:
         self._status, self._message = status, message
         self._ietf, self._legacy, self._per_limit = ietf, legacy, per_limit
         self._policy_field = (b"RateLimit-Policy", rl_headers.ratelimit_policy(specs).encode("latin-1"))
-        self._policy_value = self._policy_field[1]
-        # The one spec of a single-limit plugin, and its RateLimit item's start (`"minute";r=`): the item
-        # is then joined from bytes per request, not formatted (`rl_headers.ratelimit_item` otherwise).
+        # The one spec of a single-limit plugin, and both of its fields up to the RateLimit item's first
+        # number (`RateLimit-Policy: …\r\nRateLimit: "minute";r=`), as header lines: an allowed request's
+        # fields are then joined from bytes (`add_response_lines`), not formatted (`decided`).
         one = specs[0] if len(specs) == 1 and specs[0].algorithm != "concurrency" else None
         self._one_spec = one
-        self._item_start = (rl_headers.sf_string(one.name) + ";r=").encode("latin-1") if one else b""
-        # ... and both of its fields up to that item's number, as header lines (`add_response_lines`)
-        self._lines_start = b"RateLimit-Policy: " + self._policy_value + b"\r\nRateLimit: " + self._item_start
+        item_start = (rl_headers.sf_string(one.name) + ";r=").encode("latin-1") if one else b""
+        self._lines_start = b"RateLimit-Policy: " + self._policy_field[1] + b"\r\nRateLimit: " + item_start
         self._handles: dict[str, dict[str, Counter]] = {}  # decision -> route -> handle
         self._allowed: dict[str, Counter] = {}  # route -> the "allowed" handle (the common case)
 
@@ -163,17 +162,13 @@ class LimitAnswers:
 
     def decided_one(self, ex: RequestContext, decision: Decision) -> Response | None:
         """`decided` for a plugin with one limit: the same headers, without a list per request."""
-        if not decision.allowed or self._legacy:
+        if not decision.allowed or self._legacy or decision.spec is not self._one_spec:
             return self.decided(ex, [decision])
         if self._ietf:
-            if decision.spec is self._one_spec:
-                remaining = decision.remaining if decision.remaining > 0 else 0
-                seconds = rl_headers.whole_seconds(decision.reset_after)
-                lines = [self._lines_start, _decimal(remaining), b";t=", _decimal(seconds), b"\r\n"]
-                ex.add_response_lines(b"".join(lines))
-            else:
-                ex.add_response_field(b"RateLimit-Policy", self._policy_value)
-                ex.add_response_field(b"RateLimit", rl_headers.ratelimit_item(decision).encode("latin-1"))
+            remaining = decision.remaining if decision.remaining > 0 else 0
+            seconds = rl_headers.whole_seconds(decision.reset_after)
+            lines = [self._lines_start, _decimal(remaining), b";t=", _decimal(seconds), b"\r\n"]
+            ex.add_response_lines(b"".join(lines))
         self.count_allowed(ex)
         return None
 
